@@ -1,0 +1,187 @@
+"""One config object that travels from the command line into the Ray Train workers, with presets.
+
+Presets are sized for where they run: ``smoke`` (tests, about 2 minutes on 2 CPU cores), ``demo``
+(the default; a 2-core laptop in about 15 minutes) and ``paper`` (Appendix A of the paper: ResNet-50,
+224 px, 400 epochs, batch 128 — for GPU clusters). On a CPU the model is the bottleneck, so the
+laptop presets use a narrow ResNet-18 on 32 px images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raysys.data.augment import AugmentConfig
+
+BACKBONES = ("resnet18", "resnet50")
+SCHEDULES = ("constant", "cosine")
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option and the fix."""
+
+
+@dataclass
+class PretrainConfig:
+    """Everything one pretraining run needs. Defaults are the paper's Appendix A where it gives one."""
+
+    out: str = "runs/pretrain"
+    data: str | None = None  # folder of pretraining images, or a root holding datasets; None: built-in
+    preset: str = "demo"
+    seed: int = 0
+    # Built-in data (used when ``data`` is None): written once under ``builtin_root``.
+    builtin_root: str = "data/builtin"
+    sim_preset: str = "demo"
+    max_images: int | None = None  # cap on the pretraining pool (None: all)
+    # Model (Appendix A: 3 projection layers, 128-d output).
+    backbone: str = "resnet18"
+    width: float = 1.0
+    small_stem: bool = False
+    proj_dim: int = 128
+    proj_layers: int = 3
+    init_weights: str | None = None
+    # Optimisation (Appendix A: Adam, lr 3e-4, weight decay 1e-6, temperature 0.5, batch 128).
+    epochs: int = 400
+    batch_size: int = 128  # global batch: split evenly across workers
+    lr: float = 3e-4
+    weight_decay: float = 1e-6
+    temperature: float = 0.5
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    pair_rule: str = "instance"
+    amp: str = "none"  # bf16 / fp16 autocast, used on GPU only
+    # Data pipeline.
+    image_size: int = 224
+    augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
+    cache_decoded: bool = True  # keep decoded, resized images in the object store across epochs
+    shuffle_buffer: int = 1024
+    # Resources: workers=N Ray Train workers; CPUs per worker derived from the cluster when None.
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None
+    max_failures: int = 2
+    # Evaluation after pretraining (linear probe on the labeled benchmarks).
+    eval_benchmarks: list = field(default_factory=lambda: ["msl", "hirise"])
+    eval_hidden: int = 0
+    eval_epochs: int = 100
+
+    def __post_init__(self):
+        aug = dict(self.augment)
+        aug["size"] = self.image_size
+        self.augment = aug
+
+    @property
+    def augment_config(self) -> AugmentConfig:
+        return AugmentConfig.from_dict(self.augment)
+
+    def validate(self) -> "PretrainConfig":
+        """Raise :class:`ConfigError` (one line: the option, the value, the fix) on any bad value."""
+        checks = [
+            (self.preset in PRESETS, f"--preset {self.preset!r} is unknown; choose one of {sorted(PRESETS)}"),
+            (self.backbone in BACKBONES, f"--backbone {self.backbone!r} is unknown; choose one of {list(BACKBONES)}"),
+            (self.width > 0, f"--width must be > 0 (got {self.width})"),
+            (self.temperature > 0, f"--temperature must be > 0 (got {self.temperature}); the paper uses 0.5"),
+            (self.batch_size >= 2, f"--batch-size must be at least 2 (got {self.batch_size}): a contrastive batch needs negatives"),
+            (self.workers >= 1, f"--workers must be at least 1 (got {self.workers})"),
+            (self.batch_size % self.workers == 0 if self.workers >= 1 else True,
+             f"--batch-size {self.batch_size} must be divisible by --workers {self.workers} (the global batch is split evenly)"),
+            (self.batch_size // max(self.workers, 1) >= 2 or self.workers < 1,
+             f"--batch-size {self.batch_size} over {self.workers} workers leaves fewer than 2 images per worker; raise --batch-size"),
+            (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
+            (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
+            (self.gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0 (got {self.gpus_per_worker})"),
+            (self.image_size >= 8, f"--image-size must be at least 8 (got {self.image_size})"),
+            (self.schedule in SCHEDULES, f"--schedule {self.schedule!r} is unknown; choose one of {list(SCHEDULES)}"),
+            (self.amp in AMP_MODES, f"--amp {self.amp!r} is unknown; choose one of {list(AMP_MODES)}"),
+            (0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
+             f"--warmup-epochs must be below --epochs (got {self.warmup_epochs} of {self.epochs})"),
+            (self.max_images is None or self.max_images >= self.batch_size,
+             f"--max-images {self.max_images} is smaller than one batch ({self.batch_size}); raise it or lower --batch-size"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        for path, option in ((self.data, "--data"), (self.init_weights, "--init-weights")):
+            if path is not None and "://" not in path and not Path(path).exists():
+                raise ConfigError(f"{option} {path} does not exist; pass an existing path (or omit {option} for the built-in data)")
+        try:
+            self.augment_config.validate()
+        except ValueError as exc:
+            raise ConfigError(f"augmentation: {exc}") from None
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+
+# Preset values; anything given explicitly on the command line wins over these.
+PRESETS: dict[str, dict] = {
+    "smoke": dict(
+        sim_preset="smoke", backbone="resnet18", width=0.125, small_stem=True, image_size=16,
+        epochs=2, batch_size=64, lr=1e-3, max_images=512, eval_epochs=30, shuffle_buffer=256,
+    ),
+    "demo": dict(
+        sim_preset="demo", backbone="resnet18", width=0.25, small_stem=True, image_size=32,
+        epochs=15, batch_size=128, lr=1e-3, schedule="cosine", warmup_epochs=1, eval_epochs=100,
+    ),
+    "paper": dict(
+        sim_preset="paper", backbone="resnet50", width=1.0, small_stem=False, image_size=224,
+        epochs=400, batch_size=128, lr=3e-4, cache_decoded=False, shuffle_buffer=4096,
+    ),
+}
+
+
+def make_config(preset: str = "demo", **overrides) -> PretrainConfig:
+    """Preset values, then explicit overrides (``None`` means 'not given')."""
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return PretrainConfig(preset=preset, **values)
+
+
+def add_pretrain_arguments(p) -> None:
+    """The option names shared by ``raysys pretrain`` and ``experiments/pretrain.py``.
+
+    Defaults are None so the preset decides; an option given on the command line wins.
+    """
+    p.add_argument("--data", help="folder of pretraining images, or a folder holding datasets side by side "
+                   "(rover pool + MSL/HiRISE benchmarks); default: built-in simulated data")
+    p.add_argument("--out", default="runs/pretrain", help="run folder: config, TensorBoard, checkpoints, "
+                   "model.pt, eval-*.json; rerunning with the same folder resumes (default: %(default)s)")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
+                   help="smoke (tests, ~2 min CPU), demo (laptop, ~15 min CPU), paper (Appendix A, GPUs) "
+                   "(default: %(default)s)")
+    p.add_argument("--backbone", help=f"one of {', '.join(BACKBONES)}")
+    p.add_argument("--width", type=float, help="channel width multiplier of the backbone")
+    p.add_argument("--image-size", type=int, help="training image side in pixels")
+    p.add_argument("--epochs", type=int, help="pretraining epochs")
+    p.add_argument("--batch-size", type=int, help="global batch size (split across workers)")
+    p.add_argument("--temperature", type=float, help="InfoNCE temperature (paper: 0.5)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (paper: 3e-4)")
+    p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule after warm-up")
+    p.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs")
+    p.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0: CPU with gloo)")
+    p.add_argument("--amp", choices=AMP_MODES, help="mixed precision on GPU")
+    p.add_argument("--max-images", type=int, help="use at most this many pretraining images")
+    p.add_argument("--init-weights", help="initialise the backbone from this weights file (torch.save'd state dict)")
+    p.add_argument("--seed", type=int, help="random seed (data simulation, initial weights)")
+    p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation after pretraining")
+
+
+def config_from_args(args) -> PretrainConfig:
+    """Build and validate the config from parsed :func:`add_pretrain_arguments` options."""
+    names = {f.name for f in dataclasses.fields(PretrainConfig)} - {"preset"}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return make_config(args.preset, **overrides).validate()

@@ -1,0 +1,291 @@
+"""Contrastive pretraining on Ray Train: a ``TorchTrainer`` running DDP (gloo on CPU, nccl on GPU).
+
+Driver side (:func:`pretrain`): resolve the data, build the Ray Data two-view stream, size the workers
+from what the cluster has, fit, export ``model.pt``. Worker side (:func:`train_loop`): the training
+loop, which checkpoints and reports every epoch and resumes from the latest checkpoint after a worker
+failure or when rerun with the same output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch.utils.tensorboard import SummaryWriter
+
+from raysys.config import ConfigError, PretrainConfig
+from raysys.data import formats
+from raysys.data.pipeline import FileReport, pretrain_dataset, write_file_report
+from raysys.data.schema import BATCH_META, VIEW1, VIEW2
+from raysys.losses import contrastive_loss
+from raysys.models import ContrastiveModel, load_init_weights
+from raysys.pairs import false_negative_stats, make_rule
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "pretrain"
+STATE_FILE = "state.pt"
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def resolve_data(cfg: PretrainConfig) -> tuple[pa.Table, dict[str, Path]]:
+    """The pretraining manifest and the labeled benchmarks found beside it.
+
+    ``cfg.data`` None: the built-in simulated datasets (written once under ``cfg.builtin_root``).
+    A folder holding datasets side by side: its rover pool is pretrained on, its benchmarks evaluated.
+    Any other folder: read as one dataset (auto-detected format) and pretrained on.
+    """
+    if cfg.data is None:
+        from raysys.data.simulate import simulate
+
+        roots = {k: Path(v) for k, v in simulate(cfg.builtin_root, preset=cfg.sim_preset, seed=cfg.seed).items()}
+    else:
+        roots = formats.discover(cfg.data)
+    pool_root = roots.get("rover", Path(cfg.data) if cfg.data else None)
+    if cfg.data is None or "rover" in roots:
+        manifest = formats.read_folder(pool_root, hidden_labels=cfg.data is None)
+    else:
+        manifest = formats.read_manifest(pool_root)
+    if cfg.max_images is not None and manifest.num_rows > cfg.max_images:
+        rows = np.random.default_rng(cfg.seed).choice(manifest.num_rows, cfg.max_images, replace=False)
+        manifest = manifest.take(np.sort(rows))
+    if manifest.num_rows < cfg.batch_size:
+        raise ConfigError(
+            f"the pretraining pool at {pool_root} has {manifest.num_rows} images, fewer than one batch "
+            f"({cfg.batch_size}); lower --batch-size or add images"
+        )
+    benchmarks = {k: v for k, v in roots.items() if k in cfg.eval_benchmarks}
+    return manifest, benchmarks
+
+
+# -------------------------------------------------------------------------------------- workers
+
+
+def worker_resources(cfg: PretrainConfig, cluster_cpus: float) -> dict:
+    """Resources per Train worker, derived from the cluster's CPU count.
+
+    Train workers must leave at least one CPU for Ray Data's decode/augment tasks, or the pipeline
+    can wait forever for a CPU (see shared/facts/ray-2.60-notes.md).
+    """
+    spare = max(cluster_cpus - 1.0, 0.25 * cfg.workers)
+    cpus = cfg.cpus_per_worker or min(2.0, max(0.25, spare / cfg.workers))
+    resources = {"CPU": cpus}
+    if cfg.gpus_per_worker:
+        resources["GPU"] = cfg.gpus_per_worker
+    return resources
+
+
+def torch_threads(local_workers: int) -> int:
+    """Intra-op threads per worker: this node's cores shared by the workers placed on it."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_workers))
+
+
+def lr_lambda(cfg: PretrainConfig, steps_per_epoch: int):
+    """Multiplier of the base lr at a given step: linear warm-up, then constant or cosine to zero."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return factor
+
+
+def _autocast(cfg: PretrainConfig, device: torch.device):
+    enabled = cfg.amp != "none" and device.type == "cuda"
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+def _load_state(model, optimizer, scheduler, scaler) -> dict:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {"epoch": 0, "step": 0}
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return state["data_position"]
+
+
+def _report(metrics: dict, state: dict | None) -> None:
+    """Every rank reports; only rank 0 attaches the checkpoint (Train V2's rule)."""
+    if state is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def train_loop(config: dict) -> dict:
+    """One Ray Train worker: the contrastive training loop with per-epoch checkpoints."""
+    cfg = PretrainConfig.from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    torch.set_num_threads(torch_threads(ctx.get_local_world_size()))
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+
+    model = ContrastiveModel(cfg.backbone, cfg.width, cfg.small_stem, cfg.proj_dim, cfg.proj_layers)
+    if cfg.init_weights:
+        load_init_weights(model.backbone, cfg.init_weights)
+    spec = model.spec
+    model = ray.train.torch.prepare_model(model)
+    raw_model = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, config["num_images"] // cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16" and device.type == "cuda")
+    position = _load_state(raw_model, optimizer, scheduler, scaler)
+    start_epoch, step = position["epoch"], position["step"]
+    if start_epoch:
+        print(f"[raysys] rank {rank}: resuming from checkpoint at epoch {start_epoch} (step {step})")
+
+    rule = make_rule(cfg.pair_rule)
+    writer = SummaryWriter(config["tb_dir"], purge_step=step) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    local_batch = cfg.batch_size // world
+    metrics: dict = {"epoch": start_epoch, "start_epoch": start_epoch}
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        totals = {"loss": 0.0, "steps": 0, "images": 0, "wait": 0.0, "fn": 0.0, "fn_steps": 0}
+        epoch_start = t_ready = time.perf_counter()
+        for batch in shard.iter_torch_batches(
+            batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=cfg.shuffle_buffer or None
+        ):
+            t_batch = time.perf_counter()
+            totals["wait"] += t_batch - t_ready
+            views = torch.cat([batch[VIEW1], batch[VIEW2]]).to(device, non_blocking=True)
+            meta = {k: batch[k].to(device) for k in BATCH_META if k in batch}
+            with _autocast(cfg, device):
+                _, z = model(views)  # one forward over both views: BN sees the whole 2B batch
+            z1, z2 = z.float().chunk(2)
+            loss, pairs, global_meta = contrastive_loss(z1, z2, meta, rule, cfg.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            totals["loss"] += loss.item()
+            totals["steps"] += 1
+            totals["images"] += len(views) // 2
+            if "label" in global_meta:  # hidden labels: a diagnostic, never used by the loss
+                fn = false_negative_stats(pairs, global_meta["label"])["fn_fraction"]
+                if not math.isnan(fn):
+                    totals["fn"] += fn
+                    totals["fn_steps"] += 1
+            if writer is not None:
+                writer.add_scalar("train/loss_step", loss.item(), step)
+            t_ready = time.perf_counter()
+        elapsed = time.perf_counter() - epoch_start
+        metrics = {
+            "epoch": epoch + 1,
+            "start_epoch": start_epoch,
+            "step": step,
+            "loss": totals["loss"] / max(1, totals["steps"]),
+            "lr": scheduler.get_last_lr()[0],
+            "images_per_s": totals["images"] * world / max(elapsed, 1e-9),
+            "data_wait_fraction": totals["wait"] / max(elapsed, 1e-9),
+        }
+        if totals["fn_steps"]:
+            metrics["false_negative_fraction"] = totals["fn"] / totals["fn_steps"]
+        if writer is not None:
+            for key, value in metrics.items():
+                if key not in ("epoch", "start_epoch", "step"):
+                    writer.add_scalar(f"train/{key}", value, step)
+            writer.flush()
+        state = None
+        if rank == 0:
+            state = {
+                "model": raw_model.state_dict(),
+                "model_spec": spec,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "data_position": {"epoch": epoch + 1, "step": step},
+                "config": cfg.to_dict(),
+            }
+        _report(metrics, state)
+    if writer is not None:
+        writer.close()
+    return metrics
+
+
+# --------------------------------------------------------------------------------------- driver
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (e.g. under ``ray job submit``) or start a local one."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def export_model(checkpoint: ray.train.Checkpoint, path: Path) -> dict:
+    """Write the final weights as a standalone ``model.pt`` (no optimizer state)."""
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    exported = {k: state[k] for k in ("model", "model_spec", "config", "data_position")}
+    torch.save(exported, path)
+    return exported
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Pretrain per ``cfg``; returns the final metrics, the run folder and the benchmarks found."""
+    cfg.validate()
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    manifest, benchmarks = resolve_data(cfg)  # fails fast, before Ray starts
+    cfg.save(out / "config.json")
+
+    init_ray()
+    resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 1.0))
+    report = FileReport.remote()
+    dataset = pretrain_dataset(manifest, cfg.augment_config, cfg.image_size, report, cache=cfg.cache_decoded)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "num_images": manifest.num_rows,
+            "tb_dir": str(out / "tb"),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=str(out / "ray"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    skipped = write_file_report(report, out)["skipped"]
+    if result.checkpoint is None:
+        raise RuntimeError(f"training ended without a checkpoint; see the Ray logs under {out / 'ray'}")
+    export_model(result.checkpoint, out / "model.pt")
+    return {"metrics": result.metrics, "out": out, "benchmarks": benchmarks, "skipped_files": len(skipped)}

@@ -1,0 +1,279 @@
+"""Multi-positive InfoNCE against brute-force loops and a reference NT-Xent; numerical safety in low
+precision; exact equivalence of the 2-process (gloo) loss and gradients with one process."""
+
+import math
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from raysys.losses import contrastive_loss, gather_no_grad, gather_with_grad, multi_positive_info_nce
+from raysys.pairs import ClusterRule, InstanceRule, PairMatrix, make_rule
+
+torch.set_num_threads(1)
+
+
+def _instance(b: int) -> PairMatrix:
+    return InstanceRule()({"image_id": torch.arange(b)})
+
+
+def _cos(u: list[float], v: list[float]) -> float:
+    dot = sum(a * b for a, b in zip(u, v))
+    return dot / (math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(b * b for b in v)))
+
+
+def _brute_eq1(z: torch.Tensor, tau: float) -> float:
+    """Paper Eq. 1 pair by pair: positive = the other view (i +- B), denominator all k != i; mean over views."""
+    rows = z.tolist()
+    n, b = len(rows), len(rows) // 2
+    total = 0.0
+    for i in range(n):
+        j = (i + b) % n
+        den = sum(math.exp(_cos(rows[i], rows[k]) / tau) for k in range(n) if k != i)
+        total += -math.log(math.exp(_cos(rows[i], rows[j]) / tau) / den)
+    return total / n
+
+
+def _brute_general(z, pos, neg, tau, rows=None) -> float:
+    """L_i = -sum_j w_ij (s_ij - log sum_{k: pos_ik > 0 or neg_ik} exp s_ik), w = pos normalized;
+    summed over the given rows with positives, scaled N/len(rows) / (#anchors with positives)."""
+    zl, pl, nl = z.tolist(), pos.tolist(), neg.tolist()
+    n = len(zl)
+    rows = list(range(n)) if rows is None else rows
+    s = [[_cos(zl[i], zl[k]) / tau for k in range(n)] for i in range(n)]
+    n_anchors = sum(1 for i in range(n) if sum(pl[i]) > 0)
+    total = 0.0
+    for i in rows:
+        wsum = sum(pl[i])
+        if wsum == 0:
+            continue
+        log_den = math.log(sum(math.exp(s[i][k]) for k in range(n) if pl[i][k] > 0 or nl[i][k]))
+        total += -sum(pl[i][j] / wsum * (s[i][j] - log_den) for j in range(n) if pl[i][j] > 0)
+    return total * (n / len(rows)) / n_anchors
+
+
+def _reference_nt_xent(z: torch.Tensor, tau: float) -> torch.Tensor:
+    """Textbook SimCLR NT-Xent: cross-entropy over cosine logits, self-similarity masked, target = other view."""
+    n = z.shape[0]
+    zn = F.normalize(z, dim=1)
+    logits = (zn @ zn.T / tau).fill_diagonal_(float("-inf"))
+    return F.cross_entropy(logits, (torch.arange(n) + n // 2) % n)
+
+
+def _random_pair_matrix(n: int, g: torch.Generator) -> PairMatrix:
+    eye = torch.eye(n, dtype=torch.bool)
+    pos = torch.rand(n, n, generator=g, dtype=torch.float64) * (torch.rand(n, n, generator=g) < 0.3)
+    pos = pos.masked_fill(eye, 0)
+    pos[0] = 0  # an anchor without positives: skipped
+    neg = (torch.rand(n, n, generator=g) < 0.5) & ~eye & (pos == 0)
+    neg[1] = False  # an anchor whose denominator holds only its positives
+    return PairMatrix(pos, neg)
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.1])
+def test_instance_loss_equals_eq1_brute_force(tau):
+    z = torch.randn(10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    loss = multi_positive_info_nce(z, _instance(5), tau)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(_brute_eq1(z, tau), rel=1e-12)
+
+
+def test_general_loss_equals_brute_force():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        z = torch.randn(12, 5, dtype=torch.float64, generator=g)
+        pm = _random_pair_matrix(12, g)
+        assert multi_positive_info_nce(z, pm, 0.3).item() == pytest.approx(_brute_general(z, pm.pos, pm.neg, 0.3),
+                                                                           rel=1e-12)
+        rows = [2, 3, 7, 11, 0, 5]
+        got = multi_positive_info_nce(z, pm, 0.3, rows=torch.tensor(rows)).item()
+        assert got == pytest.approx(_brute_general(z, pm.pos, pm.neg, 0.3, rows), rel=1e-12)
+
+
+def test_row_blocks_average_to_full_loss():
+    """Equal-size row blocks (what ranks hold) average to the full loss, even with anchors lacking positives."""
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(12, 5, dtype=torch.float64, generator=g)
+    pm = _random_pair_matrix(12, g)
+    full = multi_positive_info_nce(z, pm, 0.2)
+    halves = [multi_positive_info_nce(z, pm, 0.2, rows=slice(0, 6)),
+              multi_positive_info_nce(z, pm, 0.2, rows=torch.arange(6, 12))]
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, full, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.07])
+def test_instance_loss_equals_reference_nt_xent(tau):
+    z = torch.randn(16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    ours = multi_positive_info_nce(z, _instance(8), tau)
+    (g_ours,) = torch.autograd.grad(ours, z)
+    ref = _reference_nt_xent(z, tau)
+    (g_ref,) = torch.autograd.grad(ref, z)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_with_masks():
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(8, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    pm = _random_pair_matrix(8, g)
+    assert torch.autograd.gradcheck(lambda t: multi_positive_info_nce(t, pm, 0.2), (z,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_is_finite_at_small_temperature(dtype):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(8, 16, generator=g)
+    base[1] = base[0]  # identical embeddings: the largest possible logit, 1 / tau = 20
+    base[5] = -base[0]
+    z = base.to(dtype).requires_grad_()
+    pm = make_rule("cluster", mode="attract")({"image_id": torch.arange(4), "cluster_id": torch.tensor([0, 0, 1, 2])})
+    neg = pm.neg.clone()
+    neg[[2, 6]] = False  # these anchors' denominators hold only their single positive
+    pm = PairMatrix(pm.pos, neg)
+    loss = multi_positive_info_nce(z, pm, 0.05)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert torch.isfinite(loss) and torch.isfinite(z.grad.float()).all()
+    # computed in float32 from the upcast inputs: same value as float64 on the same numbers
+    ref = multi_positive_info_nce(z.detach().double(), pm, 0.05)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = multi_positive_info_nce(z.detach(), pm, 0.05)
+    assert inside.dtype == torch.float32 and inside.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_no_anchor_with_positive_gives_zero_with_graph():
+    z = torch.randn(4, 3, requires_grad=True)
+    pm = PairMatrix(torch.zeros(4, 4), ~torch.eye(4, dtype=torch.bool))
+    loss = multi_positive_info_nce(z, pm, 0.5)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(z.grad, torch.zeros_like(z))
+
+
+def test_loss_errors():
+    z = torch.randn(6, 3)
+    with pytest.raises(ValueError, match="temperature"):
+        multi_positive_info_nce(z, _instance(3), 0.0)
+    with pytest.raises(ValueError, match="6 views"):
+        multi_positive_info_nce(z, _instance(4), 0.5)
+    with pytest.raises(ValueError, match="z1 and z2"):
+        contrastive_loss(torch.randn(3, 4), torch.randn(2, 4), {"image_id": torch.arange(3)}, "instance", 0.5)
+    with pytest.raises(ValueError, match="offending entries"):
+        contrastive_loss(torch.randn(3, 4), torch.randn(3, 4), {"image_id": torch.arange(4)}, "instance", 0.5)
+
+
+def test_single_process_contrastive_loss_is_plain_loss():
+    g = torch.Generator().manual_seed(6)
+    z1, z2 = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    meta = {"image_id": torch.arange(5), "cluster_id": torch.tensor([0, 1, 0, 2, 1])}
+    assert gather_with_grad(z1) is z1 and gather_no_grad(z1) is z1
+    loss, pm, gmeta = contrastive_loss(z1, z2, meta, ClusterRule("attract"), 0.5)
+    expected_pm = ClusterRule("attract")(meta)
+    assert torch.equal(pm.pos, expected_pm.pos) and torch.equal(pm.neg, expected_pm.neg)
+    assert gmeta.keys() == meta.keys() and all(torch.equal(gmeta[k], meta[k]) for k in meta)
+    torch.testing.assert_close(loss, multi_positive_info_nce(torch.cat([z1, z2]), expected_pm, 0.5))
+
+
+# ---------------------------------------------------------------- DDP equivalence (2 gloo processes)
+
+TAU = 0.2
+WORLD = 2
+
+
+def _no_positive_for_unlabeled(meta: dict) -> PairMatrix:
+    """A rule leaving unlabeled images' anchors without positives (exercises the skipped-anchor scaling)."""
+    pm = InstanceRule()(meta)
+    return PairMatrix(pm.pos * (meta["label"] >= 0).repeat(2).to(pm.pos.dtype)[:, None], pm.neg)
+
+
+DDP_RULES = {"instance": "instance", "eliminate": ClusterRule("eliminate"), "attract": ClusterRule("attract"),
+             "label": make_rule("label"), "no_pos_unlabeled": _no_positive_for_unlabeled}
+
+
+def _problem():
+    """A global batch of 8 images (4 per rank) and a tiny linear 'model'; image 6 repeats image 1 across ranks."""
+    g = torch.Generator().manual_seed(7)
+    x1 = torch.randn(8, 5, dtype=torch.float64, generator=g)
+    x2 = torch.randn(8, 5, dtype=torch.float64, generator=g)
+    meta = {"image_id": torch.tensor([0, 1, 2, 3, 4, 5, 1, 7]),
+            "cluster_id": torch.tensor([0, 1, 0, -1, 1, 2, 1, 0]),
+            "label": torch.tensor([3, 1, 3, -1, 1, 0, 1, -1])}
+    lin = nn.Linear(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(4, 5, dtype=torch.float64, generator=g))
+        lin.bias.copy_(torch.randn(4, dtype=torch.float64, generator=g))
+    return x1, x2, meta, lin
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    try:
+        x1, x2, meta, lin = _problem()
+        b = x1.shape[0] // WORLD
+        mine = slice(rank * b, (rank + 1) * b)
+        results = {}
+        for name, rule in DDP_RULES.items():
+            lin.zero_grad()
+            loss, pm, gmeta = contrastive_loss(lin(x1[mine]), lin(x2[mine]), {k: v[mine] for k, v in meta.items()},
+                                               rule, TAU)
+            loss.backward()
+            grads = []
+            for p in lin.parameters():  # what DDP does: average gradients over ranks
+                dist.all_reduce(p.grad)
+                grads.append(p.grad / WORLD)
+            results[name] = {"loss": gather_no_grad(loss.detach()[None]).mean(), "grads": grads,
+                             "pos": pm.pos, "neg": pm.neg, "meta": gmeta}
+        try:  # unequal local batch sizes must fail on every rank, not hang
+            contrastive_loss(lin(x1[: 3 + rank]), lin(x2[: 3 + rank]), {"image_id": meta["image_id"][: 3 + rank]},
+                             "instance", TAU)
+            results["unequal"] = "no error"
+        except ValueError as e:
+            results["unequal"] = str(e)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_single_process(tmp_path):
+    ctx = mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 180  # a hang guard, not a timing assertion
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("DDP worker processes did not finish")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+    x1, x2, meta, lin = _problem()
+    for name, rule in DDP_RULES.items():
+        rule = make_rule(rule) if isinstance(rule, str) else rule
+        lin.zero_grad()
+        pm = rule(meta)
+        loss = multi_positive_info_nce(torch.cat([lin(x1), lin(x2)]), pm, TAU)
+        loss.backward()
+        for res in (r[name] for r in per_rank):
+            assert torch.equal(res["pos"], pm.pos) and torch.equal(res["neg"], pm.neg), name
+            assert all(torch.equal(res["meta"][k], meta[k]) for k in meta), name
+            torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-10, atol=1e-12, msg=name)
+            for got, p in zip(res["grads"], lin.parameters()):
+                torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert all("ranks disagree" in r["unequal"] for r in per_rank)

@@ -1,0 +1,86 @@
+"""The Ray Data two-view pipeline and the decoder behind it, on good and deliberately broken files."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raysys.data.decode import DecodeError, decode, decode_image
+from raysys.data.formats import read_folder
+from raysys.data.schema import image_key
+
+SIZE = 16
+
+
+def _jpeg_bytes(rng, size=24) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def messy_folder(tmp_path_factory):
+    """10 ordinary JPEGs, 3 unusual-but-valid images, and 3 unreadable files."""
+    root = tmp_path_factory.mktemp("messy")
+    rng = np.random.default_rng(0)
+    good = []
+    for i in range(10):
+        (root / f"good{i:02d}.jpg").write_bytes(_jpeg_bytes(rng))
+        good.append(f"good{i:02d}")
+    deep = (np.arange(20 * 20, dtype=np.uint16).reshape(20, 20) * 160).astype(np.uint16)
+    Image.fromarray(deep).save(root / "deep16.png")  # 16-bit grayscale PNG
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(root / "cmyk.jpg")
+    Image.new("RGBA", (20, 20), (255, 0, 0, 128)).save(root / "alpha.png")
+    odd = ["deep16", "cmyk", "alpha"]
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "truncated.jpg").write_bytes(_jpeg_bytes(rng, 64)[:400])
+    (root / "notes.png").write_text("this is not a picture\n")
+    bad = ["empty.jpg", "truncated.jpg", "notes.png"]
+    return root, good + odd, odd, bad
+
+
+def test_decode_converts_unusual_modes(messy_folder):
+    root = messy_folder[0]
+    deep, mode = decode((root / "deep16.png").read_bytes(), 20)
+    assert mode.startswith("I") and deep.dtype == np.uint8 and deep.shape == (20, 20, 3)
+    source = np.asarray(Image.open(root / "deep16.png"), dtype=np.float64)
+    # 16-bit range scaled to 8 bits, not clipped: the brightest pixel maps near 255 * max / 65535.
+    assert abs(deep.max() - 255 * source.max() / 65535) <= 1
+    cmyk = decode_image((root / "cmyk.jpg").read_bytes(), 8)
+    assert np.allclose(cmyk.mean(axis=(0, 1)), [255, 0, 0], atol=8)  # C=0,M=Y=255 is red
+    alpha = decode_image((root / "alpha.png").read_bytes(), 8)
+    assert np.allclose(alpha[0, 0], [128, 0, 0], atol=2)  # half-transparent red over black
+    for name in messy_folder[3]:
+        with pytest.raises(DecodeError):
+            decode_image((root / name).read_bytes(), 8)
+
+
+def test_pipeline_skips_and_reports_bad_files(ray_session, messy_folder, tmp_path):
+    from raysys.data.augment import AugmentConfig
+    from raysys.data.pipeline import FileReport, decoded_dataset, two_view_dataset, write_file_report
+
+    root, good, odd, bad = messy_folder
+    manifest = read_folder(root)
+    report = FileReport.remote()
+    decoded = decoded_dataset(manifest, SIZE, report, cache=True)
+    ds = two_view_dataset(decoded, AugmentConfig(size=SIZE))
+    epochs = [ds.take_all() for _ in range(2)]
+
+    expected_ids = sorted(image_key(name) for name in good)
+    for rows in epochs:
+        assert sorted(int(r["image_id"]) for r in rows) == expected_ids
+        for r in rows:
+            assert r["view1"].shape == (3, SIZE, SIZE) and r["view1"].dtype == np.float32
+            assert 0.0 <= r["view1"].min() and r["view1"].max() <= 1.0
+    first = {int(r["image_id"]): r for r in epochs[0]}
+    second = {int(r["image_id"]): r for r in epochs[1]}
+    assert all(not np.allclose(r["view1"], r["view2"]) for r in epochs[0]), "the two views must differ"
+    fresh = [not np.allclose(first[k]["view1"], second[k]["view1"]) for k in first]
+    assert all(fresh), "every epoch must draw fresh views"
+
+    notes = write_file_report(report, tmp_path)
+    assert sorted(p.split("/")[-1] for p, _ in notes["skipped"]) == sorted(bad)
+    assert sorted(p.split("/")[-1].split(".")[0] for p, _ in notes["converted"]) == sorted(odd)
+    listed = (tmp_path / "skipped-files.tsv").read_text().splitlines()
+    assert sorted(line.split("\t")[0].split("/")[-1] for line in listed) == sorted(bad)
