@@ -18,6 +18,8 @@ from raysys.data.augment import AugmentConfig
 BACKBONES = ("resnet18", "resnet50")
 SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16", "fp16")
+PAIR_RULES = ("instance", "cluster", "label")
+CLUSTER_MODES = ("eliminate", "attract")
 
 
 class ConfigError(ValueError):
@@ -51,7 +53,8 @@ class PretrainConfig:
     temperature: float = 0.5
     schedule: str = "constant"
     warmup_epochs: int = 0
-    pair_rule: str = "instance"
+    pair_rule: str = "instance"  # instance (SimCLR), cluster (needs cluster ids), label (oracle)
+    cluster_mode: str = "eliminate"  # cluster rule: eliminate (Eq. 2) or attract
     amp: str = "none"  # bf16 / fp16 autocast, used on GPU only
     # Data pipeline.
     image_size: int = 224
@@ -72,6 +75,11 @@ class PretrainConfig:
         aug = dict(self.augment)
         aug["size"] = self.image_size
         self.augment = aug
+
+    @property
+    def rule_kwargs(self) -> dict:
+        """Keyword arguments of :func:`raysys.pairs.make_rule` for ``pair_rule``."""
+        return {"mode": self.cluster_mode} if self.pair_rule == "cluster" else {}
 
     @property
     def augment_config(self) -> AugmentConfig:
@@ -96,6 +104,9 @@ class PretrainConfig:
             (self.image_size >= 8, f"--image-size must be at least 8 (got {self.image_size})"),
             (self.schedule in SCHEDULES, f"--schedule {self.schedule!r} is unknown; choose one of {list(SCHEDULES)}"),
             (self.amp in AMP_MODES, f"--amp {self.amp!r} is unknown; choose one of {list(AMP_MODES)}"),
+            (self.pair_rule in PAIR_RULES, f"pair rule {self.pair_rule!r} is unknown; choose one of {list(PAIR_RULES)}"),
+            (self.cluster_mode in CLUSTER_MODES,
+             f"--cluster-mode {self.cluster_mode!r} is unknown; choose one of {list(CLUSTER_MODES)}"),
             (0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
              f"--warmup-epochs must be below --epochs (got {self.warmup_epochs} of {self.epochs})"),
             (self.max_images is None or self.max_images >= self.batch_size,

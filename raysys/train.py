@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 
 RUN_NAME = "pretrain"
 STATE_FILE = "state.pt"
+# Per-step false-negative diagnostics (need labels) -> the epoch metric names they average into.
+FN_METRICS = {
+    "fn_fraction": "false_negative_fraction",
+    "removed_precision": "removed_pair_precision",
+    "removed_recall": "removed_pair_recall",
+}
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -75,15 +81,17 @@ def resolve_data(cfg: PretrainConfig) -> tuple[pa.Table, dict[str, Path]]:
 # -------------------------------------------------------------------------------------- workers
 
 
-def worker_resources(cfg: PretrainConfig, cluster_cpus: float) -> dict:
+def worker_resources(cfg: PretrainConfig, cluster_cpus: float, reserved_cpus: float = 0.0, concurrent: int = 1) -> dict:
     """Resources per Train worker, derived from the cluster's CPU count.
 
+    ``concurrent`` runs share the cluster, each after ``reserved_cpus`` (e.g. a Tune trial's driver).
     Train workers must leave at least one CPU for Ray Data's decode/augment tasks, or the pipeline
     can wait forever for a CPU (see shared/facts/ray-2.60-notes.md).
     """
-    spare = max(cluster_cpus - 1.0, 0.25 * cfg.workers)
-    cpus = cfg.cpus_per_worker or min(2.0, max(0.25, spare / cfg.workers))
-    resources = {"CPU": cpus}
+    workers = cfg.workers * concurrent
+    spare = max(cluster_cpus - 1.0 - reserved_cpus * concurrent, 0.25 * workers)
+    cpus = cfg.cpus_per_worker or min(2.0, max(0.25, spare / workers))
+    resources = {"CPU": round(cpus, 3)}
     if cfg.gpus_per_worker:
         resources["GPU"] = cfg.gpus_per_worker
     return resources
@@ -163,7 +171,8 @@ def train_loop(config: dict) -> dict:
     if start_epoch:
         print(f"[raysys] rank {rank}: resuming from checkpoint at epoch {start_epoch} (step {step})")
 
-    rule = make_rule(cfg.pair_rule)
+    rule = make_rule(cfg.pair_rule, **cfg.rule_kwargs)
+    baseline_rule = make_rule("instance")  # what the rule removed is judged against SimCLR's pairs
     writer = SummaryWriter(config["tb_dir"], purge_step=step) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     local_batch = cfg.batch_size // world
@@ -171,7 +180,8 @@ def train_loop(config: dict) -> dict:
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        totals = {"loss": 0.0, "steps": 0, "images": 0, "wait": 0.0, "fn": 0.0, "fn_steps": 0}
+        totals = {"loss": 0.0, "steps": 0, "images": 0, "wait": 0.0}
+        fn_sums, fn_counts = {}, {}
         epoch_start = t_ready = time.perf_counter()
         for batch in shard.iter_torch_batches(
             batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=cfg.shuffle_buffer or None
@@ -194,10 +204,11 @@ def train_loop(config: dict) -> dict:
             totals["steps"] += 1
             totals["images"] += len(views) // 2
             if "label" in global_meta:  # hidden labels: a diagnostic, never used by the loss
-                fn = false_negative_stats(pairs, global_meta["label"])["fn_fraction"]
-                if not math.isnan(fn):
-                    totals["fn"] += fn
-                    totals["fn_steps"] += 1
+                baseline = baseline_rule(global_meta) if cfg.pair_rule != "instance" else None
+                for key, value in false_negative_stats(pairs, global_meta["label"], baseline).items():
+                    if key in FN_METRICS and not math.isnan(value):
+                        fn_sums[key] = fn_sums.get(key, 0.0) + value
+                        fn_counts[key] = fn_counts.get(key, 0) + 1
             if writer is not None:
                 writer.add_scalar("train/loss_step", loss.item(), step)
             t_ready = time.perf_counter()
@@ -211,8 +222,7 @@ def train_loop(config: dict) -> dict:
             "images_per_s": totals["images"] * world / max(elapsed, 1e-9),
             "data_wait_fraction": totals["wait"] / max(elapsed, 1e-9),
         }
-        if totals["fn_steps"]:
-            metrics["false_negative_fraction"] = totals["fn"] / totals["fn_steps"]
+        metrics.update({FN_METRICS[k]: fn_sums[k] / fn_counts[k] for k in fn_sums})
         if writer is not None:
             for key, value in metrics.items():
                 if key not in ("epoch", "start_epoch", "step"):
@@ -253,39 +263,53 @@ def export_model(checkpoint: ray.train.Checkpoint, path: Path) -> dict:
     return exported
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
-    """Pretrain per ``cfg``; returns the final metrics, the run folder and the benchmarks found."""
+def pretrain(
+    cfg: PretrainConfig,
+    manifest: pa.Table | None = None,
+    benchmarks: dict[str, Path] | None = None,
+    callbacks: list | None = None,
+    reserved_cpus: float = 0.0,
+    concurrent: int = 1,
+) -> dict:
+    """Pretrain per ``cfg``; returns the final metrics, the run folder and the benchmarks found.
+
+    ``manifest``/``benchmarks`` default to :func:`resolve_data`; a sweep passes its own (e.g. with
+    cluster ids attached), its Train callbacks, and the CPUs its trials reserve.
+    """
     cfg.validate()
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    manifest, benchmarks = resolve_data(cfg)  # fails fast, before Ray starts
+    if manifest is None:
+        manifest, benchmarks = resolve_data(cfg)  # fails fast, before Ray starts
     cfg.save(out / "config.json")
 
     init_ray()
-    resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 1.0))
+    cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
     report = FileReport.remote()
     dataset = pretrain_dataset(manifest, cfg.augment_config, cfg.image_size, report, cache=cfg.cache_decoded)
+    start = time.perf_counter()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={
-            "cfg": cfg.to_dict(),
-            "num_images": manifest.num_rows,
-            "tb_dir": str(out / "tb"),
-        },
+        train_loop_config={"cfg": cfg.to_dict(), "num_images": manifest.num_rows, "tb_dir": str(out / "tb")},
         scaling_config=ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0, resources_per_worker=resources
+            num_workers=cfg.workers,
+            use_gpu=cfg.gpus_per_worker > 0,
+            resources_per_worker=worker_resources(cfg, cluster_cpus, reserved_cpus, concurrent),
         ),
         run_config=RunConfig(
             name=RUN_NAME,
             storage_path=str(out / "ray"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
         datasets={"train": dataset},
     )
     result = trainer.fit()
+    seconds = time.perf_counter() - start
     skipped = write_file_report(report, out)["skipped"]
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint; see the Ray logs under {out / 'ray'}")
     export_model(result.checkpoint, out / "model.pt")
-    return {"metrics": result.metrics, "out": out, "benchmarks": benchmarks, "skipped_files": len(skipped)}
+    return {"metrics": result.metrics, "out": out, "benchmarks": benchmarks or {},
+            "skipped_files": len(skipped), "seconds": seconds}

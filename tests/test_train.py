@@ -89,3 +89,14 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, builtin_root, tmp_pa
     assert metrics["epoch"] == cfg.epochs, "the run must finish its configured epochs"
     assert metrics["step"] == cfg.epochs * (cfg.max_images // cfg.batch_size), "no epoch may be counted twice"
     assert metrics["start_epoch"] >= 1, "the restarted worker group must resume from a checkpoint"
+
+
+def test_rerun_with_same_folder_resumes(ray_session, builtin_root, tmp_path):
+    from raysys.train import pretrain
+
+    out = str(tmp_path / "run")
+    first = pretrain(make_config("smoke", out=out, builtin_root=builtin_root, epochs=1).validate())
+    assert first["metrics"]["epoch"] == 1 and first["metrics"]["start_epoch"] == 0
+    again = pretrain(make_config("smoke", out=out, builtin_root=builtin_root, epochs=2).validate())
+    assert again["metrics"]["start_epoch"] == 1, "a rerun in the same folder must continue, not restart"
+    assert again["metrics"]["epoch"] == 2

@@ -1,0 +1,259 @@
+"""The supervised baseline: the same backbone trained from scratch with labels on a benchmark's train split.
+
+Every comparison in the paper (Fig. 3, the horizontal line of Fig. 5, Table 2) puts "supervised" beside the
+contrastive encoders; this module produces it. Plain PyTorch, no Ray: a sweep runs it inside a Ray task
+that already holds the right resources.
+
+Recipe (documented choices):
+
+* Backbone ``ContrastiveModel(backbone, width, small_stem)`` + one linear classifier on its pooled features,
+  trained end to end with plain (unweighted) cross-entropy -- the paper's baseline, no class re-weighting --
+  and Adam with a cosine decay of the learning rate to zero over all steps.
+* Augmentation per batch with the batched :func:`raysys.data.augment.augment`: random resized crop with a
+  milder area scale (0.5, 1) than SimCLR's (0.08, 1) -- a classifier must still see the object, while
+  SimCLR's tiny crops exist to make the contrastive task hard -- horizontal flip, and SimCLR's colour
+  jitter (s = 0.5, p = 0.8) and random grayscale (p = 0.2), since colour casts are nuisance on Mars images
+  too. ``augment={...}`` overrides any :class:`AugmentConfig` field; ``size`` is always ``image_size``.
+* Images are decoded once at ``image_size`` (as the linear evaluation does) and kept as uint8 on the
+  device; test and val are scored on the unaugmented images (:func:`raysys.data.augment.to_float`).
+* The final-epoch model is reported: val is scored after every epoch for the history, never used to pick.
+* Deterministic from ``seed``: initial weights, shuffling and augmentation draws come from their own seeded
+  generators (torch's global RNG is left as it was). Bit-identical on CPU for the same thread count; on
+  CUDA cuDNN may pick non-deterministic kernels.
+
+Outputs in ``out_dir``: ``model.pt`` in the trainer's format (``model``, ``model_spec``, ``config``; the
+projector stays at its initial weights, only the backbone was trained) so :func:`raysys.evaluate.load_model`
+and the linear evaluation work on it unchanged, plus the trained head under ``classifier``; and
+``supervised.json`` with the classifier's own test and val metrics, the majority baseline, the per-epoch
+history and timings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from raysys.config import BACKBONES
+from raysys.data.augment import AugmentConfig, augment as augment_batch, to_float
+from raysys.data.decode import load_images
+from raysys.evaluate import (
+    LABELED_SPLITS,
+    MODEL_FILE,
+    classification_metrics,
+    load_benchmark,
+    majority_baseline,
+    model_digest,
+)
+from raysys.models import ContrastiveModel
+
+RESULT_FILE = "supervised.json"
+# SimCLR's defaults (AugmentConfig) with a classifier-friendly crop scale; see the module docstring.
+SUPERVISED_AUGMENT = {"crop_scale": (0.5, 1.0)}
+_EVAL_BATCH = 512
+
+
+def _check_settings(backbone, width, image_size, epochs, batch_size, lr, weight_decay, augment) -> AugmentConfig:
+    """Validate the cheap arguments before any image is decoded; return the augmentation config."""
+    checks = [
+        (backbone in BACKBONES, f"backbone {backbone!r} is unknown; choose one of {list(BACKBONES)}"),
+        (width > 0, f"width must be > 0 (got {width})"),
+        (isinstance(image_size, int) and image_size >= 8, f"image_size must be an integer >= 8 (got {image_size!r})"),
+        (isinstance(epochs, int) and epochs >= 1, f"epochs must be an integer >= 1 (got {epochs!r})"),
+        (isinstance(batch_size, int) and batch_size >= 2,
+         f"batch_size must be an integer >= 2 (got {batch_size!r}); BatchNorm needs two samples per batch"),
+        (lr > 0, f"lr must be > 0 (got {lr})"),
+        (weight_decay >= 0, f"weight_decay must be >= 0 (got {weight_decay})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    defaults = AugmentConfig(**SUPERVISED_AUGMENT).to_dict()
+    return AugmentConfig.from_dict({**defaults, **(augment or {}), "size": image_size})
+
+
+def _decode_splits(manifest, image_size: int) -> tuple[dict, list[dict]]:
+    """``{split: (uint8 images [N, S, S, 3], int64 labels [N])}`` for each labeled split present, and the
+    files that could not be decoded as ``{split, path, reason}``."""
+    splits = np.asarray(manifest.column("split").to_pylist())
+    paths = np.asarray(manifest.column("path").to_pylist())
+    labels = np.asarray(manifest.column("label").to_pylist(), dtype=np.int64)
+    data, skipped = {}, []
+    for split in LABELED_SPLITS:
+        rows = np.flatnonzero(splits == split)
+        if len(rows) == 0:
+            continue
+        images, kept, bad = load_images(paths[rows].tolist(), image_size)
+        data[split] = (images, labels[rows][kept])
+        skipped += [{"split": split, "path": path, "reason": reason} for path, reason in bad]
+    return data, skipped
+
+
+def _seeded_model(backbone: str, width: float, small_stem: bool, num_classes: int, seed: int):
+    """The contrastive model (its backbone is what gets trained) and a linear head, both initialised from
+    ``seed`` without touching torch's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ContrastiveModel(backbone, width, small_stem)
+        head = nn.Linear(model.feature_dim, num_classes)
+    return model, head
+
+
+@torch.no_grad()
+def _predict(model: ContrastiveModel, head: nn.Module, images: torch.Tensor, image_size: int) -> np.ndarray:
+    """Class ids of uint8 ``[N, S, S, 3]`` images on the model's device, unaugmented, in eval mode."""
+    model.eval()
+    head.eval()
+    parts = [head(model.features(to_float(images[i : i + _EVAL_BATCH], image_size))).argmax(1).cpu()
+             for i in range(0, len(images), _EVAL_BATCH)]
+    return torch.cat(parts).numpy() if parts else np.zeros(0, np.int64)
+
+
+def _train_epoch(model, head, optimizer, scheduler, images, labels, cfg, batch_size, shuffle_gen, aug_gen):
+    """One pass over the train images in shuffled batches (the last partial batch is dropped when there is
+    more than one batch, so BatchNorm never sees a batch of one); returns (mean loss, train accuracy)."""
+    model.train()
+    head.train()
+    order = torch.randperm(len(images), generator=shuffle_gen)
+    batches = [order] if len(order) <= batch_size else list(order.split(batch_size))[: len(order) // batch_size]
+    total_loss, correct, seen = 0.0, 0, 0
+    for idx in batches:
+        idx = idx.to(images.device)
+        x = augment_batch(images[idx], cfg, aug_gen)
+        logits = head(model.features(x))
+        loss = nn.functional.cross_entropy(logits, labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(idx)
+        correct += int((logits.argmax(1) == labels[idx]).sum())
+        seen += len(idx)
+    return total_loss / seen, correct / seen
+
+
+def train_supervised(
+    benchmark_root,
+    out_dir,
+    *,
+    backbone: str = "resnet18",
+    width: float = 1.0,
+    small_stem: bool = False,
+    image_size: int = 32,
+    epochs: int = 30,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-6,
+    seed: int = 0,
+    augment: dict | None = None,
+    device=None,
+    progress: bool = True,
+) -> dict:
+    """Train the backbone + a linear head from scratch with labels on ``benchmark_root``'s train split.
+
+    Writes ``out_dir/model.pt`` (the trainer's format, loadable by :func:`raysys.evaluate.load_model`) and
+    ``out_dir/supervised.json`` (test metrics of the trained classifier via
+    :func:`raysys.evaluate.classification_metrics`, val metrics, majority baseline, history, timing).
+    Returns the dict written to ``supervised.json`` plus ``model_path``. Bad arguments or a benchmark
+    without train/test rows raise a one-line :class:`ValueError` before any image is decoded.
+    """
+    t_start = time.perf_counter()
+    aug_cfg = _check_settings(backbone, width, image_size, epochs, batch_size, lr, weight_decay, augment)
+    manifest, names = load_benchmark(benchmark_root)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    data, skipped = _decode_splits(manifest, image_size)
+    for split in ("train", "test"):
+        if len(data[split][1]) == 0:
+            raise ValueError(f"benchmark {benchmark_root}: no {split} image could be decoded "
+                             f"({len(skipped)} skipped, first: {skipped[0]['reason']}); check the image files")
+    if len(data["train"][1]) < 2:
+        raise ValueError(f"benchmark {benchmark_root} has a single decodable train image; supervised training needs at least 2")
+    t_decoded = time.perf_counter()
+
+    model, head = _seeded_model(backbone, width, small_stem, len(names), seed)
+    model.to(device)
+    head.to(device)
+    on_device = {s: (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)) for s, (x, y) in data.items()}
+    train_x, train_y = on_device["train"]
+    steps_per_epoch = 1 if len(train_y) <= batch_size else len(train_y) // batch_size
+    # only the backbone and the head learn; the projector stays at init (it is not used here)
+    optimizer = torch.optim.Adam([*model.backbone.parameters(), *head.parameters()], lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step / (epochs * steps_per_epoch), 1.0))))
+    shuffle_gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator().manual_seed(seed + 1)  # own stream: shuffling and augmentation draws stay apart
+
+    history = []
+    bar = tqdm(range(epochs), desc="supervised", unit="epoch", disable=not progress)
+    for epoch in bar:
+        loss, train_acc = _train_epoch(model, head, optimizer, scheduler, train_x, train_y, aug_cfg, batch_size,
+                                       shuffle_gen, aug_gen)
+        row = {"epoch": epoch + 1, "loss": loss, "train_accuracy_augmented": train_acc}
+        if "val" in on_device and len(on_device["val"][1]):
+            val_pred = _predict(model, head, on_device["val"][0], image_size)
+            row["val_accuracy"] = float(np.mean(val_pred == data["val"][1]))
+        history.append(row)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})
+    t_trained = time.perf_counter()
+
+    train_y_np, test_y_np = data["train"][1], data["test"][1]
+    result = {
+        "method": "supervised",
+        "benchmark": str(Path(benchmark_root).resolve()),
+        "class_names": names,
+        "config": _settings(backbone, width, small_stem, image_size, epochs, batch_size, lr, weight_decay, seed,
+                            aug_cfg),
+        "metrics": classification_metrics(test_y_np, _predict(model, head, on_device["test"][0], image_size),
+                                          len(names)),
+        "train_accuracy": float(np.mean(_predict(model, head, train_x, image_size) == train_y_np)),
+        "majority": majority_baseline(train_y_np, test_y_np, len(names)),
+        "counts": {s: {"rows": int(manifest.column("split").to_pylist().count(s)), "used": int(len(y)),
+                       "per_class": np.bincount(y, minlength=len(names)).tolist()} for s, (_, y) in data.items()},
+        "skipped": skipped,
+        "epochs": epochs,
+        "history": history,
+        "device": str(device),
+    }
+    if "val" in data and len(data["val"][1]):
+        result["val_metrics"] = classification_metrics(
+            data["val"][1], _predict(model, head, on_device["val"][0], image_size), len(names))
+
+    model_path = _save(model, head, result["config"], Path(out_dir))
+    result["model_digest"] = model_digest(model.cpu())
+    t_end = time.perf_counter()
+    result["timing"] = {
+        "decode_s": t_decoded - t_start,
+        "train_s": t_trained - t_decoded,
+        "train_images_per_s": epochs * steps_per_epoch * min(batch_size, len(train_y)) / max(t_trained - t_decoded, 1e-9),
+        "total_s": t_end - t_start,
+    }
+    (Path(out_dir) / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    return {**result, "model_path": str(model_path)}
+
+
+def _settings(backbone, width, small_stem, image_size, epochs, batch_size, lr, weight_decay, seed, aug_cfg) -> dict:
+    """The run's settings as stored in ``model.pt``'s ``config`` and in ``supervised.json``."""
+    return {
+        "method": "supervised", "backbone": backbone, "width": width, "small_stem": small_stem,
+        "image_size": image_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "weight_decay": weight_decay, "seed": seed, "optimizer": "adam", "schedule": "cosine",
+        "loss": "cross-entropy (unweighted)", "augment": aug_cfg.to_dict(),
+    }
+
+
+def _save(model: ContrastiveModel, head: nn.Module, config: dict, out: Path) -> Path:
+    """Write ``model.pt`` as the trainer does (plus the trained head under ``classifier``); atomic rename."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / MODEL_FILE
+    tmp = out / f".{MODEL_FILE}.tmp"
+    torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "model_spec": model.spec,
+                "config": config, "classifier": {k: v.cpu() for k, v in head.state_dict().items()}}, tmp)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,310 @@
+"""Ray Tune sweeps. One trial = (cluster with K, cached) -> pretrain on Ray Train -> linear evaluation.
+
+Experiment scripts declare the search (which methods, which K) and call :func:`run_sweep`. Each
+trial is a Tune *function* trainable that builds a ``TorchTrainer`` (Train V2 cannot be passed to a
+``Tuner`` directly), forwards its per-epoch metrics to Tune, evaluates the encoder and ends with one
+``tune.report`` holding every final metric. Trial run folders are named from the trial's parameters,
+so a restored or relaunched sweep resumes a trial's training from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from raysys import report
+from raysys.config import ConfigError, PretrainConfig, make_config
+from raysys.data import formats
+from raysys.train import init_ray, resolve_data
+
+log = logging.getLogger(__name__)
+
+METHODS = ("baseline", "cluster", "supervised")
+TRIAL_DRIVER_CPUS = 0.1  # a trial's own process mostly waits on its TorchTrainer
+BENCHMARKS = ("msl", "hirise")
+
+
+@dataclass
+class SweepSpec:
+    """What a sweep runs; travels into every trial unchanged."""
+
+    name: str
+    out: str
+    base: dict  # PretrainConfig of every trial, before the trial's own parameters
+    ks: list = field(default_factory=list)
+    seeds: int = 1
+    encoder: str = "texture"
+    baseline: bool = True
+    supervised: bool = True
+    supervised_epochs: int = 30
+    max_concurrent: int | None = None
+    command: str = ""
+
+    def variants(self) -> list[dict]:
+        runs = [{"method": "baseline", "k": 0}] if self.baseline else []
+        runs += [{"method": "cluster", "k": int(k)} for k in self.ks]
+        runs += [{"method": "supervised", "k": 0}] if self.supervised else []
+        return runs
+
+
+# Sweep presets: the pretraining preset plus the grid. The demo grid fits a 2-core laptop in ~30 min.
+SWEEP_PRESETS = {
+    "smoke": dict(pretrain={}, ks=[4], seeds=1, supervised_epochs=3),
+    "demo": dict(pretrain=dict(epochs=8), ks=[10, 40], seeds=2, supervised_epochs=15),
+    "paper": dict(pretrain={}, ks=list(range(10, 281, 30)), seeds=3, supervised_epochs=100),
+}
+
+
+def trial_name(method: str, k: int, temperature: float, seed: int) -> str:
+    k_part = f"-k{k}" if method == "cluster" else ""
+    return f"{method}{k_part}-t{temperature:g}-s{seed}"
+
+
+# ------------------------------------------------------------------------------------------ trial
+
+
+def _trial_resources(spec: SweepSpec, concurrent: int):
+    """A pretraining trial's driver needs a sliver of CPU; a supervised trial trains in-process."""
+    base = PretrainConfig.from_dict(spec.base)
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+
+    def resources(config: dict) -> tune.PlacementGroupFactory:
+        if config["variant"]["method"] == "supervised":
+            bundle = {"CPU": max(TRIAL_DRIVER_CPUS, min(1.0, (cpus - 1.0) / concurrent))}
+            if base.gpus_per_worker:
+                bundle["GPU"] = base.gpus_per_worker
+            return tune.PlacementGroupFactory([bundle])
+        return tune.PlacementGroupFactory([{"CPU": TRIAL_DRIVER_CPUS}])
+
+    return resources
+
+
+def _evaluate(model_dir: Path, benchmarks: dict, cfg: PretrainConfig) -> dict:
+    from raysys.evaluate import evaluate, load_model
+
+    model = load_model(model_dir)
+    metrics = {}
+    for name, root in benchmarks.items():
+        result = evaluate(model, root, model_dir, name, cfg.image_size, hidden=cfg.eval_hidden,
+                          epochs=cfg.eval_epochs, seed=cfg.seed, cache_dir=model_dir / "feature-cache",
+                          progress=False)
+        metrics[f"{name}_acc"] = result["metrics"]["accuracy"]
+        metrics[f"{name}_balanced_acc"] = result["metrics"]["balanced_accuracy"]
+    return metrics
+
+
+def _supervised(cfg: PretrainConfig, benchmarks: dict, out: Path, epochs: int) -> dict:
+    """The supervised reference: the same backbone trained from scratch on each benchmark's labels."""
+    from raysys.supervised import train_supervised
+
+    metrics = {}
+    for name, root in benchmarks.items():
+        result = train_supervised(root, out / name, backbone=cfg.backbone, width=cfg.width,
+                                  small_stem=cfg.small_stem, image_size=cfg.image_size, epochs=epochs,
+                                  seed=cfg.seed, progress=False)
+        metrics[f"{name}_acc"] = result["test"]["accuracy"]
+        metrics[f"{name}_balanced_acc"] = result["test"]["balanced_accuracy"]
+    return metrics
+
+
+def run_trial(config: dict) -> None:
+    """One Tune trial: cluster (for cluster-aware runs) -> pretrain -> evaluate -> one final report."""
+    spec = SweepSpec(**config["spec"])
+    method, k, seed = config["variant"]["method"], config["variant"]["k"], config["seed"]
+    cfg = PretrainConfig.from_dict({**spec.base, "seed": seed, **config.get("overrides", {})})
+    name = trial_name(method, k, cfg.temperature, seed)
+    cfg.out = str(Path(spec.out) / "trials" / name)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "attempts.log", "a") as f:  # one line per start: shows what a resume reran
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} start\n")
+    manifest, benchmarks = resolve_data(cfg)
+    final = {"trial": name, "method": method, "k": k, "temperature": cfg.temperature, "seed": seed}
+
+    if method == "supervised":
+        start = time.perf_counter()
+        final.update(_supervised(cfg, benchmarks, out, spec.supervised_epochs))
+        final["pretrain_seconds"] = time.perf_counter() - start
+        tune.report(final)
+        return
+    if method == "cluster":
+        from raysys.clustering import attach_clusters, cluster_assignments, cluster_quality
+
+        assignments = cluster_assignments(manifest, spec.encoder, k, seed=seed, cache_dir=Path(spec.out) / "cache",
+                                          image_size=cfg.image_size, progress=False)
+        manifest = attach_clusters(manifest, assignments)
+        quality = cluster_quality(np.asarray(manifest.column("cluster_id")), np.asarray(manifest.column("label")))
+        final.update({f"cluster_{key}": value for key, value in quality.items()})
+        cfg.pair_rule = "cluster"
+    from raysys.train import pretrain
+
+    run = pretrain(cfg, manifest, benchmarks, callbacks=[TuneReportCallback()],
+                   reserved_cpus=TRIAL_DRIVER_CPUS, concurrent=config["concurrent"])
+    metrics = run["metrics"] or {}
+    final.update(
+        fn_fraction=metrics.get("false_negative_fraction"),
+        removed_precision=metrics.get("removed_pair_precision"),
+        removed_recall=metrics.get("removed_pair_recall"),
+        pretrain_seconds=run["seconds"],
+        final_loss=metrics.get("loss"),
+    )
+    final.update(_evaluate(out, benchmarks, cfg))
+    tune.report({key: value for key, value in final.items() if value is not None})
+
+
+# ------------------------------------------------------------------------------------------ sweep
+
+
+class ResultsWriter(tune.Callback):
+    """Rewrites ``results.csv`` after every finished trial, so an interrupted sweep keeps its results."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows = {row["trial"]: row for row in report.read_results_csv(path)}
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        if "trial" in result:
+            self.rows[result["trial"]] = result
+            report.write_results_csv(list(self.rows.values()), self.path)
+
+
+def default_concurrency(base: PretrainConfig) -> int:
+    """GPU clusters: as many trials as the GPUs hold. CPU: one (the model saturates the cores)."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if base.gpus_per_worker and gpus:
+        return max(1, int(gpus // (base.workers * base.gpus_per_worker)))
+    return 1
+
+
+def run_sweep(spec: SweepSpec, resume: bool = False, param: str = "k") -> list[dict]:
+    """Run (or resume) the sweep; write results.csv, summary.md and plots; return the result rows."""
+    out = Path(spec.out).resolve()
+    spec.out = str(out)
+    experiment = out / spec.name
+    if experiment.exists() and not resume:
+        raise ConfigError(f"{experiment} already holds a sweep; pass --resume to continue it or a new --out")
+    if resume and not experiment.exists():
+        raise ConfigError(f"--resume: no sweep to resume at {experiment}; drop --resume to start one")
+    base = PretrainConfig.from_dict(spec.base)
+    resolve_data(base)  # writes the built-in data once, before trials race to do it; fails fast
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(asdict(spec), indent=2))
+
+    init_ray()
+    concurrent = spec.max_concurrent or default_concurrency(base)
+    trainable = tune.with_resources(run_trial, _trial_resources(spec, concurrent))
+    writer = ResultsWriter(out / "results.csv")
+    if resume:
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={
+                "spec": asdict(spec),
+                "concurrent": concurrent,
+                "variant": tune.grid_search(spec.variants()),
+                "seed": tune.grid_search(list(range(base.seed, base.seed + spec.seeds))),
+            },
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=spec.name, storage_path=str(out), callbacks=[writer],
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        )
+    grid = tuner.fit()
+    rows = [r.metrics for r in grid if r.metrics and "trial" in r.metrics]
+    errors = [str(r.error).splitlines()[0] for r in grid if r.error]
+    report.write_results_csv(rows, out / "results.csv")
+    write_summary(spec, rows, errors, param)
+    return rows
+
+
+def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str], param: str) -> None:
+    out = Path(spec.out)
+    groups = report.group(rows)
+    table = report.results_table(groups, param)
+    plots = []
+    for bench in BENCHMARKS:
+        if any(g.get(f"{bench}_acc") is not None for g in groups):
+            path = out / f"{spec.name}-{bench}.png"
+            report.plot_vs_param(groups, bench, param, path, f"{bench.upper()}: accuracy vs {param} ({spec.name})")
+            plots.append(path.name)
+    best = max((r for r in rows if r.get("msl_acc") is not None), key=lambda r: r["msl_acc"], default=None)
+    lines = [f"# {spec.name}", "", f"Reproduce: `{spec.command}`", "", table, ""]
+    if best:
+        lines += [f"Best trial on MSL: **{best['trial']}** ({100 * best['msl_acc']:.1f} %).", ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    if errors:
+        lines += ["", f"{len(errors)} trial(s) failed:"] + [f"- {e}" for e in errors]
+    report.write_atomic(out / "summary.md", "\n".join(lines) + "\n")
+    print(table)
+    print(f"\nresults: {out / 'results.csv'}\nsummary: {out / 'summary.md'}\nTensorBoard: tensorboard --logdir {out}")
+
+
+# ------------------------------------------------------------------------------------- command line
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="demo", choices=sorted(SWEEP_PRESETS),
+                   help="smoke (tests), demo (2-core laptop, ~30 min), paper (GPU cluster) (default: %(default)s)")
+    p.add_argument("--out", default=None, help="sweep folder (default: runs/<sweep name>)")
+    p.add_argument("--data", help="folder holding the pretraining pool and benchmarks (default: built-in data)")
+    p.add_argument("--seeds", type=int, help="seeds per configuration")
+    p.add_argument("--epochs", type=int, help="pretraining epochs per trial")
+    p.add_argument("--workers", type=int, help="Ray Train workers per trial")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per Train worker")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: derived from the cluster)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
+    p.add_argument("--no-supervised", action="store_true", help="skip the supervised reference runs")
+
+
+def spec_from_args(name: str, args, **grid) -> SweepSpec:
+    """Build and validate a sweep spec from the shared options plus the script's grid."""
+    preset = SWEEP_PRESETS[args.preset]
+    overrides = {**preset["pretrain"], **{k: v for k, v in dict(
+        data=args.data, epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+    ).items() if v is not None}}
+    # Absolute paths: Tune runs each trial with its own working directory.
+    out = str(Path(args.out or f"runs/{name}").resolve())
+    if "data" in overrides:
+        overrides["data"] = str(Path(overrides["data"]).resolve())
+    base = make_config(args.preset, out=out, builtin_root=str(Path("data/builtin").resolve()), **overrides).validate()
+    seeds = args.seeds if args.seeds is not None else preset["seeds"]
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1 (got {seeds})")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be at least 1 (got {args.max_concurrent})")
+    if any(k < 2 for k in grid.get("ks", [])):
+        raise ConfigError(f"--k values must be at least 2 (got {grid['ks']}): one cluster removes every negative")
+    return SweepSpec(
+        name=name, out=out, base=base.to_dict(), seeds=seeds, supervised=not args.no_supervised,
+        supervised_epochs=preset["supervised_epochs"], max_concurrent=args.max_concurrent,
+        command=" ".join(["python", *map(shlex.quote, sys.argv)]),
+        **grid,
+    )
+
+
+def main(name: str, description: str, configure, argv=None) -> int:
+    """Entry point of a sweep script: ``configure(parser)`` adds its options, returns a grid builder."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=description)
+    add_sweep_arguments(parser)
+    build_grid = configure(parser)
+    args = parser.parse_args(argv)
+    try:
+        spec = spec_from_args(name, args, **build_grid(args))
+        run_sweep(spec, resume=args.resume)
+    except (ConfigError, formats.DataError) as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
