@@ -37,6 +37,7 @@ class PretrainConfig:
     # Built-in data (used when ``data`` is None): written once under ``builtin_root``.
     builtin_root: str = "data/builtin"
     sim_preset: str = "demo"
+    sim_seed: int = 0  # the built-in data's own seed: trials with other training seeds share one dataset
     max_images: int | None = None  # cap on the pretraining pool (None: all)
     # Model (Appendix A: 3 projection layers, 128-d output).
     backbone: str = "resnet18"
@@ -187,7 +188,7 @@ def add_pretrain_arguments(p) -> None:
     p.add_argument("--amp", choices=AMP_MODES, help="mixed precision on GPU")
     p.add_argument("--max-images", type=int, help="use at most this many pretraining images")
     p.add_argument("--init-weights", help="initialise the backbone from this weights file (torch.save'd state dict)")
-    p.add_argument("--seed", type=int, help="random seed (data simulation, initial weights)")
+    p.add_argument("--seed", type=int, help="random seed of the initial weights and the pretraining subset (the built-in data has its own, fixed seed)")
     p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation after pretraining")
 
 

@@ -113,8 +113,8 @@ def _supervised(cfg: PretrainConfig, benchmarks: dict, out: Path, epochs: int) -
         result = train_supervised(root, out / name, backbone=cfg.backbone, width=cfg.width,
                                   small_stem=cfg.small_stem, image_size=cfg.image_size, epochs=epochs,
                                   seed=cfg.seed, progress=False)
-        metrics[f"{name}_acc"] = result["test"]["accuracy"]
-        metrics[f"{name}_balanced_acc"] = result["test"]["balanced_accuracy"]
+        metrics[f"{name}_acc"] = result["metrics"]["accuracy"]
+        metrics[f"{name}_balanced_acc"] = result["metrics"]["balanced_accuracy"]
     return metrics
 
 

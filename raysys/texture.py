@@ -217,6 +217,21 @@ def batch_hard_triplet_loss(embeddings: Tensor, labels: Tensor, margin: float) -
     return F.relu(hardest_pos - hardest_neg + margin)[valid].mean()
 
 
+def batch_all_triplet_loss(embeddings: Tensor, labels: Tensor, margin: float) -> Tensor:
+    """Batch-all triplet loss (Hermans, Beyer & Leibe 2017, "BA≠0"): ``relu(d(a, p) - d(a, n) + margin)``
+    over every (anchor, positive, negative) triplet in the batch, averaged over the triplets whose loss
+    is non-zero (0 when there are none)."""
+    dist = torch.cdist(embeddings, embeddings)
+    same = labels.unsqueeze(0) == labels.unsqueeze(1)
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    valid = (same & ~eye).unsqueeze(2) & (~same).unsqueeze(1)  # [anchor, positive, negative]
+    losses = F.relu(dist.unsqueeze(2) - dist.unsqueeze(1) + margin)[valid]
+    active = losses > 0
+    if not active.any():
+        return embeddings.sum() * 0.0
+    return losses[active].mean()
+
+
 def pk_batches(labels: np.ndarray, per_cluster: int, batch_size: int, steps: int,
                rng: np.random.Generator):
     """Yield ``steps`` index arrays, each ``per_cluster`` images from each of ``batch_size // per_cluster``
@@ -232,6 +247,9 @@ def pk_batches(labels: np.ndarray, per_cluster: int, batch_size: int, steps: int
         chosen = rng.choice(len(members), per_batch, replace=False)
         yield np.concatenate([rng.choice(members[c], per_cluster, replace=len(members[c]) < per_cluster)
                               for c in chosen])
+
+
+TRIPLET_LOSSES = {"batch_all": batch_all_triplet_loss, "batch_hard": batch_hard_triplet_loss}
 
 
 # ----------------------------------------------------------------------------- training
@@ -256,6 +274,8 @@ class TextureConfig:
     per_cluster: int = 4
     pseudo_k: int = 150  # clamped to N // 10 on small pools, so clusters hold ~10 images on average
     margin: float = 0.2
+    mining: str = "batch_all"  # or "batch_hard"
+    two_views: bool = True  # each image enters a batch twice, differently augmented: a guaranteed positive
     pca_dim: int = PCA_DIM
 
     def validate(self) -> TextureConfig:
@@ -265,12 +285,13 @@ class TextureConfig:
             ("epochs", self.epochs >= 1), ("lr", self.lr > 0), ("momentum", 0 <= self.momentum < 1),
             ("weight_decay", self.weight_decay >= 0), ("per_cluster", self.per_cluster >= 2),
             ("batch_size", self.batch_size >= 2 * self.per_cluster), ("pseudo_k", self.pseudo_k >= 2),
-            ("margin", self.margin > 0), ("pca_dim", self.pca_dim >= 1),
+            ("margin", self.margin > 0), ("pca_dim", self.pca_dim >= 1), ("mining", self.mining in TRIPLET_LOSSES),
         ]
         for name, ok in checks:
             if not ok:
                 raise TextureConfigError(f"texture setting {name}={getattr(self, name)!r} is invalid "
-                                         f"(need batch_size >= 2 * per_cluster >= 4, positive sizes and rates)")
+                                         f"(need batch_size >= 2 * per_cluster >= 4, positive sizes and rates, "
+                                         f"mining in {sorted(TRIPLET_LOSSES)})")
         return self
 
     @classmethod
@@ -342,16 +363,20 @@ def train_texture_encoder(
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     aug = _light_augment(size)
-    steps = max(1, n // cfg.batch_size)
+    triplet_loss = TRIPLET_LOSSES[cfg.mining]
+    views = 2 if cfg.two_views else 1
+    steps = max(1, n * views // cfg.batch_size)  # an epoch embeds every image ~once per view
     history = []
     for epoch in range(cfg.epochs):
         pseudo = cluster_features(embed_images(model, images, device=device), k_pseudo, seed + epoch, cfg.pca_dim)
         model.train()
         losses = []
-        batches = pk_batches(pseudo, cfg.per_cluster, cfg.batch_size, steps, rng)
+        batches = pk_batches(pseudo, cfg.per_cluster, cfg.batch_size // views, steps, rng)
         for idx in tqdm(batches, total=steps, desc=f"texture epoch {epoch + 1}/{cfg.epochs}", disable=not progress):
-            x = augment(torch.from_numpy(images[idx]).to(device), aug, generator)
-            loss = batch_hard_triplet_loss(model(x), torch.from_numpy(pseudo[idx]).to(device), cfg.margin)
+            batch = torch.from_numpy(images[idx]).to(device)
+            x = torch.cat([augment(batch, aug, generator) for _ in range(views)])
+            target = torch.from_numpy(pseudo[idx]).to(device).repeat(views)
+            loss = triplet_loss(model(x), target, cfg.margin)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -58,7 +58,7 @@ def resolve_data(cfg: PretrainConfig) -> tuple[pa.Table, dict[str, Path]]:
     if cfg.data is None:
         from raysys.data.simulate import simulate
 
-        roots = {k: Path(v) for k, v in simulate(cfg.builtin_root, preset=cfg.sim_preset, seed=cfg.seed).items()}
+        roots = {k: Path(v) for k, v in simulate(cfg.builtin_root, preset=cfg.sim_preset, seed=cfg.sim_seed).items()}
     else:
         roots = formats.discover(cfg.data)
     pool_root = roots.get("rover", Path(cfg.data) if cfg.data else None)

@@ -528,7 +528,7 @@ def _distant_landscape(c):
 def _drill_hole(c):
     du, dv = c.obj(0, 1, 0.3)
     r = np.hypot(du, dv)
-    rh = c.p(4, 0.06, 0.14)
+    rh = c.p(4, 0.08, 0.18)
     tail = np.exp(-(((r - 1.7 * rh) / (0.7 * rh)) ** 2)) * (0.6 + 0.4 * c.tex(_FINE, 0.05, 9))
     L = _rock_bg(c) + 0.35 * tail
     return _blend(L, 0.05 + 0.15 * r / rh, _soft(r - rh, 0.015)), None

@@ -1,0 +1,171 @@
+"""The K sweep on Ray Tune, end to end at smoke scale: results, false-negative accounting, TensorBoard
+HParams over HTTP, interrupt + --resume, and submission with ``ray job submit`` to a ``ray start`` cluster."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raysys import report
+from raysys.data import formats
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP_K = str(REPO / "experiments" / "sweep_k.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(ray_session, tmp_path_factory):
+    """One smoke sweep with oracle clusters: baseline, cluster-aware (K ignored by oracle), supervised."""
+    from raysys.sweep import main
+
+    out = tmp_path_factory.mktemp("sweep") / "sweep_k"
+    code = main("sweep_k", "test", lambda p: (lambda a: dict(ks=[4], encoder="oracle", baseline=True)),
+                ["--preset", "smoke", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_sweep_writes_results_summary_and_plots(smoke_sweep):
+    rows = report.read_results_csv(smoke_sweep / "results.csv")
+    assert sorted(r["method"] for r in rows) == ["baseline", "cluster", "supervised"]
+    for r in rows:
+        for key in ("msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "pretrain_seconds"):
+            assert r[key] is not None and r[key] >= 0, (r["trial"], key)
+    summary = (smoke_sweep / "summary.md").read_text()
+    assert "| cluster |" in summary and "Reproduce:" in summary
+    for bench in ("msl", "hirise"):
+        png = smoke_sweep / f"sweep_k-{bench}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_oracle_clusters_remove_false_negatives(smoke_sweep):
+    rows = {r["method"]: r for r in report.read_results_csv(smoke_sweep / "results.csv")}
+    baseline, cluster = rows["baseline"]["fn_fraction"], rows["cluster"]["fn_fraction"]
+    assert cluster <= 0.05 * baseline, "oracle clusters must remove >= 95% of the false negatives"
+    assert rows["cluster"]["removed_precision"] == pytest.approx(1.0)
+    # Independent reference: the chance that two distinct pool images share a (hidden) class.
+    config = json.loads((smoke_sweep / "sweep.json").read_text())["base"]
+    labels = np.asarray(formats.read_folder(Path(config["builtin_root"]) / formats.ROVER_DIR,
+                                            hidden_labels=True).column("label"))
+    p = np.bincount(labels) / len(labels)
+    assert abs(baseline - float((p ** 2).sum())) < 0.03
+
+
+def test_tensorboard_serves_hparams_with_k_and_accuracies(smoke_sweep):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(smoke_sweep), "--host", "127.0.0.1",
+         "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        def experiment():
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/data/plugin/hparams/experiment",
+                data=json.dumps({"experimentName": ""}).encode(), headers={"Content-Type": "application/json"},
+            )
+            try:
+                body = json.loads(urllib.request.urlopen(request, timeout=5).read())
+            except OSError:
+                return None
+            return body if body.get("hparamInfos") else None
+
+        body = _wait_for(experiment, 120, "the HParams plugin to list the sweep")
+        hparams = {h["name"] for h in body["hparamInfos"]}
+        metrics = {m["name"]["tag"] for m in body["metricInfos"]}
+        assert any(name.endswith("k") for name in hparams), hparams
+        assert any(tag.endswith("msl_acc") for tag in metrics) and any(tag.endswith("hirise_acc") for tag in metrics)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _sweep_cmd(out, *extra):
+    return [sys.executable, SWEEP_K, "--preset", "smoke", "--out", str(out), "--encoder", "oracle",
+            "--no-supervised", *extra]
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    out = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_sweep_cmd(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: len(report.read_results_csv(out / "results.csv")) >= 1 or proc.poll() is not None,
+                  600, "the first trial to finish")
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    finished = {r["trial"] for r in report.read_results_csv(out / "results.csv")}
+    assert len(finished) == 1
+
+    resumed = subprocess.run(_sweep_cmd(out, "--resume"), cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = report.read_results_csv(out / "results.csv")
+    assert sorted(r["method"] for r in rows) == ["baseline", "cluster"], "every trial exactly once"
+    for name in finished:
+        starts = (out / "trials" / name / "attempts.log").read_text().splitlines()
+        assert len(starts) == 1, f"finished trial {name} was rerun"
+
+
+def test_ray_job_submit_to_a_local_cluster(tmp_path):
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
+    gcs_port, dash_port = _free_port(), _free_port()
+    # Local `ray start` clusters enable token authentication; the CLI must be told to send the token.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray_cli, "start", "--head", f"--port={gcs_port}", "--num-cpus=2", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--temp-dir={temp_dir}"],
+                   env=env, check=True, capture_output=True, timeout=180)
+    try:
+        out = tmp_path / "sweep"
+        submit = [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash_port}", "--",
+                  *_sweep_cmd(out, "--no-baseline")]
+
+        def submitted():  # the job agent comes up some seconds after `ray start` returns
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+            return None if "No available agent" in job.stdout + job.stderr else job
+
+        job = _wait_for(submitted, 120, "the job agent to accept the submission")
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout
+        assert [r["method"] for r in report.read_results_csv(out / "results.csv")] == ["cluster"]
+    finally:
+        _kill_processes_mentioning(temp_dir)  # `ray stop` would also stop the test session's own Ray
+
+
+def _kill_processes_mentioning(text: str) -> None:
+    """SIGKILL every process whose command line names ``text`` (the cluster's own temp dir)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except OSError:
+            continue
