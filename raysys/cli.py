@@ -1,4 +1,4 @@
-"""The ``raysys`` command: ``simulate``, ``pretrain``, ``linear-eval``.
+"""The ``raysys`` command: ``simulate``, ``pretrain``, ``cluster``, ``linear-eval``.
 
 Arguments are validated before any heavy import or Ray start, so a bad value costs a second, not a
 cluster start; such errors print one line and exit with code 2.
@@ -23,7 +23,7 @@ def _pretrain(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raysys import evaluate
+    from raysys import clustering, evaluate
     from raysys.data import simulate
 
     parser = argparse.ArgumentParser(prog="raysys", description=__doc__.splitlines()[0])
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="contrastive pretraining on Ray Train, then linear evaluation")
     add_pretrain_arguments(p)
     p.set_defaults(func=_pretrain)
+    p = sub.add_parser("cluster", help="unsupervised clusters of the pretraining pool (k-means on encoder features)")
+    clustering.configure_parser(p)
+    p.set_defaults(func=clustering.run)
     p = sub.add_parser("linear-eval", help="linear evaluation of a saved encoder on labeled benchmarks")
     evaluate.configure_parser(p)
     p.set_defaults(func=evaluate.run)

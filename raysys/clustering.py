@@ -159,6 +159,17 @@ def _use_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
+@contextmanager
+def _progress_bars(enabled: bool):
+    """Ray Data progress bars on or off while a dataset runs; the process-wide setting is restored after."""
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.enable_progress_bars = ctx.enable_progress_bars, enabled
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = before
+
+
 class _Embedder:
     """Ray Data actor holding one model: uint8 ``image`` batches -> ``feature`` rows (same ``image_id``)."""
 
@@ -184,7 +195,6 @@ def extract_features(model: torch.nn.Module, manifest: pa.Table, image_size: int
     Returns ``(image_ids str [M], features float32 [M, D])`` in manifest order; files that cannot be
     decoded are left out (M <= rows) and counted in a warning.
     """
-    ray.data.DataContext.get_current().enable_progress_bars = progress
     gpus = int(ray.cluster_resources().get("GPU", 0))
     resources = {"num_gpus": 1} if gpus else {"num_cpus": ACTOR_CPUS}
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, gpus))
@@ -193,9 +203,10 @@ def extract_features(model: torch.nn.Module, manifest: pa.Table, image_size: int
         batch_size=EMBED_BATCH, batch_format="numpy", compute=pool, **resources,
     )
     keys, parts = [], []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        keys.append(batch["image_id"])
-        parts.append(batch["feature"])
+    with _progress_bars(progress):
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            keys.append(batch["image_id"])
+            parts.append(batch["feature"])
     ids = manifest.column("image_id").to_pylist()
     row_of = {image_key(i): row for row, i in enumerate(ids)}
     if len(row_of) != len(ids):
@@ -209,13 +220,17 @@ def extract_features(model: torch.nn.Module, manifest: pa.Table, image_size: int
     return np.asarray(ids, dtype=str)[rows[order]], features
 
 
-def decoded_images(manifest: pa.Table, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(row indices into manifest, uint8 images [M, S, S, 3])`` from the pipeline's decode stage."""
+def decoded_images(manifest: pa.Table, image_size: int, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(row indices into manifest, uint8 images [M, S, S, 3])`` from the pipeline's decode stage, in
+    manifest order; undecodable files are left out."""
     row_of = {image_key(i): row for row, i in enumerate(manifest.column("image_id").to_pylist())}
     keys, parts = [], []
-    for batch in decoded_dataset(manifest, image_size).iter_batches(batch_size=None, batch_format="numpy"):
-        keys.append(batch["image_id"])
-        parts.append(batch["image"])
+    with _progress_bars(progress):
+        for batch in decoded_dataset(manifest, image_size).iter_batches(batch_size=None, batch_format="numpy"):
+            keys.append(batch["image_id"])
+            parts.append(batch["image"])
+    if not keys:
+        raise ClusterError("no image of the pool could be decoded; check the files (see the decode warnings)")
     rows = np.array([row_of[int(k)] for k in np.concatenate(keys)], dtype=np.int64)
     order = np.argsort(rows)
     return rows[order], np.concatenate(parts)[order]
@@ -231,7 +246,7 @@ def _texture_encoder(manifest: pa.Table, data_key: str, image_size: int, seed: i
     file = cache / "encoders" / f"texture-{data_key}-{_short_hash(cfg.to_dict())}-s{seed}.pt"
     with _locked(file):
         if not file.is_file():
-            rows, images = decoded_images(manifest, image_size)
+            rows, images = decoded_images(manifest, image_size, progress)
             labels = _labels(manifest)[rows]
             diagnostic = labels if (labels >= 0).any() else None  # logged per epoch, never trained on
             log.info("training the texture encoder on %d images (%d epochs; cached as %s)", len(images), cfg.epochs, file)
@@ -280,8 +295,9 @@ def _oracle(manifest: pa.Table, k, cache: Path) -> pa.Table:
                            "use simulated data (hidden labels) or a labeled dataset")
     ids = np.asarray(manifest.column("image_id").to_pylist(), dtype=str)
     n_classes = len(np.unique(labels[known]))
-    log.warning("encoder 'oracle' USES THE TRUE LABELS as clusters (%d classes; K=%s ignored): a diagnostic "
-                "upper bound for simulated data, not an unsupervised result", n_classes, k)
+    ignored = "" if k is None else f"; K={k} ignored"
+    log.warning("encoder 'oracle' USES THE TRUE LABELS as clusters (%d classes%s): a diagnostic upper bound "
+                "for simulated data, not an unsupervised result", n_classes, ignored)
     if not known.all():
         log.warning("oracle: %d images have no label and get no cluster id", int((~known).sum()))
     file = cache / "clusters" / f"oracle-{_short_hash([ids[known].tolist(), labels[known].tolist()])}.parquet"
@@ -376,10 +392,10 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _parse_ks(values: list[str] | None, encoder: str) -> list[int]:
+def _parse_ks(values: list[str] | None, encoder: str) -> list[int | None]:
     if not values:
         if encoder == "oracle":
-            return [0]
+            return [None]  # the oracle has one cluster per label
         raise ClusterError("--k is required (e.g. --k 40 or --k 10,40,70)")
     ks = []
     for value in values:
@@ -443,8 +459,12 @@ def run(args: argparse.Namespace) -> int:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     for k in ks:
-        table = cluster_assignments(manifest, args.encoder, k, seed=args.seed, cache_dir=args.cache_dir,
-                                    image_size=args.image_size, **encoder_kw)
+        try:
+            table = cluster_assignments(manifest, args.encoder, k, seed=args.seed, cache_dir=args.cache_dir,
+                                        image_size=args.image_size, **encoder_kw)
+        except ClusterError as exc:  # e.g. no image could be decoded
+            print(f"raysys cluster: error: {exc}", file=sys.stderr)
+            return 2
         meta = table.schema.metadata
         file = Path(meta[META_CACHE_FILE].decode())
         sizes = np.bincount(table.column("cluster_id").to_numpy())

@@ -17,8 +17,26 @@ log = logging.getLogger(__name__)
 _ARCHS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
 _STAGE_WIDTHS = (64, 128, 256, 512)
 # ImageNet statistics: the usual input normalization for ResNets; inputs arrive as [0, 1] floats.
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalize(nn.Module):
+    """Standardizes float images in [0, 1] ``[B, 3, S, S]`` with the ImageNet channel statistics.
+
+    The constants are non-persistent buffers: they follow ``.to(device)`` but stay out of state dicts,
+    so weight files hold only learned parameters.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, S, S], got shape {tuple(x.shape)}")
+        return (x - self.mean) / self.std
 
 
 class ScaledResNet(ResNet):
@@ -104,9 +122,7 @@ class ContrastiveModel(nn.Module):
                          proj_dim=proj_dim, proj_layers=proj_layers)
         self.backbone, self.feature_dim = build_backbone(backbone_name, width, small_stem)
         self.projector = ProjectionHead(self.feature_dim, self.feature_dim, proj_dim, proj_layers)
-        # not persistent: constants, kept out of state dicts so weight files stay backbone/projector only
-        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        self.normalize = Normalize()
 
     @classmethod
     def from_spec(cls, spec: dict) -> "ContrastiveModel":
@@ -118,9 +134,7 @@ class ContrastiveModel(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """Backbone features ``[B, feature_dim]`` of images in [0, 1]."""
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected images [B, 3, S, S], got shape {tuple(x.shape)}")
-        return self.backbone((x - self.mean) / self.std)
+        return self.backbone(self.normalize(x))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self.features(x)

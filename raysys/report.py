@@ -18,6 +18,7 @@ RESULT_COLUMNS = [
     "fn_fraction", "removed_precision", "removed_recall", "cluster_nmi", "cluster_purity",
     "pretrain_seconds",
 ]
+REFERENCE_METHODS = ("baseline", "supervised")  # drawn as horizontal lines, not swept
 METRICS = ["msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "fn_fraction"]
 
 
@@ -87,8 +88,9 @@ def results_table(groups: list[dict], param: str = "k") -> str:
     head = f"| method | {param} | seeds | MSL acc | MSL bal. acc | HiRISE acc | HiRISE bal. acc | FN pairs % |"
     lines = [head, "|" + " --- |" * 8]
     for g in groups:
+        value = g.get(param) if g["method"] not in REFERENCE_METHODS else None
         lines.append(
-            f"| {g['method']} | {g.get(param, '') if g['method'] not in ('baseline', 'supervised') or param != 'k' else '–'} "
+            f"| {g['method']} | {'–' if value is None else value} "
             f"| {g['n']} | {_pct(g['msl_acc'], g['msl_acc_std'])} | {_pct(g['msl_balanced_acc'], g['msl_balanced_acc_std'])} "
             f"| {_pct(g['hirise_acc'], g['hirise_acc_std'])} | {_pct(g['hirise_balanced_acc'], g['hirise_balanced_acc_std'])} "
             f"| {_pct(g['fn_fraction'])} |"
@@ -104,7 +106,7 @@ def plot_vs_param(groups: list[dict], benchmark: str, param: str, path: str | Pa
     import matplotlib.pyplot as plt
 
     metric = f"{benchmark}_acc"
-    swept = sorted((g for g in groups if g["method"] not in ("baseline", "supervised") and g[metric] is not None),
+    swept = sorted((g for g in groups if g["method"] not in REFERENCE_METHODS and g[metric] is not None),
                    key=lambda g: g[param])
     fig, ax = plt.subplots(figsize=(6, 4))
     if swept:

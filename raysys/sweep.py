@@ -66,6 +66,12 @@ SWEEP_PRESETS = {
 }
 
 
+def _trial_params(config: dict) -> tuple[str, int, float, int]:
+    """(method, K, temperature, seed) of a trial's config: what names its folders."""
+    base = {**config["spec"]["base"], **config.get("overrides", {})}
+    return config["variant"]["method"], config["variant"]["k"], base["temperature"], config["seed"]
+
+
 def trial_name(method: str, k: int, temperature: float, seed: int) -> str:
     k_part = f"-k{k}" if method == "cluster" else ""
     return f"{method}{k_part}-t{temperature:g}-s{seed}"
@@ -121,9 +127,9 @@ def _supervised(cfg: PretrainConfig, benchmarks: dict, out: Path, epochs: int) -
 def run_trial(config: dict) -> None:
     """One Tune trial: cluster (for cluster-aware runs) -> pretrain -> evaluate -> one final report."""
     spec = SweepSpec(**config["spec"])
-    method, k, seed = config["variant"]["method"], config["variant"]["k"], config["seed"]
+    method, k, temperature, seed = _trial_params(config)
     cfg = PretrainConfig.from_dict({**spec.base, "seed": seed, **config.get("overrides", {})})
-    name = trial_name(method, k, cfg.temperature, seed)
+    name = trial_name(method, k, temperature, seed)
     cfg.out = str(Path(spec.out) / "trials" / name)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,6 +186,11 @@ class ResultsWriter(tune.Callback):
             report.write_results_csv(list(self.rows.values()), self.path)
 
 
+def _tune_trial_name(trial) -> str:
+    """Readable trial names in Tune's status table and folders (``cluster-k10-t0.5-s1``)."""
+    return trial_name(*_trial_params(trial.config))
+
+
 def default_concurrency(base: PretrainConfig) -> int:
     """GPU clusters: as many trials as the GPUs hold. CPU: one (the model saturates the cores)."""
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -217,7 +228,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, param: str = "k") -> list[d
                 "variant": tune.grid_search(spec.variants()),
                 "seed": tune.grid_search(list(range(base.seed, base.seed + spec.seeds))),
             },
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_tune_trial_name,
+                                        trial_dirname_creator=_tune_trial_name),
             run_config=tune.RunConfig(name=spec.name, storage_path=str(out), callbacks=[writer],
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
