@@ -26,7 +26,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from raysys import report
 from raysys.config import ConfigError, PretrainConfig, make_config
 from raysys.data import formats
-from raysys.train import init_ray, resolve_data
+from raysys.train import init_ray, pretrain, resolve_data
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class SweepSpec:
 # Sweep presets: the pretraining preset plus the grid. The demo grid fits a 2-core laptop in ~30 min.
 SWEEP_PRESETS = {
     "smoke": dict(pretrain={}, ks=[4], seeds=1, supervised_epochs=3),
-    "demo": dict(pretrain=dict(epochs=8), ks=[10, 40], seeds=2, supervised_epochs=15),
+    "demo": dict(pretrain=dict(epochs=8), ks=[10, 40], seeds=2, supervised_epochs=5),
     "paper": dict(pretrain={}, ks=list(range(10, 281, 30)), seeds=3, supervised_epochs=100),
 }
 
@@ -96,7 +96,12 @@ def _trial_resources(spec: SweepSpec, concurrent: int):
     return resources
 
 
+def _accuracies(name: str, metrics: dict) -> dict:
+    return {f"{name}_acc": metrics["accuracy"], f"{name}_balanced_acc": metrics["balanced_accuracy"]}
+
+
 def _evaluate(model_dir: Path, benchmarks: dict, cfg: PretrainConfig) -> dict:
+    """Linear evaluation of the trial's encoder on every benchmark."""
     from raysys.evaluate import evaluate, load_model
 
     model = load_model(model_dir)
@@ -105,8 +110,7 @@ def _evaluate(model_dir: Path, benchmarks: dict, cfg: PretrainConfig) -> dict:
         result = evaluate(model, root, model_dir, name, cfg.image_size, hidden=cfg.eval_hidden,
                           epochs=cfg.eval_epochs, seed=cfg.seed, cache_dir=model_dir / "feature-cache",
                           progress=False)
-        metrics[f"{name}_acc"] = result["metrics"]["accuracy"]
-        metrics[f"{name}_balanced_acc"] = result["metrics"]["balanced_accuracy"]
+        metrics.update(_accuracies(name, result["metrics"]))
     return metrics
 
 
@@ -119,8 +123,7 @@ def _supervised(cfg: PretrainConfig, benchmarks: dict, out: Path, epochs: int) -
         result = train_supervised(root, out / name, backbone=cfg.backbone, width=cfg.width,
                                   small_stem=cfg.small_stem, image_size=cfg.image_size, epochs=epochs,
                                   seed=cfg.seed, progress=False)
-        metrics[f"{name}_acc"] = result["metrics"]["accuracy"]
-        metrics[f"{name}_balanced_acc"] = result["metrics"]["balanced_accuracy"]
+        metrics.update(_accuracies(name, result["metrics"]))
     return metrics
 
 
@@ -153,8 +156,6 @@ def run_trial(config: dict) -> None:
         quality = cluster_quality(np.asarray(manifest.column("cluster_id")), np.asarray(manifest.column("label")))
         final.update({f"cluster_{key}": value for key, value in quality.items()})
         cfg.pair_rule = "cluster"
-    from raysys.train import pretrain
-
     run = pretrain(cfg, manifest, benchmarks, callbacks=[TuneReportCallback()],
                    reserved_cpus=TRIAL_DRIVER_CPUS, concurrent=config["concurrent"])
     metrics = run["metrics"] or {}

@@ -149,11 +149,17 @@ def test_ray_job_submit_to_a_local_cluster(tmp_path):
         submit = [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash_port}", "--",
                   *_sweep_cmd(out, "--no-baseline")]
 
+        attempts = []
+
         def submitted():  # the job agent comes up some seconds after `ray start` returns
             job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
-            return None if "No available agent" in job.stdout + job.stderr else job
+            attempts.append(job.stdout[-500:] + job.stderr[-500:])
+            return None if "No available agent" in attempts[-1] else job
 
-        job = _wait_for(submitted, 120, "the job agent to accept the submission")
+        try:
+            job = _wait_for(submitted, 300, "the job agent to accept the submission")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last answer: {attempts[-1] if attempts else None}") from None
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout
         assert [r["method"] for r in report.read_results_csv(out / "results.csv")] == ["cluster"]
