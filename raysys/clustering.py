@@ -413,7 +413,8 @@ def _pool_manifest(args) -> pa.Table:
     if args.data is None:
         from raysys.data.simulate import simulate
 
-        pool = Path(simulate(args.builtin_root, preset=args.preset, seed=args.seed)["rover"])
+        # The same folder and data seed as the trainer's built-in data (PretrainConfig.builtin_dir).
+        pool = Path(simulate(Path(args.builtin_root) / args.preset, preset=args.preset, seed=0)["rover"])
     else:
         if not Path(args.data).exists():
             raise ClusterError(f"--data {args.data} does not exist; pass a folder of images")

@@ -34,7 +34,7 @@ class PretrainConfig:
     data: str | None = None  # folder of pretraining images, or a root holding datasets; None: built-in
     preset: str = "demo"
     seed: int = 0
-    # Built-in data (used when ``data`` is None): written once under ``builtin_root``.
+    # Built-in data (used when ``data`` is None): written once under ``builtin_root/<sim_preset>``.
     builtin_root: str = "data/builtin"
     sim_preset: str = "demo"
     sim_seed: int = 0  # the built-in data's own seed: trials with other training seeds share one dataset
@@ -76,6 +76,11 @@ class PretrainConfig:
         aug = dict(self.augment)
         aug["size"] = self.image_size
         self.augment = aug
+
+    @property
+    def builtin_dir(self) -> Path:
+        """One folder per simulation preset, so a smoke run never overwrites the demo data."""
+        return Path(self.builtin_root) / self.sim_preset
 
     @property
     def rule_kwargs(self) -> dict:

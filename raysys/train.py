@@ -51,14 +51,14 @@ FN_METRICS = {
 def resolve_data(cfg: PretrainConfig) -> tuple[pa.Table, dict[str, Path]]:
     """The pretraining manifest and the labeled benchmarks found beside it.
 
-    ``cfg.data`` None: the built-in simulated datasets (written once under ``cfg.builtin_root``).
+    ``cfg.data`` None: the built-in simulated datasets (written once under ``cfg.builtin_dir``).
     A folder holding datasets side by side: its rover pool is pretrained on, its benchmarks evaluated.
     Any other folder: read as one dataset (auto-detected format) and pretrained on.
     """
     if cfg.data is None:
         from raysys.data.simulate import simulate
 
-        roots = {k: Path(v) for k, v in simulate(cfg.builtin_root, preset=cfg.sim_preset, seed=cfg.sim_seed).items()}
+        roots = {k: Path(v) for k, v in simulate(cfg.builtin_dir, preset=cfg.sim_preset, seed=cfg.sim_seed).items()}
     else:
         roots = formats.discover(cfg.data)
     pool_root = roots.get("rover", Path(cfg.data) if cfg.data else None)

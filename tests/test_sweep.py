@@ -70,7 +70,7 @@ def test_oracle_clusters_remove_false_negatives(smoke_sweep):
     assert rows["cluster"]["removed_precision"] == pytest.approx(1.0)
     # Independent reference: the chance that two distinct pool images share a (hidden) class.
     config = json.loads((smoke_sweep / "sweep.json").read_text())["base"]
-    labels = np.asarray(formats.read_folder(Path(config["builtin_root"]) / formats.ROVER_DIR,
+    labels = np.asarray(formats.read_folder(Path(config["builtin_root"]) / config["sim_preset"] / formats.ROVER_DIR,
                                             hidden_labels=True).column("label"))
     p = np.bincount(labels) / len(labels)
     assert abs(baseline - float((p ** 2).sum())) < 0.03
