@@ -239,6 +239,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         except ValueError as e:
             results["unequal"] = str(e)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # rank 0 hosts the store: tearing it down under a busy peer aborts that peer
     finally:
         dist.destroy_process_group()
 

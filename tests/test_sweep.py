@@ -138,11 +138,16 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
 def test_ray_job_submit_to_a_local_cluster(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs_port, dash_port = _free_port(), _free_port()
+    # Every agent port explicit: the defaults (e.g. 52365) are taken by the test session's own Ray.
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                   f"--ray-client-server-port={_free_port()}"]
     # Local `ray start` clusters enable token authentication; the CLI must be told to send the token.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
     ray_cli = str(Path(sys.executable).with_name("ray"))
     subprocess.run([ray_cli, "start", "--head", f"--port={gcs_port}", "--num-cpus=2", "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--temp-dir={temp_dir}"],
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--temp-dir={temp_dir}",
+                    *agent_ports],
                    env=env, check=True, capture_output=True, timeout=180)
     try:
         out = tmp_path / "sweep"
