@@ -9,7 +9,7 @@ SimCLR baseline and a supervised baseline, on Ray Tune.
 
 import sys
 
-from raysys.sweep import SWEEP_PRESETS, main
+from raysys.sweep import main, variant
 
 
 def configure(parser):
@@ -18,8 +18,13 @@ def configure(parser):
                         help="clustering encoder: texture (the paper's deep texture clustering), a raysys "
                              "model/run folder, or oracle (true labels; simulated data diagnostics only)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the SimCLR baseline runs")
-    return lambda args: dict(ks=args.k or SWEEP_PRESETS[args.preset]["ks"], encoder=args.encoder,
-                             baseline=not args.no_baseline)
+
+    def build(args, preset):
+        variants = [] if args.no_baseline else [variant("baseline")]
+        variants += [variant("cluster", k=k) for k in args.k or preset["ks"]]
+        return dict(variants=variants, encoder=args.encoder, param="k", swept=["cluster"])
+
+    return build
 
 
 if __name__ == "__main__":

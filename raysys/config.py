@@ -20,6 +20,7 @@ SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16", "fp16")
 PAIR_RULES = ("instance", "cluster", "label")
 CLUSTER_MODES = ("eliminate", "attract")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,10 @@ class PretrainConfig:
     sim_preset: str = "demo"
     sim_seed: int = 0  # the built-in data's own seed: trials with other training seeds share one dataset
     max_images: int | None = None  # cap on the pretraining pool (None: all)
+    # Mixed-domain pretraining (paper Sec. 4.3): this fraction of the pool comes from a diverse domain
+    # (``mix_data``, an ImageFolder; default the built-in or discovered ``diverse/``), total unchanged.
+    mix_ratio: float = 0.0
+    mix_data: str | None = None
     # Model (Appendix A: 3 projection layers, 128-d output).
     backbone: str = "resnet18"
     width: float = 1.0
@@ -66,6 +71,7 @@ class PretrainConfig:
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float | None = None
+    placement: str = "PACK"  # Ray placement of the Train workers: PACK, SPREAD or STRICT_SPREAD over nodes
     max_failures: int = 2
     # Evaluation after pretraining (linear probe on the labeled benchmarks).
     eval_benchmarks: list = field(default_factory=lambda: ["msl", "hirise"])
@@ -97,6 +103,8 @@ class PretrainConfig:
             (self.preset in PRESETS, f"--preset {self.preset!r} is unknown; choose one of {sorted(PRESETS)}"),
             (self.backbone in BACKBONES, f"--backbone {self.backbone!r} is unknown; choose one of {list(BACKBONES)}"),
             (self.width > 0, f"--width must be > 0 (got {self.width})"),
+            (0.0 <= self.mix_ratio <= 1.0,
+             f"--mix-ratio must be in [0, 1] (got {self.mix_ratio}): it is the out-of-domain fraction of the pool"),
             (self.temperature > 0, f"--temperature must be > 0 (got {self.temperature}); the paper uses 0.5"),
             (self.batch_size >= 2, f"--batch-size must be at least 2 (got {self.batch_size}): a contrastive batch needs negatives"),
             (self.workers >= 1, f"--workers must be at least 1 (got {self.workers})"),
@@ -106,6 +114,7 @@ class PretrainConfig:
              f"--batch-size {self.batch_size} over {self.workers} workers leaves fewer than 2 images per worker; raise --batch-size"),
             (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
             (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
+            (self.placement in PLACEMENTS, f"--placement {self.placement!r} is unknown; choose one of {list(PLACEMENTS)}"),
             (self.gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0 (got {self.gpus_per_worker})"),
             (self.image_size >= 8, f"--image-size must be at least 8 (got {self.image_size})"),
             (self.schedule in SCHEDULES, f"--schedule {self.schedule!r} is unknown; choose one of {list(SCHEDULES)}"),
@@ -121,7 +130,7 @@ class PretrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        for path, option in ((self.data, "--data"), (self.init_weights, "--init-weights")):
+        for path, option in ((self.data, "--data"), (self.init_weights, "--init-weights"), (self.mix_data, "--mix-data")):
             if path is not None and "://" not in path and not Path(path).exists():
                 raise ConfigError(f"{option} {path} does not exist; pass an existing path (or omit {option} for the built-in data)")
         try:
@@ -190,8 +199,14 @@ def add_pretrain_arguments(p) -> None:
     p.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs")
     p.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0: CPU with gloo)")
+    p.add_argument("--placement", choices=PLACEMENTS, help="spread the workers over nodes (SPREAD) or pack them "
+                   "(PACK, default: fastest when one node holds them all)")
     p.add_argument("--amp", choices=AMP_MODES, help="mixed precision on GPU")
     p.add_argument("--max-images", type=int, help="use at most this many pretraining images")
+    p.add_argument("--mix-ratio", type=float, help="mixed-domain pretraining: fraction of the pool drawn from "
+                   "--mix-data (0: Mars only, 1: out-of-domain only); the pool size stays the same")
+    p.add_argument("--mix-data", help="out-of-domain ImageFolder for --mix-ratio (e.g. ImageNet); default: "
+                   "the built-in diverse/ dataset, or a diverse/ folder beside --data")
     p.add_argument("--init-weights", help="initialise the backbone from this weights file (torch.save'd state dict)")
     p.add_argument("--seed", type=int, help="random seed of the initial weights and the pretraining subset (the built-in data has its own, fixed seed)")
     p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation after pretraining")

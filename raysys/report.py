@@ -13,12 +13,12 @@ from pathlib import Path
 
 # One row per trial; the first columns are the ones the paper's tables and figures need.
 RESULT_COLUMNS = [
-    "trial", "method", "k", "temperature", "seed",
+    "trial", "method", "k", "temperature", "mix_ratio", "seed",
     "msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc",
     "fn_fraction", "removed_precision", "removed_recall", "cluster_nmi", "cluster_purity",
     "pretrain_seconds",
 ]
-REFERENCE_METHODS = ("baseline", "supervised")  # drawn as horizontal lines, not swept
+GROUP_KEYS = ("method", "k", "temperature", "mix_ratio")  # what tells configurations apart (not the seed)
 METRICS = ["msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "fn_fraction"]
 
 
@@ -61,7 +61,7 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def group(rows: list[dict], keys=("method", "k", "temperature")) -> list[dict]:
+def group(rows: list[dict], keys=GROUP_KEYS) -> list[dict]:
     """Mean and standard deviation over seeds of every metric, per combination of ``keys``."""
     groups = defaultdict(list)
     for row in rows:
@@ -83,14 +83,15 @@ def _pct(mean, std=None) -> str:
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std else "")
 
 
-def results_table(groups: list[dict], param: str = "k") -> str:
-    """A markdown table of the grouped results (accuracies in %, mean ± std over seeds)."""
+def results_table(groups: list[dict], param: str = "k", swept=("cluster",)) -> str:
+    """A markdown table of the grouped results (accuracies in %, mean ± std over seeds); ``param`` is shown
+    for the ``swept`` methods only (the others are references)."""
     head = f"| method | {param} | seeds | MSL acc | MSL bal. acc | HiRISE acc | HiRISE bal. acc | FN pairs % |"
     lines = [head, "|" + " --- |" * 8]
     for g in groups:
-        value = g.get(param) if g["method"] not in REFERENCE_METHODS else None
+        value = g.get(param) if g["method"] in swept else None
         lines.append(
-            f"| {g['method']} | {'–' if value is None else value} "
+            f"| {g['method']} | {'–' if value is None else f'{value:g}'} "
             f"| {g['n']} | {_pct(g['msl_acc'], g['msl_acc_std'])} | {_pct(g['msl_balanced_acc'], g['msl_balanced_acc_std'])} "
             f"| {_pct(g['hirise_acc'], g['hirise_acc_std'])} | {_pct(g['hirise_balanced_acc'], g['hirise_balanced_acc_std'])} "
             f"| {_pct(g['fn_fraction'])} |"
@@ -98,31 +99,74 @@ def results_table(groups: list[dict], param: str = "k") -> str:
     return "\n".join(lines)
 
 
-def plot_vs_param(groups: list[dict], benchmark: str, param: str, path: str | Path, title: str) -> None:
-    """Fig. 5 style: accuracy vs ``param`` with error bars; baseline and supervised as horizontal lines."""
+def methods_table(groups: list[dict]) -> str:
+    """Paper Table 2's layout: false-negative pairs per batch and accuracy per benchmark, one row per method."""
+    lines = ["| method | FN pairs per batch % | MSL acc % | HiRISE acc % | seeds |", "|" + " --- |" * 5]
+    for g in groups:
+        lines.append(f"| {_label(g)} | {_pct(g['fn_fraction'], g['fn_fraction_std'])} | "
+                     f"{_pct(g['msl_acc'], g['msl_acc_std'])} | {_pct(g['hirise_acc'], g['hirise_acc_std'])} | {g['n']} |")
+    return "\n".join(lines)
+
+
+def _label(g: dict) -> str:
+    """A method's name with the parameter that defines it (``cluster K=10``, ``mixed r=0.5``)."""
+    if g["method"] == "cluster":
+        return f"cluster K={g['k']}"
+    if g.get("mix_ratio"):
+        return f"{g['method']} r={g['mix_ratio']:g}"
+    return g["method"]
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_vs_param(groups: list[dict], benchmark: str, param: str, path: str | Path, title: str,
+                  swept=("cluster",)) -> None:
+    """Fig. 5 style: accuracy vs ``param`` with error bars, one line per ``swept`` method; every other
+    method (baseline, supervised) is a horizontal reference line."""
+    plt = _pyplot()
     metric = f"{benchmark}_acc"
-    swept = sorted((g for g in groups if g["method"] not in REFERENCE_METHODS and g[metric] is not None),
-                   key=lambda g: g[param])
     fig, ax = plt.subplots(figsize=(6, 4))
-    if swept:
-        ax.errorbar([g[param] for g in swept], [100 * g[metric] for g in swept],
-                    yerr=[100 * (g[f"{metric}_std"] or 0) for g in swept], marker="o", capsize=4,
-                    label=swept[0]["method"])
-    for method, style in (("baseline", "--"), ("supervised", ":")):
-        for g in groups:
-            if g["method"] == method and g[metric] is not None:
-                ax.axhline(100 * g[metric], linestyle=style, color="gray" if method == "baseline" else "black",
-                           label=f"{method} ({100 * g[metric]:.1f}%)")
+    for method in swept:
+        points = sorted((g for g in groups if g["method"] == method and g[metric] is not None), key=lambda g: g[param])
+        if points:
+            ax.errorbar([g[param] for g in points], [100 * g[metric] for g in points],
+                        yerr=[100 * (g[f"{metric}_std"] or 0) for g in points], marker="o", capsize=4, label=method)
+    for g in groups:
+        if g["method"] not in swept and g[metric] is not None:
+            ax.axhline(100 * g[metric], linestyle="--" if g["method"] == "baseline" else ":",
+                       color="gray" if g["method"] == "baseline" else "black",
+                       label=f"{_label(g)} ({100 * g[metric]:.1f}%)")
     ax.set_xlabel(param)
     ax.set_ylabel(f"{benchmark.upper()} test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_methods(groups: list[dict], benchmark: str, path: str | Path, title: str) -> None:
+    """Fig. 3 style: one bar per method (mean over seeds, standard deviation as error bar)."""
+    plt = _pyplot()
+    metric = f"{benchmark}_acc"
+    shown = [g for g in groups if g[metric] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    heights = [100 * g[metric] for g in shown]
+    bars = ax.bar(range(len(shown)), heights, yerr=[100 * (g[f"{metric}_std"] or 0) for g in shown], capsize=4,
+                  color=[f"C{i}" for i in range(len(shown))])
+    ax.bar_label(bars, labels=[f"{h:.1f}" for h in heights], padding=2, fontsize=8)
+    ax.set_xticks(range(len(shown)), [_label(g) for g in shown], rotation=15)
+    ax.set_ylabel(f"{benchmark.upper()} test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -30,51 +30,76 @@ from raysys.train import init_ray, pretrain, resolve_data
 
 log = logging.getLogger(__name__)
 
-METHODS = ("baseline", "cluster", "supervised")
+METHODS = ("baseline", "cluster", "mixed", "supervised")
+PARAMS = ("k", "temperature", "mix_ratio")  # what a variant may set; the rest comes from the base config
+FINAL_FILE = "final.json"  # a finished trial's result, in its run folder
 TRIAL_DRIVER_CPUS = 0.1  # a trial's own process mostly waits on its TorchTrainer
 BENCHMARKS = ("msl", "hirise")
 
 
+def variant(method: str, **params) -> dict:
+    """One configuration of a sweep: a method and the parameters it sets (K, temperature, mix_ratio)."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    unknown = set(params) - set(PARAMS)
+    if unknown:
+        raise ConfigError(f"a sweep variant can set {list(PARAMS)}, not {sorted(unknown)}")
+    return {"method": method, **{k: v for k, v in params.items() if v is not None}}
+
+
 @dataclass
 class SweepSpec:
-    """What a sweep runs; travels into every trial unchanged."""
+    """What a sweep runs; travels into every trial unchanged.
+
+    ``variants`` are the configurations (see :func:`variant`), each run with ``seeds`` seeds; ``param``
+    is the swept parameter (the table column and the plots' x axis) and ``swept`` the methods drawn
+    against it, every other method being a reference. ``plot="bars"`` draws one bar per method instead.
+    """
 
     name: str
     out: str
     base: dict  # PretrainConfig of every trial, before the trial's own parameters
-    ks: list = field(default_factory=list)
+    variants: list = field(default_factory=list)
+    param: str = "k"
+    swept: list = field(default_factory=lambda: ["cluster"])
+    plot: str = "line"
     seeds: int = 1
     encoder: str = "texture"
-    baseline: bool = True
-    supervised: bool = True
     supervised_epochs: int = 30
     max_concurrent: int | None = None
     command: str = ""
 
-    def variants(self) -> list[dict]:
-        runs = [{"method": "baseline", "k": 0}] if self.baseline else []
-        runs += [{"method": "cluster", "k": int(k)} for k in self.ks]
-        runs += [{"method": "supervised", "k": 0}] if self.supervised else []
-        return runs
+    def grid(self) -> list[dict]:
+        """Every variant with all of :data:`PARAMS` filled in from the base config (what Tune shows)."""
+        base = PretrainConfig.from_dict(self.base)
+        defaults = {"k": 0, "temperature": base.temperature, "mix_ratio": base.mix_ratio}
+        return [{**defaults, **v} for v in self.variants]
 
 
-# Sweep presets: the pretraining preset plus the grid. The demo grid fits a 2-core laptop in ~30 min.
+# Sweep presets: the pretraining preset plus the grids. The demo grids fit a 2-core laptop in ~30 min.
 SWEEP_PRESETS = {
-    "smoke": dict(pretrain={}, ks=[4], seeds=1, supervised_epochs=3),
-    "demo": dict(pretrain=dict(epochs=8), ks=[10, 40], seeds=2, supervised_epochs=5),
-    "paper": dict(pretrain={}, ks=list(range(10, 281, 30)), seeds=3, supervised_epochs=100),
+    "smoke": dict(pretrain={}, ks=[4], seeds=1, supervised_epochs=3, temperatures=[0.1, 0.5],
+                  mix_ratios=[0.0, 1.0], mix_images=384),
+    "demo": dict(pretrain=dict(epochs=8), ks=[10, 40], seeds=2, supervised_epochs=5, temperatures=[0.1, 0.2, 0.5, 1.0],
+                 mix_ratios=[0.0, 0.5, 1.0], mix_images=2000),
+    "paper": dict(pretrain={}, ks=list(range(10, 281, 30)), seeds=3, supervised_epochs=100,
+                  temperatures=[0.05, 0.1, 0.2, 0.5, 1.0], mix_ratios=[0.0, 0.25, 0.5, 0.75, 1.0], mix_images=100_000),
 }
 
 
-def _trial_params(config: dict) -> tuple[str, int, float, int]:
-    """(method, K, temperature, seed) of a trial's config: what names its folders."""
-    base = {**config["spec"]["base"], **config.get("overrides", {})}
-    return config["variant"]["method"], config["variant"]["k"], base["temperature"], config["seed"]
+def _trial_params(config: dict) -> dict:
+    """A trial's method, parameters and seed: what names its folders."""
+    return {**config["variant"], "seed": config["seed"]}
 
 
-def trial_name(method: str, k: int, temperature: float, seed: int) -> str:
-    k_part = f"-k{k}" if method == "cluster" else ""
-    return f"{method}{k_part}-t{temperature:g}-s{seed}"
+def trial_name(params: dict) -> str:
+    """``cluster-k10-t0.5-s1``, ``mixed-r0.25-t0.5-s0``, ``baseline-t0.1-s0``."""
+    parts = [params["method"]]
+    if params["method"] == "cluster":
+        parts.append(f"k{params['k']}")
+    if params["method"] == "mixed":
+        parts.append(f"r{params['mix_ratio']:g}")
+    return "-".join(parts + [f"t{params['temperature']:g}", f"s{params['seed']}"])
 
 
 # ------------------------------------------------------------------------------------------ trial
@@ -130,27 +155,33 @@ def _supervised(cfg: PretrainConfig, benchmarks: dict, out: Path, epochs: int) -
 def run_trial(config: dict) -> None:
     """One Tune trial: cluster (for cluster-aware runs) -> pretrain -> evaluate -> one final report."""
     spec = SweepSpec(**config["spec"])
-    method, k, temperature, seed = _trial_params(config)
-    cfg = PretrainConfig.from_dict({**spec.base, "seed": seed, **config.get("overrides", {})})
-    name = trial_name(method, k, temperature, seed)
+    params = _trial_params(config)
+    method, k = params["method"], params["k"]
+    cfg = PretrainConfig.from_dict({**spec.base, "seed": params["seed"], "temperature": params["temperature"],
+                                    "mix_ratio": params["mix_ratio"]})
+    name = trial_name(params)
     cfg.out = str(Path(spec.out) / "trials" / name)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / FINAL_FILE).exists():
+        # Finished before the driver died, but Tune's state was saved too early to know: report, don't rerun.
+        tune.report(json.loads((out / FINAL_FILE).read_text()))
+        return
     with open(out / "attempts.log", "a") as f:  # one line per start: shows what a resume reran
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} start\n")
     manifest, benchmarks = resolve_data(cfg)
-    final = {"trial": name, "method": method, "k": k, "temperature": cfg.temperature, "seed": seed}
+    final = {"trial": name, **params}
 
     if method == "supervised":
         start = time.perf_counter()
         final.update(_supervised(cfg, benchmarks, out, spec.supervised_epochs))
         final["pretrain_seconds"] = time.perf_counter() - start
-        tune.report(final)
+        _finish(out, final)
         return
     if method == "cluster":
         from raysys.clustering import attach_clusters, cluster_assignments, cluster_quality
 
-        assignments = cluster_assignments(manifest, spec.encoder, k, seed=seed, cache_dir=Path(spec.out) / "cache",
+        assignments = cluster_assignments(manifest, spec.encoder, k, seed=cfg.seed, cache_dir=Path(spec.out) / "cache",
                                           image_size=cfg.image_size, progress=False)
         manifest = attach_clusters(manifest, assignments)
         quality = cluster_quality(np.asarray(manifest.column("cluster_id")), np.asarray(manifest.column("label")))
@@ -167,7 +198,14 @@ def run_trial(config: dict) -> None:
         final_loss=metrics.get("loss"),
     )
     final.update(_evaluate(out, benchmarks, cfg))
-    tune.report({key: value for key, value in final.items() if value is not None})
+    _finish(out, final)
+
+
+def _finish(out: Path, final: dict) -> None:
+    """Persist the trial's result beside its run (atomically), then hand it to Tune."""
+    final = {key: value for key, value in final.items() if value is not None}
+    report.write_atomic(out / FINAL_FILE, json.dumps(final, indent=2))
+    tune.report(final)
 
 
 # ------------------------------------------------------------------------------------------ sweep
@@ -189,7 +227,7 @@ class ResultsWriter(tune.Callback):
 
 def _tune_trial_name(trial) -> str:
     """Readable trial names in Tune's status table and folders (``cluster-k10-t0.5-s1``)."""
-    return trial_name(*_trial_params(trial.config))
+    return trial_name(_trial_params(trial.config))
 
 
 def default_concurrency(base: PretrainConfig) -> int:
@@ -200,7 +238,7 @@ def default_concurrency(base: PretrainConfig) -> int:
     return 1
 
 
-def run_sweep(spec: SweepSpec, resume: bool = False, param: str = "k") -> list[dict]:
+def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
     """Run (or resume) the sweep; write results.csv, summary.md and plots; return the result rows."""
     out = Path(spec.out).resolve()
     spec.out = str(out)
@@ -226,7 +264,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, param: str = "k") -> list[d
             param_space={
                 "spec": asdict(spec),
                 "concurrent": concurrent,
-                "variant": tune.grid_search(spec.variants()),
+                "variant": tune.grid_search(spec.grid()),
                 "seed": tune.grid_search(list(range(base.seed, base.seed + spec.seeds))),
             },
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_tune_trial_name,
@@ -238,19 +276,27 @@ def run_sweep(spec: SweepSpec, resume: bool = False, param: str = "k") -> list[d
     rows = [r.metrics for r in grid if r.metrics and "trial" in r.metrics]
     errors = [str(r.error).splitlines()[0] for r in grid if r.error]
     report.write_results_csv(rows, out / "results.csv")
-    write_summary(spec, rows, errors, param)
+    write_summary(spec, rows, errors)
     return rows
 
 
-def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str], param: str) -> None:
+def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> None:
+    """``summary.md`` (the reproduce command, the grouped table, the best trial) and one plot per benchmark."""
     out = Path(spec.out)
     groups = report.group(rows)
-    table = report.results_table(groups, param)
+    if spec.plot == "bars":
+        table = report.methods_table(groups)
+    else:
+        table = report.results_table(groups, spec.param, spec.swept)
     plots = []
     for bench in BENCHMARKS:
         if any(g.get(f"{bench}_acc") is not None for g in groups):
             path = out / f"{spec.name}-{bench}.png"
-            report.plot_vs_param(groups, bench, param, path, f"{bench.upper()}: accuracy vs {param} ({spec.name})")
+            if spec.plot == "bars":
+                report.plot_methods(groups, bench, path, f"{bench.upper()}: methods compared ({spec.name})")
+            else:
+                report.plot_vs_param(groups, bench, spec.param, path,
+                                     f"{bench.upper()}: accuracy vs {spec.param} ({spec.name})", spec.swept)
             plots.append(path.name)
     best = max((r for r in rows if r.get("msl_acc") is not None), key=lambda r: r["msl_acc"], default=None)
     lines = [f"# {spec.name}", "", f"Reproduce: `{spec.command}`", "", table, ""]
@@ -281,41 +327,54 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-supervised", action="store_true", help="skip the supervised reference runs")
 
 
-def spec_from_args(name: str, args, **grid) -> SweepSpec:
-    """Build and validate a sweep spec from the shared options plus the script's grid."""
+def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None = None, supervised: bool = True,
+                   **fields) -> SweepSpec:
+    """Build and validate a sweep spec from the shared options plus the script's variants.
+
+    ``pretrain`` overrides the preset's pretraining values (explicit options still win); the supervised
+    reference is appended unless ``--no-supervised``; ``fields`` go to :class:`SweepSpec` as they are.
+    """
     preset = SWEEP_PRESETS[args.preset]
-    overrides = {**preset["pretrain"], **{k: v for k, v in dict(
+    overrides = {**preset["pretrain"], **(pretrain or {}), **{k: v for k, v in dict(
         data=args.data, epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
     ).items() if v is not None}}
     # Absolute paths: Tune runs each trial with its own working directory.
     out = str(Path(args.out or f"runs/{name}").resolve())
-    if "data" in overrides:
-        overrides["data"] = str(Path(overrides["data"]).resolve())
+    for key in ("data", "mix_data"):
+        if overrides.get(key):
+            overrides[key] = str(Path(overrides[key]).resolve())
     base = make_config(args.preset, out=out, builtin_root=str(Path("data/builtin").resolve()), **overrides).validate()
     seeds = args.seeds if args.seeds is not None else preset["seeds"]
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1 (got {seeds})")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be at least 1 (got {args.max_concurrent})")
-    if any(k < 2 for k in grid.get("ks", [])):
-        raise ConfigError(f"--k values must be at least 2 (got {grid['ks']}): one cluster removes every negative")
-    return SweepSpec(
-        name=name, out=out, base=base.to_dict(), seeds=seeds, supervised=not args.no_supervised,
+    ks = [v["k"] for v in variants if v["method"] == "cluster"]
+    if any(k < 2 for k in ks):
+        raise ConfigError(f"--k values must be at least 2 (got {ks}): one cluster removes every negative")
+    if supervised and not args.no_supervised:
+        variants = [*variants, variant("supervised")]
+    spec = SweepSpec(
+        name=name, out=out, base=base.to_dict(), variants=variants, seeds=seeds,
         supervised_epochs=preset["supervised_epochs"], max_concurrent=args.max_concurrent,
-        command=" ".join(["python", *map(shlex.quote, sys.argv)]),
-        **grid,
+        command=" ".join(["python", *map(shlex.quote, sys.argv)]), **fields,
     )
+    for params in spec.grid():  # every trial's own config must be valid before anything starts
+        PretrainConfig.from_dict({**spec.base, "temperature": params["temperature"],
+                                  "mix_ratio": params["mix_ratio"]}).validate()
+    return spec
 
 
 def main(name: str, description: str, configure, argv=None) -> int:
-    """Entry point of a sweep script: ``configure(parser)`` adds its options, returns a grid builder."""
+    """Entry point of a sweep script: ``configure(parser)`` adds its options and returns a function of
+    ``(args, preset)`` giving :func:`spec_from_args`'s keyword arguments (variants, param, ...)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=description)
     add_sweep_arguments(parser)
-    build_grid = configure(parser)
+    build = configure(parser)
     args = parser.parse_args(argv)
     try:
-        spec = spec_from_args(name, args, **build_grid(args))
+        spec = spec_from_args(name, args, **build(args, SWEEP_PRESETS[args.preset]))
         run_sweep(spec, resume=args.resume)
     except (ConfigError, formats.DataError) as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)

@@ -8,9 +8,11 @@ failure or when rerun with the same output folder.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from raysys.config import ConfigError, PretrainConfig
 from raysys.data import formats
+from raysys.data.mixing import mix_domains
 from raysys.data.pipeline import FileReport, pretrain_dataset, write_file_report
 from raysys.data.schema import BATCH_META, VIEW1, VIEW2
 from raysys.losses import contrastive_loss
@@ -54,6 +57,7 @@ def resolve_data(cfg: PretrainConfig) -> tuple[pa.Table, dict[str, Path]]:
     ``cfg.data`` None: the built-in simulated datasets (written once under ``cfg.builtin_dir``).
     A folder holding datasets side by side: its rover pool is pretrained on, its benchmarks evaluated.
     Any other folder: read as one dataset (auto-detected format) and pretrained on.
+    With ``cfg.mix_ratio`` > 0 that fraction of the pool is replaced by out-of-domain images.
     """
     if cfg.data is None:
         from raysys.data.simulate import simulate
@@ -69,6 +73,9 @@ def resolve_data(cfg: PretrainConfig) -> tuple[pa.Table, dict[str, Path]]:
     if cfg.max_images is not None and manifest.num_rows > cfg.max_images:
         rows = np.random.default_rng(cfg.seed).choice(manifest.num_rows, cfg.max_images, replace=False)
         manifest = manifest.take(np.sort(rows))
+    if cfg.mix_ratio > 0:
+        manifest = mix_domains(manifest, formats.read_imagefolder(_mix_root(cfg, roots)), cfg.mix_ratio,
+                               seed=cfg.seed)
     if manifest.num_rows < cfg.batch_size:
         raise ConfigError(
             f"the pretraining pool at {pool_root} has {manifest.num_rows} images, fewer than one batch "
@@ -76,6 +83,15 @@ def resolve_data(cfg: PretrainConfig) -> tuple[pa.Table, dict[str, Path]]:
         )
     benchmarks = {k: v for k, v in roots.items() if k in cfg.eval_benchmarks}
     return manifest, benchmarks
+
+
+def _mix_root(cfg: PretrainConfig, roots: dict[str, Path]) -> Path:
+    if cfg.mix_data:
+        return Path(cfg.mix_data)
+    if "diverse" not in roots:
+        raise ConfigError(f"--mix-ratio {cfg.mix_ratio} needs an out-of-domain dataset but {cfg.data} has no "
+                          f"diverse/ folder; pass --mix-data PATH (an ImageFolder such as ImageNet's train/)")
+    return roots["diverse"]
 
 
 # -------------------------------------------------------------------------------------- workers
@@ -137,6 +153,18 @@ def _load_state(model, optimizer, scheduler, scaler) -> dict:
     return state["data_position"]
 
 
+def _worker_placements(rank: int, world: int) -> list[dict]:
+    """Where every rank runs (node id, host, pid), gathered to all ranks; saved with the checkpoint so
+    the driver can list it even when the workers ran on other machines."""
+    mine = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+            "pid": os.getpid()}
+    if world == 1:
+        return [mine]
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone
+
+
 def _report(metrics: dict, state: dict | None) -> None:
     """Every rank reports; only rank 0 attaches the checkpoint (Train V2's rule)."""
     if state is None:
@@ -171,6 +199,7 @@ def train_loop(config: dict) -> dict:
     if start_epoch:
         print(f"[raysys] rank {rank}: resuming from checkpoint at epoch {start_epoch} (step {step})")
 
+    workers = _worker_placements(rank, world)
     rule = make_rule(cfg.pair_rule, **cfg.rule_kwargs)
     baseline_rule = make_rule("instance")  # what the rule removed is judged against SimCLR's pairs
     writer = SummaryWriter(config["tb_dir"], purge_step=step) if rank == 0 else None
@@ -238,6 +267,7 @@ def train_loop(config: dict) -> dict:
                 "scaler": scaler.state_dict(),
                 "data_position": {"epoch": epoch + 1, "step": step},
                 "config": cfg.to_dict(),
+                "workers": workers,
             }
         _report(metrics, state)
     if writer is not None:
@@ -260,6 +290,7 @@ def export_model(checkpoint: ray.train.Checkpoint, path: Path) -> dict:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     exported = {k: state[k] for k in ("model", "model_spec", "config", "data_position")}
     torch.save(exported, path)
+    (path.parent / "workers.json").write_text(json.dumps(state.get("workers", []), indent=2))
     return exported
 
 
@@ -294,6 +325,7 @@ def pretrain(
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.gpus_per_worker > 0,
+            placement_strategy=cfg.placement,
             resources_per_worker=worker_resources(cfg, cluster_cpus, reserved_cpus, concurrent),
         ),
         run_config=RunConfig(

@@ -1,0 +1,47 @@
+"""The three methods side by side (paper Fig. 3, Table 2): SimCLR baseline, mixed-domain (ratio 0.5),
+cluster-aware (a given K, or the best K of an earlier K sweep) and the supervised baseline, all on one
+pool size; a bar chart per benchmark and a Table 2-style table (false-negative pairs per batch, MSL and
+HiRISE accuracy).
+
+    python experiments/compare_methods.py                              # demo preset, built-in data
+    python experiments/compare_methods.py --k-from runs/sweep_k/results.csv
+    python experiments/compare_methods.py --preset smoke
+"""
+
+import sys
+
+from raysys import report
+from raysys.config import ConfigError
+from raysys.sweep import main, variant
+
+
+def best_k(results_csv: str) -> int:
+    """The K with the best mean MSL accuracy over seeds in a K sweep's ``results.csv``."""
+    groups = [g for g in report.group(report.read_results_csv(results_csv))
+              if g["method"] == "cluster" and g["msl_acc"] is not None]
+    if not groups:
+        raise ConfigError(f"--k-from {results_csv} holds no finished cluster-aware trial; run sweep_k.py first or pass --k")
+    return int(max(groups, key=lambda g: g["msl_acc"])["k"])
+
+
+def configure(parser):
+    k = parser.add_mutually_exclusive_group()
+    k.add_argument("--k", type=int, help="K of the cluster-aware method (default: the preset's first K)")
+    k.add_argument("--k-from", help="take the best K from this K sweep's results.csv")
+    parser.add_argument("--mix-ratio", type=float, default=0.5, help="ratio of the mixed-domain method (default: 0.5)")
+    parser.add_argument("--mix-data", help="out-of-domain ImageFolder (default: the built-in diverse/ dataset)")
+    parser.add_argument("--encoder", default="texture", help="clustering encoder (see sweep_k.py)")
+    parser.add_argument("--max-images", type=int, help="pool size of every method (default: the preset's mix size)")
+
+    def build(args, preset):
+        k = best_k(args.k_from) if args.k_from else args.k or preset["ks"][0]
+        variants = [variant("baseline"), variant("mixed", mix_ratio=args.mix_ratio), variant("cluster", k=k)]
+        pretrain = {"max_images": args.max_images or preset["mix_images"], "mix_data": args.mix_data}
+        return dict(variants=variants, pretrain=pretrain, encoder=args.encoder, param="method", swept=[],
+                    plot="bars")
+
+    return build
+
+
+if __name__ == "__main__":
+    sys.exit(main("compare_methods", __doc__.splitlines()[0], configure))

@@ -1,0 +1,74 @@
+"""The mixed-domain, temperature and method-comparison sweep scripts at smoke scale, in this process's Ray."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+from raysys import report
+from raysys.sweep import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_script(name: str, out: Path, *args: str) -> int:
+    script = runpy.run_path(str(REPO / "experiments" / f"{name}.py"), run_name="test")
+    return main(name, "test", script["configure"], ["--preset", "smoke", "--out", str(out), *args])
+
+
+def _rows(out: Path) -> dict:
+    return {r["trial"]: r for r in report.read_results_csv(out / "results.csv")}
+
+
+def _assert_plots(out: Path, name: str) -> None:
+    for bench in ("msl", "hirise"):
+        assert (out / f"{name}-{bench}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mix_ratio_sweep_lowers_false_negatives(ray_session, tmp_path):
+    out = tmp_path / "mix"
+    assert _run_script("sweep_mix_ratio", out, "--no-supervised") == 0
+    rows = _rows(out)
+    assert sorted(rows) == ["mixed-r0-t0.5-s0", "mixed-r1-t0.5-s0"]
+    assert rows["mixed-r1-t0.5-s0"]["fn_fraction"] < 0.5 * rows["mixed-r0-t0.5-s0"]["fn_fraction"]
+    assert all(r["msl_acc"] is not None and r["hirise_acc"] is not None for r in rows.values())
+    assert "| mixed | 0.5 |" not in (out / "summary.md").read_text() and "| mixed | 1 |" in (out / "summary.md").read_text()
+    _assert_plots(out, "sweep_mix_ratio")
+    configs = {name: (out / "trials" / name / "config.json").read_text() for name in rows}
+    assert '"mix_ratio": 1.0' in configs["mixed-r1-t0.5-s0"] and '"max_images": 384' in configs["mixed-r1-t0.5-s0"]
+
+
+def test_temperature_sweep(ray_session, tmp_path):
+    out = tmp_path / "temperature"
+    assert _run_script("sweep_temperature", out, "--no-supervised", "--temperatures", "0.2", "1.0") == 0
+    rows = _rows(out)
+    assert sorted(rows) == ["baseline-t0.2-s0", "baseline-t1-s0"]
+    assert [rows[t]["temperature"] for t in sorted(rows)] == [0.2, 1.0]
+    summary = (out / "summary.md").read_text()
+    assert "| baseline | 0.2 | 1 |" in summary and "| baseline | 1 | 1 |" in summary
+    _assert_plots(out, "sweep_temperature")
+
+
+def test_compare_methods_table_and_bars(ray_session, tmp_path):
+    out = tmp_path / "compare"
+    assert _run_script("compare_methods", out, "--encoder", "oracle", "--k", "5") == 0
+    rows = _rows(out)
+    assert sorted(r["method"] for r in rows.values()) == ["baseline", "cluster", "mixed", "supervised"]
+    summary = (out / "summary.md").read_text()
+    for label in ("| baseline |", "| mixed r=0.5 |", "| cluster K=5 |", "| supervised |"):
+        assert label in summary
+    assert "FN pairs per batch %" in summary
+    _assert_plots(out, "compare_methods")
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("sweep_mix_ratio", ["--ratios", "0.5", "1.5"], "--mix-ratio must be in [0, 1]"),
+    ("sweep_temperature", ["--temperatures", "0"], "--temperature must be > 0"),
+    ("compare_methods", ["--k", "1"], "--k values must be at least 2"),
+    ("compare_methods", ["--k-from", "/nonexistent/results.csv"], "holds no finished cluster-aware trial"),
+])
+def test_bad_grid_fails_before_any_trial(tmp_path, capsys, script, args, message):
+    out = tmp_path / "bad"
+    assert _run_script(script, out, *args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists(), "nothing may be written for a rejected sweep"
