@@ -1,4 +1,4 @@
-"""The ``raysys`` command: ``simulate``, ``pretrain``, ``cluster``, ``linear-eval``.
+"""The ``raysys`` command: ``simulate``, ``pretrain``, ``cluster``, ``linear-eval``, ``fn-sim``, ``positions``.
 
 Arguments are validated before any heavy import or Ray start, so a bad value costs a second, not a
 cluster start; such errors print one line and exit with code 2.
@@ -23,7 +23,7 @@ def _pretrain(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raysys import clustering, evaluate
+    from raysys import clustering, evaluate, fnsim, positions
     from raysys.data import simulate
 
     parser = argparse.ArgumentParser(prog="raysys", description=__doc__.splitlines()[0])
@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("linear-eval", help="linear evaluation of a saved encoder on labeled benchmarks")
     evaluate.configure_parser(p)
     p.set_defaults(func=evaluate.run)
+    p = sub.add_parser("fn-sim", help="simulate false-negative view pairs per batch (paper Appendix B)")
+    fnsim.configure_parser(p)
+    p.set_defaults(func=fnsim.run)
+    p = sub.add_parser("positions", help="build the positions.csv sidecar from NASA raw-image metadata")
+    positions.configure_parser(p)
+    p.set_defaults(func=positions.run)
     return parser
 
 

@@ -32,6 +32,9 @@ class PretrainConfig:
     """Everything one pretraining run needs. Defaults are the paper's Appendix A where it gives one."""
 
     out: str = "runs/pretrain"
+    # Durable state (checkpoints; with a sweep also Tune state and results): a folder or a URI such as
+    # s3://bucket/prefix that every node can reach. None: inside ``out``.
+    storage: str | None = None
     data: str | None = None  # folder of pretraining images, or a root holding datasets; None: built-in
     preset: str = "demo"
     seed: int = 0
@@ -61,6 +64,7 @@ class PretrainConfig:
     warmup_epochs: int = 0
     pair_rule: str = "instance"  # instance (SimCLR), cluster (needs cluster ids), label (oracle)
     cluster_mode: str = "eliminate"  # cluster rule: eliminate (Eq. 2) or attract
+    cluster_ids: str | None = None  # image_id,cluster_id table (raysys cluster --out) for pair_rule cluster
     amp: str = "none"  # bf16 / fp16 autocast, used on GPU only
     # Data pipeline.
     image_size: int = 224
@@ -130,9 +134,14 @@ class PretrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        for path, option in ((self.data, "--data"), (self.init_weights, "--init-weights"), (self.mix_data, "--mix-data")):
+        for path, option in ((self.data, "--data"), (self.init_weights, "--init-weights"), (self.mix_data, "--mix-data"),
+                             (self.cluster_ids, "--cluster-ids")):
             if path is not None and "://" not in path and not Path(path).exists():
                 raise ConfigError(f"{option} {path} does not exist; pass an existing path (or omit {option} for the built-in data)")
+        if self.storage is not None:
+            from raysys.storage import check_storage
+
+            self.storage = check_storage(self.storage)
         try:
             self.augment_config.validate()
         except ValueError as exc:
@@ -185,8 +194,10 @@ def add_pretrain_arguments(p) -> None:
                    "(rover pool + MSL/HiRISE benchmarks); default: built-in simulated data")
     p.add_argument("--out", default="runs/pretrain", help="run folder: config, TensorBoard, checkpoints, "
                    "model.pt, eval-*.json; rerunning with the same folder resumes (default: %(default)s)")
-    p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
-                   help="smoke (tests, ~2 min CPU), demo (laptop, ~15 min CPU), paper (Appendix A, GPUs) "
+    p.add_argument("--storage", help="where checkpoints go: a folder or a URI every node can reach "
+                   "(s3://bucket/prefix, gs://..., file://...); default: inside --out")
+    p.add_argument("--preset", default="demo",
+                   help=f"one of {', '.join(sorted(PRESETS))}: smoke (tests, ~2 min CPU), demo (laptop, ~15 min CPU), paper (Appendix A, GPUs) "
                    "(default: %(default)s)")
     p.add_argument("--backbone", help=f"one of {', '.join(BACKBONES)}")
     p.add_argument("--width", type=float, help="channel width multiplier of the backbone")
@@ -208,6 +219,12 @@ def add_pretrain_arguments(p) -> None:
     p.add_argument("--mix-data", help="out-of-domain ImageFolder for --mix-ratio (e.g. ImageNet); default: "
                    "the built-in diverse/ dataset, or a diverse/ folder beside --data")
     p.add_argument("--init-weights", help="initialise the backbone from this weights file (torch.save'd state dict)")
+    p.add_argument("--pair-rule", choices=PAIR_RULES, help="instance (SimCLR, default), cluster (cluster-aware: "
+                   "needs --cluster-ids) or label (oracle: uses true labels, a diagnostic upper bound)")
+    p.add_argument("--cluster-mode", choices=CLUSTER_MODES, help="cluster rule: eliminate same-cluster negatives "
+                   "(paper Eq. 2, default) or attract them as positives")
+    p.add_argument("--cluster-ids", help="cluster table of the pool (image_id,cluster_id; Parquet or CSV), e.g. "
+                   "from `raysys cluster --out FILE`")
     p.add_argument("--seed", type=int, help="random seed of the initial weights and the pretraining subset (the built-in data has its own, fixed seed)")
     p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation after pretraining")
 

@@ -1,10 +1,12 @@
 """One multi-positive InfoNCE loss for every pair rule, and its data-parallel form.
 
-``multi_positive_info_nce`` consumes embeddings of N views and a :class:`~raysys.pairs.PairMatrix`;
-with the instance rule it is exactly SimCLR's NT-Xent (paper Eq. 1). ``contrastive_loss`` runs it under
-torch.distributed: it gathers embeddings (with gradient) and metadata from all ranks, builds the pair
-matrix of the global batch, and scores this rank's own anchors, so that DDP's gradient averaging gives
-exactly the gradients of one process holding the whole batch.
+``info_nce_qk`` scores anchors against candidates with a rectangular :class:`~raysys.pairs.PairMatrix`
+(MoCo: queries vs keys + queue, see :mod:`raysys.moco`); ``multi_positive_info_nce`` is its square form
+over the N views of a batch, and with the instance rule it is exactly SimCLR's NT-Xent (paper Eq. 1).
+``contrastive_loss`` runs the square form under torch.distributed: it gathers embeddings (with gradient)
+and metadata from all ranks, builds the pair matrix of the global batch, and scores this rank's own
+anchors, so that DDP's gradient averaging gives exactly the gradients of one process holding the whole
+batch.
 """
 
 from __future__ import annotations
@@ -19,15 +21,50 @@ from torch import Tensor
 from raysys.pairs import PairMatrix, PairRule, make_rule
 
 
+def info_nce_qk(q: Tensor, k: Tensor, pm: PairMatrix, temperature: float,
+                denominator: float | Tensor | None = None) -> Tensor:
+    """Multi-positive InfoNCE of anchors ``q [Nq, D]`` against candidates ``k [Nk, D]``:
+    ``sum_i L_i / denominator`` with ``L_i = -sum_j w_ij (s_ij - logsumexp_{m in D_i} s_im)``.
+
+    ``s = q k^T / temperature`` on L2-normalized rows (cosine similarity), computed in at least float32
+    whatever the input dtype, with autocast off. ``w_i`` is ``pm.pos[i]`` normalized to sum 1 (weights
+    must be >= 0); the denominator set is ``D_i = {m : pos_im > 0 or neg_im}``. Anchors without a
+    positive are skipped. ``denominator`` defaults to the number of anchors with a positive (the mean);
+    a caller splitting anchors over ranks passes the global count / world size instead (see
+    :func:`contrastive_loss` for why).
+    """
+    if q.ndim != 2 or k.ndim != 2 or q.shape[1] != k.shape[1]:
+        raise ValueError(f"anchors and candidates must be [Nq, D] and [Nk, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    if pm.pos.shape != (q.shape[0], k.shape[0]) or pm.neg.shape != pm.pos.shape:
+        raise ValueError(f"pair matrix is {tuple(pm.pos.shape)} but there are {q.shape[0]} anchors and "
+                         f"{k.shape[0]} candidates; build it from the same batch")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    pos, neg = pm.pos.to(q.device), pm.neg.to(q.device)
+    has_pos = pos.sum(dim=1) > 0
+    if denominator is None:
+        denominator = has_pos.sum().clamp_min(1)
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        qn = F.normalize(q[has_pos].to(dtype), dim=1)
+        kn = F.normalize(k.to(dtype), dim=1)
+        logits = qn @ kn.T / temperature
+        w = pos[has_pos].to(dtype)
+        in_denominator = (w > 0) | neg[has_pos]
+        # Every kept anchor has a positive in its denominator, so the -inf fill never makes a whole row
+        # -inf: logsumexp stays finite and its gradient to masked entries is exactly 0.
+        lse = torch.logsumexp(logits.masked_fill(~in_denominator, float("-inf")), dim=1, keepdim=True)
+        w = w / w.sum(dim=1, keepdim=True)
+        per_anchor = -(w * (logits - lse)).sum(dim=1)
+        return per_anchor.sum() / torch.as_tensor(denominator, dtype=dtype, device=q.device)
+
+
 def multi_positive_info_nce(z: Tensor, pm: PairMatrix, temperature: float,
                             rows: slice | Tensor | None = None) -> Tensor:
-    """Mean over anchors of ``L_i = -sum_j w_ij (s_ij - logsumexp_{k in D_i} s_ik)``.
+    """Mean over anchors of ``L_i = -sum_j w_ij (s_ij - logsumexp_{k in D_i} s_ik)``: :func:`info_nce_qk`
+    of the views ``z [N, D]`` against themselves, with a square ``[N, N]`` pair matrix.
 
-    ``s = z z^T / temperature`` on L2-normalized rows of ``z [N, D]`` (cosine similarity), computed in
-    at least float32 whatever the input dtype, with autocast off. ``w_i`` is ``pm.pos[i]`` normalized to
-    sum 1 (weights must be >= 0); the denominator set is ``D_i = {k : pos_ik > 0 or neg_ik}``, so with the
-    instance rule it is every view k != i, as in Eq. 1. Anchors without a positive are skipped.
-
+    With the instance rule ``D_i`` is every view k != i, as in Eq. 1 (SimCLR's NT-Xent).
     ``rows`` (a slice or index tensor) restricts the anchors to these rows, scored against all columns.
     The result is ``sum_{i in rows} L_i * (N / len(rows)) / (number of anchors with a positive in the
     whole matrix)``: when every anchor has a positive this is the plain mean over ``rows``, and in general
@@ -38,24 +75,10 @@ def multi_positive_info_nce(z: Tensor, pm: PairMatrix, temperature: float,
     n = z.shape[0]
     if pm.pos.shape != (n, n) or pm.neg.shape != (n, n):
         raise ValueError(f"pair matrix is {tuple(pm.pos.shape)} but there are {n} views; build it from the same batch")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    pos, neg = pm.pos.to(z.device), pm.neg.to(z.device)
-    has_pos = pos.sum(dim=1) > 0
-    row_idx = torch.arange(n, device=z.device)[rows if rows is not None else slice(None)]
-    anchors = row_idx[has_pos[row_idx]]
-    dtype = torch.promote_types(z.dtype, torch.float32)
-    with torch.autocast(device_type=z.device.type, enabled=False):
-        zn = F.normalize(z.to(dtype), dim=1)
-        logits = zn[anchors] @ zn.T / temperature
-        w = pos[anchors].to(dtype)
-        in_denominator = (w > 0) | neg[anchors]
-        # Every kept anchor has a positive in its denominator, so the -inf fill never makes a whole row
-        # -inf: logsumexp stays finite and its gradient to masked entries is exactly 0.
-        lse = torch.logsumexp(logits.masked_fill(~in_denominator, float("-inf")), dim=1, keepdim=True)
-        w = w / w.sum(dim=1, keepdim=True)
-        per_anchor = -(w * (logits - lse)).sum(dim=1)
-        return per_anchor.sum() * (n / len(row_idx)) / has_pos.sum().clamp_min(1)
+    row_idx = torch.arange(n, device=pm.pos.device)[rows if rows is not None else slice(None)]
+    n_anchors = (pm.pos.sum(dim=1) > 0).sum().clamp_min(1).to(z.device, torch.float64)
+    sub = PairMatrix(pm.pos[row_idx], pm.neg[row_idx])
+    return info_nce_qk(z[row_idx.to(z.device)], z, sub, temperature, denominator=n_anchors * (len(row_idx) / n))
 
 
 def _distributed() -> bool:
@@ -87,7 +110,7 @@ def gather_no_grad(t: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def _check_ranks_agree(b_local: int, keys: list[str], device) -> None:
+def check_ranks_agree(b_local: int, keys: list[str], device) -> None:
     """All ranks must hold the same local batch size and metadata keys: all_gather needs equal shapes,
     and the per-rank loss scaling below assumes equal row counts. Raise on every rank if not."""
     if not _distributed():
@@ -97,6 +120,19 @@ def _check_ranks_agree(b_local: int, keys: list[str], device) -> None:
     if any(row != every[0] for row in every):
         raise ValueError(f"ranks disagree on [local batch size, metadata-key checksum]: {every}; "
                          f"drop the last partial batch and send the same metadata columns on every rank")
+
+
+def gather_meta(meta: dict, b_local: int, device) -> dict:
+    """The global batch's metadata: each ``[B_local]`` tensor of ``meta`` gathered from all ranks in rank order
+    (identity without torch.distributed). Checks first, on every rank, that the entries are ``[B_local]``
+    tensors and that all ranks hold the same ``B_local`` and keys (all_gather needs equal shapes)."""
+    bad = {k: (tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__)
+           for k, v in meta.items() if not isinstance(v, Tensor) or tuple(v.shape) != (b_local,)}
+    if bad:
+        raise ValueError(f"metadata must be [B_local={b_local}] tensors; offending entries: {bad}")
+    keys = sorted(meta)  # one collective order on every rank
+    check_ranks_agree(b_local, keys, device)
+    return {k: gather_no_grad(meta[k].to(device)) for k in keys}
 
 
 def contrastive_loss(z1: Tensor, z2: Tensor, meta: dict, rule: PairRule | str,
@@ -122,16 +158,10 @@ def contrastive_loss(z1: Tensor, z2: Tensor, meta: dict, rule: PairRule | str,
     if z1.ndim != 2 or z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must both be [B, D] of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
     b_local = z1.shape[0]
-    bad = {k: (tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__)
-           for k, v in meta.items() if not isinstance(v, Tensor) or tuple(v.shape) != (b_local,)}
-    if bad:
-        raise ValueError(f"metadata must be [B_local={b_local}] tensors; offending entries: {bad}")
-    keys = sorted(meta)  # one collective order on every rank
-    _check_ranks_agree(b_local, keys, z1.device)
+    global_meta = gather_meta(meta, b_local, z1.device)
     rule = make_rule(rule) if isinstance(rule, str) else rule
 
     g1, g2 = gather_with_grad(z1), gather_with_grad(z2)
-    global_meta = {k: gather_no_grad(meta[k].to(z1.device)) for k in keys}
     pm = rule(global_meta)
 
     b = g1.shape[0]

@@ -1,15 +1,22 @@
-"""Pair rules: which pairs of views in a batch are positives, which are negatives, with what weight.
+"""Pair rules: which pairs of views are positives, which are negatives, with what weight.
 
 Every contrastive method here differs only in its pair rule; one loss
-(:func:`raysys.losses.multi_positive_info_nce`) consumes the resulting :class:`PairMatrix`.
+(:func:`raysys.losses.info_nce_qk`, and its square form :func:`raysys.losses.multi_positive_info_nce`)
+consumes the resulting :class:`PairMatrix`.
 
-View layout: a batch of B images gives N = 2B views ordered
-``[view1 of images 0..B-1, view2 of images 0..B-1]``, so view ``v`` shows image ``v % B``.
-A rule reads per-image metadata (a dict of ``[B]`` tensors named as in :mod:`raysys.data.schema`:
-``image_id``, ``label``, ``cluster_id``, ``x``, ``y``, ...) and returns an ``[N, N]`` matrix.
+A rule has two forms, built from one piece of logic:
 
-Rows with the same ``image_id`` (a dataset that repeats rows) are always positives of each other,
-never negatives, in every rule.
+- rectangular, ``rule.pairs(anchors, candidates) -> PairMatrix [Na, Nc]``: scores every anchor image
+  against every candidate image from their metadata (dicts of 1-D tensors named as in
+  :mod:`raysys.data.schema`: ``image_id``, ``label``, ``cluster_id``, ``x``, ``y``, ``heading``, ...).
+  MoCo uses it for queries against [current keys; queue entries].
+- square, ``rule(meta) -> PairMatrix [2B, 2B]``: the SimCLR view layout. A batch of B images gives
+  N = 2B views ordered ``[view1 of images 0..B-1, view2 of images 0..B-1]``, so view ``v`` shows image
+  ``v % B``; the matrix is ``rule.pairs(meta, meta)`` tiled 2 x 2 with the diagonal (a view with itself)
+  cleared.
+
+Entries with the same ``image_id`` (the instance positive, or a dataset that repeats rows) are always
+positives of each other with weight 1, never negatives, in every rule.
 
 The same matrices serve the false-negative diagnostics (:func:`false_negative_stats`) and the
 Appendix B simulation (:func:`false_negative_fraction_all_pairs`).
@@ -17,19 +24,22 @@ Appendix B simulation (:func:`false_negative_fraction_all_pairs`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 
 @dataclass(frozen=True)
 class PairMatrix:
-    """Pseudo-labels of all ordered view pairs of a batch (row i = anchor i).
+    """Pseudo-labels of ordered (anchor, candidate) pairs; row i = anchor i, column j = candidate j.
 
-    pos: float ``[N, N]``, weight of view j as a positive of anchor i (0 = not a positive; 0 on the diagonal).
-    neg: bool ``[N, N]``, whether view j is a negative of anchor i (False on the diagonal and where pos > 0).
+    pos: float ``[Na, Nc]``, weight of candidate j as a positive of anchor i (0 = not a positive).
+    neg: bool ``[Na, Nc]``, whether candidate j is a negative of anchor i (False where pos > 0).
+    In the square view layout the diagonal (a view with itself) is 0 / False in both.
     """
 
     pos: Tensor
@@ -58,48 +68,73 @@ def _batch_size(meta: dict) -> int:
 
 def _require(meta: dict, key: str, rule: str) -> Tensor:
     if key not in meta:
-        raise ValueError(f"pair rule '{rule}' needs batch metadata '{key}' (got {sorted(meta)}); "
-                         f"attach it to the batch or choose another rule")
+        raise ValueError(f"pair rule '{rule}' needs metadata '{key}' (got {sorted(meta)}); "
+                         f"attach it to the batch (and the MoCo queue) or choose another rule")
     return meta[key]
 
 
-def _same_image(meta: dict) -> Tensor:
-    """[B, B] bool: rows showing the same image. Without ``image_id`` every row is its own image."""
-    b = _batch_size(meta)
-    ids = meta.get("image_id")
-    if ids is None:
-        any_t = next(v for v in meta.values() if isinstance(v, Tensor))
-        return torch.eye(b, dtype=torch.bool, device=any_t.device)
-    return ids[:, None] == ids[None, :]
+def _same_group(a: Tensor, c: Tensor) -> Tensor:
+    """[Na, Nc] bool: entries sharing a group key; a negative key means 'unknown' and matches nothing."""
+    return (a[:, None] == c[None, :]) & (a >= 0)[:, None] & (c >= 0)[None, :]
 
 
-def _same_group(keys: Tensor) -> Tensor:
-    """[B, B] bool: rows sharing a group key; a negative key means 'unknown' and matches nothing."""
-    known = keys >= 0
-    return (keys[:, None] == keys[None, :]) & known[:, None] & known[None, :]
+def _circular_difference(a: Tensor, c: Tensor) -> Tensor:
+    """[Na, Nc] absolute heading difference in degrees, in [0, 180] (359 vs 1 -> 2); NaN where unknown."""
+    d = torch.remainder(a.double()[:, None] - c.double()[None, :], 360.0)
+    return torch.minimum(d, 360.0 - d)
 
 
-def _to_views(pos_img: Tensor, neg_img: Tensor) -> PairMatrix:
-    """Expand image-level [B, B] masks to the [2B, 2B] view layout and clear the diagonal."""
-    pos = pos_img.repeat(2, 2)
-    neg = neg_img.repeat(2, 2) & ~pos
-    eye = torch.eye(pos.shape[0], dtype=torch.bool, device=pos.device)
-    return PairMatrix(pos=(pos & ~eye).float(), neg=neg & ~eye)
+class Rule:
+    """Base of the registered pair rules: subclasses define the rectangular :meth:`pairs`;
+    the square view-layout matrix is derived from it.
 
+    ``requires``: metadata columns the rule reads besides ``image_id`` (what a MoCo queue must store).
+    """
 
-class InstanceRule:
-    """Baseline SimCLR (paper Eq. 1): the positive of a view is the other view of the same image;
-    every other view in the batch is a negative."""
-
-    name = "instance"
+    name = ""
     uses_labels = False
+    requires: tuple[str, ...] = ()
+
+    def pairs(self, anchors: dict, candidates: dict) -> PairMatrix:
+        """``[Na, Nc]`` pair matrix of anchor images against candidate images (both need ``image_id``)."""
+        _batch_size(anchors)
+        _batch_size(candidates)
+        ids_a, ids_c = _require(anchors, "image_id", self.name), _require(candidates, "image_id", self.name)
+        pos, neg = self._score(anchors, candidates, ids_a[:, None] == ids_c[None, :])
+        return PairMatrix(pos=pos.float(), neg=neg)
+
+    def _score(self, anchors: dict, candidates: dict, same_image: Tensor) -> tuple[Tensor, Tensor]:
+        """(pos weights, neg mask) given the [Na, Nc] same-image mask; pos must be 1 where same_image."""
+        raise NotImplementedError
 
     def __call__(self, meta: dict) -> PairMatrix:
-        same = _same_image(meta)
-        return _to_views(same, ~same)
+        """Square ``[2B, 2B]`` matrix of the view layout (module doc) for one batch's metadata ``[B]``.
+        Without ``image_id`` every row is its own image."""
+        b = _batch_size(meta)
+        if "image_id" not in meta:
+            device = next(v for v in meta.values() if isinstance(v, Tensor)).device
+            meta = {**meta, "image_id": torch.arange(b, device=device)}
+        img = self.pairs(meta, meta)
+        pos, neg = img.pos.repeat(2, 2), img.neg.repeat(2, 2)
+        eye = torch.eye(2 * b, dtype=torch.bool, device=pos.device)
+        return PairMatrix(pos=pos.masked_fill(eye, 0.0), neg=neg & ~eye)
 
 
-class ClusterRule:
+def _binary(positive: Tensor) -> tuple[Tensor, Tensor]:
+    return positive.float(), ~positive
+
+
+class InstanceRule(Rule):
+    """Baseline SimCLR (paper Eq. 1) / MoCo: the positive of a view is the other view (key) of the same
+    image; every other view (key) is a negative."""
+
+    name = "instance"
+
+    def _score(self, anchors, candidates, same_image):
+        return _binary(same_image)
+
+
+class ClusterRule(Rule):
     """Cluster-aware contrastive learning (paper Sec. 4.2); needs ``cluster_id`` (< 0 = unknown,
     such an image is its own cluster).
 
@@ -114,7 +149,7 @@ class ClusterRule:
     """
 
     name = "cluster"
-    uses_labels = False
+    requires = ("cluster_id",)
     MODES = ("eliminate", "attract")
 
     def __init__(self, mode: str = "eliminate"):
@@ -122,48 +157,159 @@ class ClusterRule:
             raise ValueError(f"cluster rule mode must be one of {self.MODES}, got {mode!r}")
         self.mode = mode
 
-    def __call__(self, meta: dict) -> PairMatrix:
-        clusters = _require(meta, "cluster_id", self.name)
-        same_img = _same_image(meta)
-        same_cluster = _same_group(clusters) | same_img
+    def _score(self, anchors, candidates, same_image):
+        same_cluster = same_image | _same_group(_require(anchors, "cluster_id", self.name),
+                                                _require(candidates, "cluster_id", self.name))
         if self.mode == "attract":
-            return _to_views(same_cluster, ~same_cluster)
-        return _to_views(same_img, ~same_cluster)
+            return _binary(same_cluster)
+        return same_image.float(), ~same_cluster
 
 
-class LabelRule:
+class LabelRule(Rule):
     """Oracle / supervised-contrastive rule: views of images with the same label are positives.
     USES LABELS: a diagnostic upper bound, not self-supervised. Label < 0 (unknown) matches only itself."""
 
     name = "label"
     uses_labels = True
+    requires = ("label",)
 
-    def __call__(self, meta: dict) -> PairMatrix:
-        labels = _require(meta, "label", self.name)
-        same = _same_group(labels) | _same_image(meta)
-        return _to_views(same, ~same)
-
-
-RULES: dict[str, type] = {r.name: r for r in (InstanceRule, ClusterRule, LabelRule)}
+    def _score(self, anchors, candidates, same_image):
+        return _binary(same_image | _same_group(_require(anchors, "label", self.name),
+                                                _require(candidates, "label", self.name)))
 
 
-def make_rule(name: str, **kwargs) -> PairRule:
-    """Build the pair rule registered under ``name`` (see :data:`RULES`) with its keyword options."""
+class _SpatialRule(Rule):
+    """Environmental Spatial Similarity (ESS, seed 001, arXiv 2401.15120): images captured close to each
+    other are positives. A candidate is *near* an anchor when their capture positions ``x, y`` (metres)
+    are within Euclidean distance ``r`` and, when ``theta`` is set and both headings are known (metadata
+    ``heading`` in degrees, not NaN), their circular heading difference is at most ``theta`` degrees
+    (359 and 1 differ by 2). Unknown positions (NaN) are near nothing: such an image keeps only its
+    instance positive. Candidates that are neither the same image nor near are negatives.
+    """
+
+    requires = ("x", "y")
+
+    def __init__(self, r: float | None = None, theta: float | None = None):
+        if r is None or not (math.isfinite(r) and r >= 0):
+            raise ValueError(f"pair rule '{self.name}' needs a radius r >= 0 in metres (got {r}); "
+                             f"derive one from the traverses with raysys.pairs.default_radius")
+        if theta is not None and not (0 <= theta <= 180):
+            raise ValueError(f"pair rule '{self.name}': theta is a heading difference in degrees and must be "
+                             f"in [0, 180] (got {theta}); pass None to ignore headings")
+        self.r, self.theta = float(r), theta
+
+    def _near(self, anchors: dict, candidates: dict) -> tuple[Tensor, Tensor]:
+        """([Na, Nc] near mask, [Na, Nc] float64 squared distance); float64 so that the radius test does
+        not depend on the order of float32 rounding."""
+        dx = _require(anchors, "x", self.name).double()[:, None] - _require(candidates, "x", self.name).double()[None, :]
+        dy = _require(anchors, "y", self.name).double()[:, None] - _require(candidates, "y", self.name).double()[None, :]
+        d2 = dx * dx + dy * dy
+        near = d2 <= self.r * self.r  # False for NaN
+        if self.theta is not None and "heading" in anchors and "heading" in candidates:
+            dh = _circular_difference(anchors["heading"], candidates["heading"])
+            near &= (dh <= self.theta) | dh.isnan()  # unknown heading: position alone decides
+        return near, d2
+
+
+class EssMBRule(_SpatialRule):
+    """ESS-MB (binary): every near candidate (see :class:`_SpatialRule`) is a positive of equal weight 1."""
+
+    name = "ess-mb"
+
+    def _score(self, anchors, candidates, same_image):
+        near, _ = self._near(anchors, candidates)
+        return _binary(same_image | near)
+
+
+class EssMWRule(_SpatialRule):
+    """ESS-MW (weighted): a near candidate at distance d is a positive of weight ``exp(-d^2 / (2 sigma^2))``;
+    the same image always has weight 1 (= w(0)). The loss normalizes each anchor's weights into a soft
+    target. ``sigma`` defaults to ``r / 2`` (the ratio :func:`default_radius` uses), so the farthest
+    positive weighs exp(-2) = 0.14. Near candidates whose weight underflows to 0 are neither positive nor
+    negative."""
+
+    name = "ess-mw"
+
+    def __init__(self, r: float | None = None, theta: float | None = None, sigma: float | None = None):
+        super().__init__(r, theta)
+        sigma = self.r / 2 if sigma is None else sigma
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"pair rule 'ess-mw' needs sigma > 0 in metres (got {sigma})")
+        self.sigma = float(sigma)
+
+    def _score(self, anchors, candidates, same_image):
+        near, d2 = self._near(anchors, candidates)
+        w = torch.where(near, torch.exp(-d2 / (2 * self.sigma ** 2)), 0.0)
+        return w.masked_fill(same_image, 1.0), ~(near | same_image)
+
+
+RULES: dict[str, type] = {r.name: r for r in (InstanceRule, ClusterRule, LabelRule, EssMBRule, EssMWRule)}
+
+
+def make_rule(name: str, **kwargs) -> Rule:
+    """Build the pair rule registered under ``name`` (see :data:`RULES`) with its keyword options:
+    ``cluster``: mode; ``ess-mb``: r, theta; ``ess-mw``: r, theta, sigma."""
     if name not in RULES:
         raise ValueError(f"unknown pair rule {name!r}; valid rules: {sorted(RULES)}")
-    return RULES[name](**kwargs)
+    try:
+        return RULES[name](**kwargs)
+    except TypeError as e:  # an option another rule takes
+        raise ValueError(f"pair rule {name!r} got bad options {sorted(kwargs)}: {e}") from None
+
+
+def positives_per_anchor(pm: PairMatrix) -> dict:
+    """Number of positives (pos > 0) per anchor row: ``positives_mean``, ``positives_min``, ``positives_max``.
+    In the square view layout this counts the other view of the same image too."""
+    if pm.pos.shape[0] == 0:
+        raise ValueError("pair matrix has no anchors")
+    counts = (pm.pos > 0).sum(dim=1).double()
+    return {"positives_mean": float(counts.mean()), "positives_min": float(counts.min()),
+            "positives_max": float(counts.max())}
+
+
+def default_radius(x, y, traverse, frame) -> dict:
+    """Data-derived ESS defaults from the capture positions of traversed frames (arrays or tensors [N]).
+
+    The step of a traverse is the distance between consecutive frames (sorted by frame number within
+    each traverse; a gap in the numbering is one step). Frames with a NaN position or an unknown traverse
+    (< 0) are ignored, and so are zero-length steps: a rover taking several frames from one spot (a
+    panorama, an imaged target) would otherwise pull the median to 0. With ``s`` = median step, returns
+    ``{"r": 2 s, "sigma": s, "median_step": s}``: ESS-MB pairs each frame with at least its neighbours
+    one and two steps away along a straight drive, and ESS-MW gives a one-step neighbour weight
+    exp(-1/2) = 0.61 and a two-step one exp(-2) = 0.14.
+    """
+    cols = [np.asarray(v.cpu() if isinstance(v, Tensor) else v) for v in (x, y, traverse, frame)]
+    if len({c.shape for c in cols}) != 1 or cols[0].ndim != 1:
+        raise ValueError(f"x, y, traverse, frame must be 1-D of one length, got {[c.shape for c in cols]}")
+    x, y, traverse, frame = cols[0].astype(np.float64), cols[1].astype(np.float64), cols[2], cols[3]
+    keep = np.isfinite(x) & np.isfinite(y) & (traverse >= 0)
+    x, y, traverse, frame = x[keep], y[keep], traverse[keep], frame[keep]
+    order = np.lexsort((frame, traverse))
+    x, y, traverse = x[order], y[order], traverse[order]
+    step = np.hypot(np.diff(x), np.diff(y))
+    step = step[(traverse[1:] == traverse[:-1]) & (step > 0)]
+    if step.size == 0:
+        raise ValueError("no two frames of one traverse at different known positions; set the ESS radius r "
+                         "(and sigma) explicitly")
+    s = float(np.median(step))
+    return {"r": 2 * s, "sigma": s, "median_step": s}
 
 
 def _ratio(num: Tensor, den: Tensor) -> float:
     return float(num) / float(den) if int(den) > 0 else float("nan")
 
 
-def false_negative_stats(pm: PairMatrix, labels: Tensor, baseline: PairMatrix | None = None) -> dict:
-    """False-negative diagnostics of a pair matrix, judged by image labels ``[B]`` (-1 = unknown).
+def false_negative_stats(pm: PairMatrix, labels: Tensor, baseline: PairMatrix | None = None,
+                         candidate_labels: Tensor | None = None) -> dict:
+    """False-negative diagnostics of a pair matrix, judged by image labels (-1 = unknown).
+
+    Square view layout (default): ``labels [B]`` describe the images of a ``[2B, 2B]`` matrix.
+    Rectangular (e.g. MoCo queries vs keys): ``labels [Na]`` are the anchors' and ``candidate_labels [Nc]``
+    the candidates' labels of an ``[Na, Nc]`` matrix.
 
     Pairs involving an unknown label are excluded everywhere. Returns
 
-    - ``n_negative_pairs``: ordered view pairs counted as negatives (all of them, known or not);
+    - ``n_negative_pairs``: ordered pairs counted as negatives (all of them, known or not);
     - ``fn_fraction``: among negative pairs with both labels known, the fraction sharing a label;
     - with ``baseline`` (the instance rule's matrix of the same batch), for the pairs this rule removed
       from the baseline's negatives: ``removed_precision`` (fraction of removed pairs that are truly
@@ -172,12 +318,18 @@ def false_negative_stats(pm: PairMatrix, labels: Tensor, baseline: PairMatrix | 
 
     Ratios with an empty denominator are NaN.
     """
-    b = labels.shape[0]
-    if pm.n_views != 2 * b:
-        raise ValueError(f"pair matrix has {pm.n_views} views but labels describe {b} images (expected {2 * b})")
-    view_labels = labels.repeat(2)
-    same = _same_group(view_labels)
-    known = (view_labels >= 0)[:, None] & (view_labels >= 0)[None, :]
+    if candidate_labels is None:
+        b = labels.shape[0]
+        if pm.n_views != 2 * b:
+            raise ValueError(f"pair matrix has {pm.n_views} views but labels describe {b} images (expected {2 * b})")
+        row_labels = col_labels = labels.repeat(2)
+    else:
+        row_labels, col_labels = labels, candidate_labels
+        if tuple(pm.neg.shape) != (len(row_labels), len(col_labels)):
+            raise ValueError(f"pair matrix is {tuple(pm.neg.shape)} but labels describe "
+                             f"{len(row_labels)} anchors x {len(col_labels)} candidates")
+    same = _same_group(row_labels, col_labels)
+    known = (row_labels >= 0)[:, None] & (col_labels >= 0)[None, :]
     neg_known = pm.neg & known
     stats = {
         "n_negative_pairs": int(pm.neg.sum()),

@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import statistics
-import tempfile
 from collections import defaultdict
 from pathlib import Path
+
+from raysys import storage
 
 # One row per trial; the first columns are the ones the paper's tables and figures need.
 RESULT_COLUMNS = [
@@ -24,11 +24,7 @@ METRICS = ["msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "
 
 def write_atomic(path: str | Path, text: str) -> None:
     """Write then rename, so a killed process never leaves a half-written file behind."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    storage.write_text_atomic(str(path), text)
 
 
 def write_results_csv(rows: list[dict], path: str | Path) -> None:

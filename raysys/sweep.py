@@ -26,7 +26,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from raysys import report
 from raysys.config import ConfigError, PretrainConfig, make_config
 from raysys.data import formats
-from raysys.train import init_ray, pretrain, resolve_data
+from raysys import storage
+from raysys.train import check_cluster, init_ray, pretrain, publish_run, resolve_data
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,12 @@ class SweepSpec:
     encoder: str = "texture"
     supervised_epochs: int = 30
     max_concurrent: int | None = None
+    storage: str | None = None  # Tune state, trial checkpoints and results for every node; None: ``out``
     command: str = ""
+
+    @property
+    def storage_root(self) -> str:
+        return self.storage or self.out
 
     def grid(self) -> list[dict]:
         """Every variant with all of :data:`PARAMS` filled in from the base config (what Tune shows)."""
@@ -163,9 +169,12 @@ def run_trial(config: dict) -> None:
     cfg.out = str(Path(spec.out) / "trials" / name)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / FINAL_FILE).exists():
+    if spec.storage:
+        cfg.storage = storage.join(spec.storage, "trials", name)
+    durable = storage.join(spec.storage_root, "trials", name, FINAL_FILE)
+    if storage.exists(durable):
         # Finished before the driver died, but Tune's state was saved too early to know: report, don't rerun.
-        tune.report(json.loads((out / FINAL_FILE).read_text()))
+        tune.report(json.loads(storage.read_text(durable)))
         return
     with open(out / "attempts.log", "a") as f:  # one line per start: shows what a resume reran
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} start\n")
@@ -176,7 +185,7 @@ def run_trial(config: dict) -> None:
         start = time.perf_counter()
         final.update(_supervised(cfg, benchmarks, out, spec.supervised_epochs))
         final["pretrain_seconds"] = time.perf_counter() - start
-        _finish(out, final)
+        _finish(out, cfg.storage, final)
         return
     if method == "cluster":
         from raysys.clustering import attach_clusters, cluster_assignments, cluster_quality
@@ -196,15 +205,17 @@ def run_trial(config: dict) -> None:
         removed_recall=metrics.get("removed_pair_recall"),
         pretrain_seconds=run["seconds"],
         final_loss=metrics.get("loss"),
+        resumed_from_epoch=metrics.get("start_epoch"),
     )
     final.update(_evaluate(out, benchmarks, cfg))
-    _finish(out, final)
+    _finish(out, cfg.storage, final)
 
 
-def _finish(out: Path, final: dict) -> None:
-    """Persist the trial's result beside its run (atomically), then hand it to Tune."""
+def _finish(out: Path, trial_storage: str | None, final: dict) -> None:
+    """Persist the trial's result beside its run (atomically; published to shared storage), then hand it to Tune."""
     final = {key: value for key, value in final.items() if value is not None}
     report.write_atomic(out / FINAL_FILE, json.dumps(final, indent=2))
+    publish_run(out, trial_storage)
     tune.report(final)
 
 
@@ -214,8 +225,9 @@ def _finish(out: Path, final: dict) -> None:
 class ResultsWriter(tune.Callback):
     """Rewrites ``results.csv`` after every finished trial, so an interrupted sweep keeps its results."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, storage_root: str | None = None):
         self.path = path
+        self.storage_root = storage_root
         self.rows = {row["trial"]: row for row in report.read_results_csv(path)}
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -223,6 +235,15 @@ class ResultsWriter(tune.Callback):
         if "trial" in result:
             self.rows[result["trial"]] = result
             report.write_results_csv(list(self.rows.values()), self.path)
+            publish_files(self.path.parent, self.storage_root, [self.path.name])
+
+
+def publish_files(out: Path, storage_root: str | None, names: list[str]) -> None:
+    """Copy the sweep's own files (results, summary, plots) from ``out`` to shared storage, atomically each."""
+    if not storage_root:
+        return
+    for name in names:
+        storage.write_bytes_atomic(storage.join(storage_root, name), (out / name).read_bytes())
 
 
 def _tune_trial_name(trial) -> str:
@@ -238,26 +259,33 @@ def default_concurrency(base: PretrainConfig) -> int:
     return 1
 
 
+def _check_ks(spec: SweepSpec, pool_size: int) -> None:
+    too_big = [v["k"] for v in spec.variants if v["method"] == "cluster" and v["k"] > pool_size]
+    if too_big:
+        raise ConfigError(f"--k {too_big} exceed the {pool_size} images of the pretraining pool; choose K below the pool size")
+
+
 def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
     """Run (or resume) the sweep; write results.csv, summary.md and plots; return the result rows."""
     out = Path(spec.out).resolve()
     spec.out = str(out)
-    experiment = out / spec.name
-    if experiment.exists() and not resume:
-        raise ConfigError(f"{experiment} already holds a sweep; pass --resume to continue it or a new --out")
-    if resume and not experiment.exists():
+    experiment = storage.join(spec.storage_root, spec.name)
+    if storage.exists(experiment) and not resume:
+        raise ConfigError(f"{experiment} already holds a sweep; pass --resume to continue it or a new --out/--storage")
+    if resume and not storage.exists(experiment):
         raise ConfigError(f"--resume: no sweep to resume at {experiment}; drop --resume to start one")
     base = PretrainConfig.from_dict(spec.base)
-    resolve_data(base)  # writes the built-in data once, before trials race to do it; fails fast
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(asdict(spec), indent=2))
-
+    manifest, _ = resolve_data(base)  # writes the built-in data once, before trials race to do it; fails fast
+    _check_ks(spec, manifest.num_rows)
     init_ray()
     concurrent = spec.max_concurrent or default_concurrency(base)
+    check_cluster(base, concurrent)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(asdict(spec), indent=2))
     trainable = tune.with_resources(run_trial, _trial_resources(spec, concurrent))
-    writer = ResultsWriter(out / "results.csv")
+    writer = ResultsWriter(out / "results.csv", spec.storage)
     if resume:
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -269,19 +297,21 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
             },
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_tune_trial_name,
                                         trial_dirname_creator=_tune_trial_name),
-            run_config=tune.RunConfig(name=spec.name, storage_path=str(out), callbacks=[writer],
+            run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_root, callbacks=[writer],
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
     grid = tuner.fit()
     rows = [r.metrics for r in grid if r.metrics and "trial" in r.metrics]
     errors = [str(r.error).splitlines()[0] for r in grid if r.error]
     report.write_results_csv(rows, out / "results.csv")
-    write_summary(spec, rows, errors)
+    files = write_summary(spec, rows, errors)
+    publish_files(out, spec.storage, ["sweep.json", "results.csv", *files])
     return rows
 
 
-def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> None:
-    """``summary.md`` (the reproduce command, the grouped table, the best trial) and one plot per benchmark."""
+def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[str]:
+    """``summary.md`` (the reproduce command, the grouped table, the best trial) and one plot per benchmark;
+    returns the names of the files written."""
     out = Path(spec.out)
     groups = report.group(rows)
     if spec.plot == "bars":
@@ -308,22 +338,29 @@ def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> None:
     report.write_atomic(out / "summary.md", "\n".join(lines) + "\n")
     print(table)
     print(f"\nresults: {out / 'results.csv'}\nsummary: {out / 'summary.md'}\nTensorBoard: tensorboard --logdir {out}")
+    return ["summary.md", *plots]
 
 
 # ------------------------------------------------------------------------------------- command line
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="demo", choices=sorted(SWEEP_PRESETS),
-                   help="smoke (tests), demo (2-core laptop, ~30 min), paper (GPU cluster) (default: %(default)s)")
+    p.add_argument("--preset", default="demo",
+                   help=f"one of {', '.join(SWEEP_PRESETS)}: smoke (tests), demo (2-core laptop, ~30 min), paper (GPU cluster) (default: %(default)s)")
     p.add_argument("--out", default=None, help="sweep folder (default: runs/<sweep name>)")
     p.add_argument("--data", help="folder holding the pretraining pool and benchmarks (default: built-in data)")
     p.add_argument("--seeds", type=int, help="seeds per configuration")
     p.add_argument("--epochs", type=int, help="pretraining epochs per trial")
     p.add_argument("--workers", type=int, help="Ray Train workers per trial")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per Train worker")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per Train worker (default: derived from the cluster)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: derived from the cluster)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
+    p.add_argument("--storage", help="shared storage for Tune state, trial checkpoints and results: a folder or a "
+                   "URI every node can reach (s3://bucket/prefix, gs://..., file://...); default: --out. "
+                   "Needed on a cluster of several machines")
+    p.add_argument("--placement", choices=("PACK", "SPREAD", "STRICT_SPREAD"),
+                   help="placement of each trial's Train workers over nodes (default PACK)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out (and --storage)")
     p.add_argument("--no-supervised", action="store_true", help="skip the supervised reference runs")
 
 
@@ -337,6 +374,7 @@ def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None 
     preset = SWEEP_PRESETS[args.preset]
     overrides = {**preset["pretrain"], **(pretrain or {}), **{k: v for k, v in dict(
         data=args.data, epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+        placement=args.placement, cpus_per_worker=args.cpus_per_worker,
     ).items() if v is not None}}
     # Absolute paths: Tune runs each trial with its own working directory.
     out = str(Path(args.out or f"runs/{name}").resolve())
@@ -356,6 +394,7 @@ def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None 
         variants = [*variants, variant("supervised")]
     spec = SweepSpec(
         name=name, out=out, base=base.to_dict(), variants=variants, seeds=seeds,
+        storage=storage.check_storage(args.storage) if args.storage else None,
         supervised_epochs=preset["supervised_epochs"], max_concurrent=args.max_concurrent,
         command=" ".join(["python", *map(shlex.quote, sys.argv)]), **fields,
     )
@@ -374,6 +413,8 @@ def main(name: str, description: str, configure, argv=None) -> int:
     build = configure(parser)
     args = parser.parse_args(argv)
     try:
+        if args.preset not in SWEEP_PRESETS:
+            raise ConfigError(f"--preset {args.preset!r} is unknown; choose one of {list(SWEEP_PRESETS)}")
         spec = spec_from_args(name, args, **build(args, SWEEP_PRESETS[args.preset]))
         run_sweep(spec, resume=args.resume)
     except (ConfigError, formats.DataError) as exc:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.train
 import ray.train.torch
@@ -35,6 +36,7 @@ from raysys.data.schema import BATCH_META, VIEW1, VIEW2
 from raysys.losses import contrastive_loss
 from raysys.models import ContrastiveModel, load_init_weights
 from raysys.pairs import false_negative_stats, make_rule
+from raysys.storage import is_local, upload_dir
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ def resolve_data(cfg: PretrainConfig) -> tuple[pa.Table, dict[str, Path]]:
     ``cfg.data`` None: the built-in simulated datasets (written once under ``cfg.builtin_dir``).
     A folder holding datasets side by side: its rover pool is pretrained on, its benchmarks evaluated.
     Any other folder: read as one dataset (auto-detected format) and pretrained on.
-    With ``cfg.mix_ratio`` > 0 that fraction of the pool is replaced by out-of-domain images.
+    With ``cfg.mix_ratio`` > 0 that fraction of the pool is replaced by out-of-domain images; with
+    ``cfg.cluster_ids`` the cluster table is attached (a sweep attaches its own and keeps ``instance`` here).
     """
     if cfg.data is None:
         from raysys.data.simulate import simulate
@@ -76,6 +79,11 @@ def resolve_data(cfg: PretrainConfig) -> tuple[pa.Table, dict[str, Path]]:
     if cfg.mix_ratio > 0:
         manifest = mix_domains(manifest, formats.read_imagefolder(_mix_root(cfg, roots)), cfg.mix_ratio,
                                seed=cfg.seed)
+    if cfg.cluster_ids:
+        manifest = attach_cluster_file(manifest, cfg.cluster_ids)
+    elif cfg.pair_rule == "cluster" and "cluster_id" not in manifest.column_names:
+        raise ConfigError("--pair-rule cluster needs cluster ids; pass --cluster-ids FILE "
+                          "(from `raysys cluster --k K --out FILE`)")
     if manifest.num_rows < cfg.batch_size:
         raise ConfigError(
             f"the pretraining pool at {pool_root} has {manifest.num_rows} images, fewer than one batch "
@@ -83,6 +91,30 @@ def resolve_data(cfg: PretrainConfig) -> tuple[pa.Table, dict[str, Path]]:
         )
     benchmarks = {k: v for k, v in roots.items() if k in cfg.eval_benchmarks}
     return manifest, benchmarks
+
+
+def attach_cluster_file(manifest: pa.Table, path: str) -> pa.Table:
+    """Attach ``image_id,cluster_id`` from a Parquet or CSV file, which must cover every pool image."""
+    import pyarrow.csv
+    import pyarrow.parquet as pq
+
+    try:
+        table = pyarrow.csv.read_csv(path) if str(path).endswith(".csv") else pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ConfigError(f"--cluster-ids {path} is not a readable Parquet/CSV table ({exc}); "
+                          f"write it with `raysys cluster --out FILE.parquet`") from None
+    if not {"image_id", "cluster_id"} <= set(table.column_names):
+        raise ConfigError(f"--cluster-ids {path} has columns {table.column_names}; it needs image_id and cluster_id")
+    table = table.select(["image_id", "cluster_id"]).cast(pa.schema([("image_id", pa.string()), ("cluster_id", pa.int64())]))
+    missing = pc.invert(pc.is_in(manifest.column("image_id"), value_set=table.column("image_id")))
+    n_missing = pc.sum(missing).as_py() or 0
+    if n_missing:
+        first = manifest.filter(missing).column("image_id").to_pylist()[:3]
+        raise ConfigError(f"--cluster-ids {path} covers {manifest.num_rows - n_missing} of {manifest.num_rows} pool "
+                          f"images (missing e.g. {first}); rerun `raysys cluster` on this pool")
+    from raysys.clustering import attach_clusters
+
+    return attach_clusters(manifest, table)
 
 
 def _mix_root(cfg: PretrainConfig, roots: dict[str, Path]) -> Path:
@@ -284,6 +316,29 @@ def init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
+def publish_run(out: Path, storage: str | None) -> None:
+    """Copy the run folder to ``storage`` (beside its checkpoints), where every node and the user can reach it."""
+    if storage and not (is_local(storage) and Path(storage).resolve() == Path(out).resolve()):
+        upload_dir(out, storage)
+
+
+def check_cluster(cfg: PretrainConfig, concurrent: int = 1) -> None:
+    """Refuse GPU requests the cluster can never meet (it would wait forever). An autoscaling cluster
+    counts with the most its node types can reach, not with the nodes up now."""
+    need = cfg.gpus_per_worker * cfg.workers * concurrent
+    if not need:
+        return
+    try:
+        from ray._private.state import state  # private, but what Ray Train itself checks against
+
+        most = state.get_max_resources_from_cluster_config() or ray.cluster_resources()
+    except Exception:  # noqa: BLE001 - a moved private API must not block training
+        most = ray.cluster_resources()
+    if most.get("GPU", 0) < need:
+        raise ConfigError(f"--gpus-per-worker {cfg.gpus_per_worker} x {cfg.workers} worker(s) needs {need:g} GPU(s) but the "
+                          f"cluster has at most {most.get('GPU', 0):g}; drop --gpus-per-worker to train on CPU or add GPU nodes")
+
+
 def export_model(checkpoint: ray.train.Checkpoint, path: Path) -> dict:
     """Write the final weights as a standalone ``model.pt`` (no optimizer state)."""
     with checkpoint.as_directory() as d:
@@ -308,13 +363,13 @@ def pretrain(
     cluster ids attached), its Train callbacks, and the CPUs its trials reserve.
     """
     cfg.validate()
-    out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     if manifest is None:
         manifest, benchmarks = resolve_data(cfg)  # fails fast, before Ray starts
-    cfg.save(out / "config.json")
-
     init_ray()
+    check_cluster(cfg, concurrent)  # before anything is written: a rejected run leaves the folder as it was
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.json")
     cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
     report = FileReport.remote()
     dataset = pretrain_dataset(manifest, cfg.augment_config, cfg.image_size, report, cache=cfg.cache_decoded)
@@ -330,7 +385,7 @@ def pretrain(
         ),
         run_config=RunConfig(
             name=RUN_NAME,
-            storage_path=str(out / "ray"),
+            storage_path=cfg.storage or str(out / "ray"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
@@ -343,5 +398,6 @@ def pretrain(
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint; see the Ray logs under {out / 'ray'}")
     export_model(result.checkpoint, out / "model.pt")
+    publish_run(out, cfg.storage)
     return {"metrics": result.metrics, "out": out, "benchmarks": benchmarks or {},
             "skipped_files": len(skipped), "seconds": seconds}

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from raysys.losses import contrastive_loss, gather_no_grad, gather_with_grad, multi_positive_info_nce
+from raysys.losses import contrastive_loss, gather_no_grad, gather_with_grad, info_nce_qk, multi_positive_info_nce
 from raysys.pairs import ClusterRule, InstanceRule, PairMatrix, make_rule
 
 torch.set_num_threads(1)
@@ -95,6 +95,48 @@ def test_general_loss_equals_brute_force():
         rows = [2, 3, 7, 11, 0, 5]
         got = multi_positive_info_nce(z, pm, 0.3, rows=torch.tensor(rows)).item()
         assert got == pytest.approx(_brute_general(z, pm.pos, pm.neg, 0.3, rows), rel=1e-12)
+
+
+def _brute_qk(q, k, pos, neg, tau) -> float:
+    """Rectangular definition: mean over anchors with a positive of
+    -sum_j w_ij (s_ij - log sum_{m: pos_im > 0 or neg_im} exp s_im), s = cos(q_i, k_j) / tau, w = pos normalized."""
+    ql, kl, pl, nl = q.tolist(), k.tolist(), pos.tolist(), neg.tolist()
+    losses = []
+    for i in range(len(ql)):
+        wsum = sum(pl[i])
+        if wsum == 0:
+            continue
+        s = [_cos(ql[i], kl[m]) / tau for m in range(len(kl))]
+        log_den = math.log(sum(math.exp(s[m]) for m in range(len(kl)) if pl[i][m] > 0 or nl[i][m]))
+        losses.append(-sum(pl[i][j] / wsum * (s[j] - log_den) for j in range(len(kl)) if pl[i][j] > 0))
+    return sum(losses) / len(losses)
+
+
+def test_rectangular_loss_equals_brute_force():
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(11, 4, dtype=torch.float64, generator=g)
+    pos = torch.rand(5, 11, generator=g, dtype=torch.float64) * (torch.rand(5, 11, generator=g) < 0.3)
+    pos[:, 0] = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0], dtype=torch.float64)
+    pos[2] = 0  # an anchor without positives: skipped
+    neg = (torch.rand(5, 11, generator=g) < 0.6) & (pos == 0)
+    neg[4] = False  # an anchor whose denominator holds only its positive
+    pm = PairMatrix(pos, neg)
+    loss = info_nce_qk(q, k, pm, 0.3)
+    assert loss.item() == pytest.approx(_brute_qk(q, k, pos, neg, 0.3), rel=1e-12)
+    # an explicit denominator replaces the count of anchors with a positive (4 here)
+    assert info_nce_qk(q, k, pm, 0.3, denominator=2.0).item() == pytest.approx(2 * loss.item(), rel=1e-12)
+    assert torch.autograd.gradcheck(lambda t: info_nce_qk(t, k, pm, 0.3), (q,))
+    with pytest.raises(ValueError, match="5 anchors and 10 candidates"):
+        info_nce_qk(q, k[:10], pm, 0.3)
+
+
+def test_square_loss_is_rectangular_loss_of_views_against_themselves():
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(12, 5, dtype=torch.float64, generator=g)
+    pm = _random_pair_matrix(12, g)
+    torch.testing.assert_close(multi_positive_info_nce(z, pm, 0.4), info_nce_qk(z, z, pm, 0.4), rtol=1e-12, atol=0)
+    assert multi_positive_info_nce(z, pm, 0.4).item() == pytest.approx(_brute_qk(z, z, pm.pos, pm.neg, 0.4), rel=1e-12)
 
 
 def test_row_blocks_average_to_full_loss():

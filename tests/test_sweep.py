@@ -106,7 +106,7 @@ def test_tensorboard_serves_hparams_with_k_and_accuracies(smoke_sweep):
 
 def _sweep_cmd(out, *extra):
     return [sys.executable, SWEEP_K, "--preset", "smoke", "--out", str(out), "--encoder", "oracle",
-            "--no-supervised", *extra]
+            "--no-supervised", "--k", "4", *extra]
 
 
 def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
@@ -139,41 +139,72 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
         assert len(starts) == 1, f"finished trial {name} was rerun"
 
 
-def test_ray_job_submit_to_a_local_cluster(tmp_path):
+def _agent_ports() -> list[str]:
+    """Every agent port explicit: the defaults (e.g. 52365) are taken by the test session's own Ray."""
+    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+
+
+def _trial_nodes(out: Path, trial: str) -> set:
+    return {w["node_id"] for w in json.loads((out / "trials" / trial / "workers.json").read_text())}
+
+
+def test_job_on_two_nodes_survives_losing_a_node(tmp_path):
+    """`ray job submit` to a 2-node `ray start` cluster: the first trial's Train workers run on both nodes;
+    the worker node is then SIGKILLed while the second trial trains, which finishes on the head node."""
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    gcs_port, dash_port = _free_port(), _free_port()
-    # Every agent port explicit: the defaults (e.g. 52365) are taken by the test session's own Ray.
-    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-                   f"--ray-client-server-port={_free_port()}"]
+    gcs_port, dash_port, worker_raylet_port = _free_port(), _free_port(), _free_port()
     # Local `ray start` clusters enable token authentication; the CLI must be told to send the token.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
     ray_cli = str(Path(sys.executable).with_name("ray"))
-    subprocess.run([ray_cli, "start", "--head", f"--port={gcs_port}", "--num-cpus=2", "--include-dashboard=true",
+    subprocess.run([ray_cli, "start", "--head", f"--port={gcs_port}", "--num-cpus=3", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--temp-dir={temp_dir}",
-                    *agent_ports],
+                    f"--ray-client-server-port={_free_port()}", *_agent_ports()],
                    env=env, check=True, capture_output=True, timeout=180)
+    job = None
     try:
-        out = tmp_path / "sweep"
+        subprocess.run([ray_cli, "start", f"--address=127.0.0.1:{gcs_port}", "--num-cpus=2",
+                        f"--node-manager-port={worker_raylet_port}", f"--object-manager-port={_free_port()}",
+                        *_agent_ports()], env=env, check=True, capture_output=True, timeout=180)
+        out, shared = tmp_path / "sweep", tmp_path / "shared-storage"
+        # SPREAD (not STRICT_SPREAD): after the node is lost both workers must fit on the head.
         submit = [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash_port}", "--",
-                  *_sweep_cmd(out, "--no-baseline")]
-
+                  *_sweep_cmd(out, "--workers", "2", "--cpus-per-worker", "0.5", "--placement", "SPREAD",
+                              "--epochs", "4", "--storage", str(shared))]
         attempts = []
 
         def submitted():  # the job agent comes up some seconds after `ray start` returns
-            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
-            attempts.append(job.stdout[-500:] + job.stderr[-500:])
-            return None if "No available agent" in attempts[-1] else job
+            proc = subprocess.Popen(submit, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            time.sleep(5)
+            if proc.poll() is not None:
+                attempts.append(proc.stdout.read()[-500:])
+                return None if "No available agent" in attempts[-1] else proc
+            return proc
 
         try:
             job = _wait_for(submitted, 300, "the job agent to accept the submission")
         except AssertionError as exc:
             raise AssertionError(f"{exc}; last answer: {attempts[-1] if attempts else None}") from None
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in job.stdout
-        assert [r["method"] for r in report.read_results_csv(out / "results.csv")] == ["cluster"]
+        first, second = "baseline-t0.5-s0", "cluster-k4-t0.5-s0"
+        _wait_for(lambda: (out / "trials" / first / "workers.json").exists() or job.poll() is not None, 600,
+                  "the first trial to finish")
+        checkpoints = shared / "trials" / second / "pretrain"
+        _wait_for(lambda: list(checkpoints.glob("checkpoint_*")) or job.poll() is not None, 600,
+                  "the second trial's first checkpoint")
+        assert not (out / "trials" / second / "final.json").exists(), "the second trial ended before the node loss"
+        _kill_processes_mentioning(f"--node_manager_port={worker_raylet_port}")  # the worker node's raylet
+        log = job.communicate(timeout=900)[0]
+        assert job.returncode == 0 and "succeeded" in log, log[-3000:]
     finally:
+        if job is not None and job.poll() is None:
+            job.kill()
         _kill_processes_mentioning(temp_dir)  # `ray stop` would also stop the test session's own Ray
+    assert sorted(r["trial"] for r in report.read_results_csv(out / "results.csv")) == [first, second]
+    assert len(_trial_nodes(out, first)) == 2, "the first trial's workers must span both nodes"
+    assert len(_trial_nodes(out, second)) == 1, "after the node loss the workers run on the head alone"
+    final = json.loads((shared / "trials" / second / "final.json").read_text())
+    assert final["resumed_from_epoch"] >= 1 and final["msl_acc"] is not None, "resumed from a checkpoint, then evaluated"
+    assert report.read_results_csv(shared / "results.csv") == report.read_results_csv(out / "results.csv")
 
 
 def _kill_processes_mentioning(text: str) -> None:

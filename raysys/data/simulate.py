@@ -1075,7 +1075,7 @@ def simulate(out: str | Path, preset: str = "demo", size: int | None = None, cou
             raise SimulateError(f"{folder} exists and was not written by raysys simulate; "
                                 f"choose another --out or move it away")
     out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=sum(j[3] for j in todo), disable=not progress, unit="img", desc="simulate") as bar:
+    with tqdm(total=sum(j[3] for j in todo), disable=not (progress and todo), unit="img", desc="simulate") as bar:
         for key, folder, params, _, writer in todo:
             bar.set_postfix_str(key)
             tmp = out / f".{folder.name}.partial"
