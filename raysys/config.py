@@ -18,7 +18,8 @@ from raysys.data.augment import AugmentConfig
 BACKBONES = ("resnet18", "resnet50")
 SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16", "fp16")
-PAIR_RULES = ("instance", "cluster", "label")
+PAIR_RULES = ("instance", "cluster", "label", "ess-mb", "ess-mw")
+FRAMEWORKS = ("simclr", "moco")
 CLUSTER_MODES = ("eliminate", "attract")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
 
@@ -65,6 +66,16 @@ class PretrainConfig:
     pair_rule: str = "instance"  # instance (SimCLR), cluster (needs cluster ids), label (oracle)
     cluster_mode: str = "eliminate"  # cluster rule: eliminate (Eq. 2) or attract
     cluster_ids: str | None = None  # image_id,cluster_id table (raysys cluster --out) for pair_rule cluster
+    # ESS (seed 001): positives within ess_radius metres (and ess_theta degrees of heading); ESS-MW weights
+    # them by exp(-d^2 / 2 ess_sigma^2). None: derived from the pool's frame spacing at start.
+    ess_radius: float | None = None
+    ess_theta: float | None = None
+    ess_sigma: float | None = None
+    # Framework: SimCLR (in-batch negatives) or MoCo v2 (momentum key encoder + a queue of keys).
+    framework: str = "simclr"
+    queue_size: int = 65536  # MoCo: clamped below the pool size (a queue holding an image twice makes false negatives)
+    moco_momentum: float = 0.999
+    bn_splits: int = 2  # MoCo on one worker: key batch-norm over this many sub-batches (shuffle-BN's stand-in)
     amp: str = "none"  # bf16 / fp16 autocast, used on GPU only
     # Data pipeline.
     image_size: int = 224
@@ -81,6 +92,9 @@ class PretrainConfig:
     eval_benchmarks: list = field(default_factory=lambda: ["msl", "hirise"])
     eval_hidden: int = 0
     eval_epochs: int = 100
+    # Online kNN monitor: each epoch, kNN accuracy of the backbone on a small labeled subset of this
+    # benchmark's train (bank) and val (queries) splits -- never test -- logged and reported to Tune.
+    knn_monitor: str | None = "msl"
 
     def __post_init__(self):
         aug = dict(self.augment)
@@ -95,7 +109,12 @@ class PretrainConfig:
     @property
     def rule_kwargs(self) -> dict:
         """Keyword arguments of :func:`raysys.pairs.make_rule` for ``pair_rule``."""
-        return {"mode": self.cluster_mode} if self.pair_rule == "cluster" else {}
+        if self.pair_rule == "cluster":
+            return {"mode": self.cluster_mode}
+        if self.pair_rule.startswith("ess-"):
+            kwargs = {"r": self.ess_radius, "theta": self.ess_theta}
+            return kwargs | {"sigma": self.ess_sigma} if self.pair_rule == "ess-mw" else kwargs
+        return {}
 
     @property
     def augment_config(self) -> AugmentConfig:
@@ -118,6 +137,13 @@ class PretrainConfig:
              f"--batch-size {self.batch_size} over {self.workers} workers leaves fewer than 2 images per worker; raise --batch-size"),
             (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
             (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
+            (self.framework in FRAMEWORKS, f"--framework {self.framework!r} is unknown; choose one of {list(FRAMEWORKS)}"),
+            (self.queue_size >= 1, f"--queue-size must be at least 1 (got {self.queue_size})"),
+            (0.0 <= self.moco_momentum < 1.0, f"--moco-momentum must be in [0, 1) (got {self.moco_momentum}); MoCo uses 0.999"),
+            (self.ess_radius is None or self.ess_radius >= 0, f"--ess-radius must be >= 0 metres (got {self.ess_radius})"),
+            (self.ess_sigma is None or self.ess_sigma > 0, f"--ess-sigma must be > 0 metres (got {self.ess_sigma})"),
+            (self.ess_theta is None or 0 <= self.ess_theta <= 180,
+             f"--ess-theta is a heading difference in degrees and must be in [0, 180] (got {self.ess_theta})"),
             (self.placement in PLACEMENTS, f"--placement {self.placement!r} is unknown; choose one of {list(PLACEMENTS)}"),
             (self.gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0 (got {self.gpus_per_worker})"),
             (self.image_size >= 8, f"--image-size must be at least 8 (got {self.image_size})"),
@@ -182,6 +208,9 @@ def make_config(preset: str = "demo", **overrides) -> PretrainConfig:
     if preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    if values.get("framework") == "moco":  # MoCo v2's recipe unless given: blur augmentation, temperature 0.2
+        values.setdefault("augment", AugmentConfig.moco_v2().to_dict())
+        values.setdefault("temperature", 0.2)
     return PretrainConfig(preset=preset, **values)
 
 
@@ -220,12 +249,22 @@ def add_pretrain_arguments(p) -> None:
                    "the built-in diverse/ dataset, or a diverse/ folder beside --data")
     p.add_argument("--init-weights", help="initialise the backbone from this weights file (torch.save'd state dict)")
     p.add_argument("--pair-rule", choices=PAIR_RULES, help="instance (SimCLR, default), cluster (cluster-aware: "
-                   "needs --cluster-ids) or label (oracle: uses true labels, a diagnostic upper bound)")
+                   "needs --cluster-ids), label (oracle: uses true labels, a diagnostic upper bound), ess-mb / "
+                   "ess-mw (spatial positives from capture positions: needs a positions sidecar)")
     p.add_argument("--cluster-mode", choices=CLUSTER_MODES, help="cluster rule: eliminate same-cluster negatives "
                    "(paper Eq. 2, default) or attract them as positives")
     p.add_argument("--cluster-ids", help="cluster table of the pool (image_id,cluster_id; Parquet or CSV), e.g. "
                    "from `raysys cluster --out FILE`")
+    p.add_argument("--framework", choices=FRAMEWORKS, help="simclr (in-batch negatives, default) or moco "
+                   "(MoCo v2: momentum key encoder, queue of negatives; use with --temperature 0.2)")
+    p.add_argument("--queue-size", type=int, help="MoCo queue length (default 65536, clamped below the pool size)")
+    p.add_argument("--ess-radius", type=float, help="ESS rules: positives within this distance in metres "
+                   "(default: 2 x the median step between frames)")
+    p.add_argument("--ess-sigma", type=float, help="ESS-MW: weight exp(-d^2/2 sigma^2) (default: the median step)")
+    p.add_argument("--ess-theta", type=float, help="ESS rules: also require headings within this many degrees")
     p.add_argument("--seed", type=int, help="random seed of the initial weights and the pretraining subset (the built-in data has its own, fixed seed)")
+    p.add_argument("--knn-monitor", help="benchmark whose train/val splits feed the per-epoch kNN monitor "
+                   "(default msl; 'none' turns it off)")
     p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation after pretraining")
 
 
@@ -233,4 +272,6 @@ def config_from_args(args) -> PretrainConfig:
     """Build and validate the config from parsed :func:`add_pretrain_arguments` options."""
     names = {f.name for f in dataclasses.fields(PretrainConfig)} - {"preset"}
     overrides = {k: v for k, v in vars(args).items() if k in names}
+    if overrides.get("knn_monitor") == "none":
+        overrides["knn_monitor"] = ""
     return make_config(args.preset, **overrides).validate()

@@ -13,13 +13,15 @@ from raysys import storage
 
 # One row per trial; the first columns are the ones the paper's tables and figures need.
 RESULT_COLUMNS = [
-    "trial", "method", "k", "temperature", "mix_ratio", "seed",
+    "trial", "method", "k", "temperature", "lr", "mix_ratio", "seed",
     "msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc",
     "fn_fraction", "removed_precision", "removed_recall", "cluster_nmi", "cluster_purity",
-    "pretrain_seconds",
+    "ess_radius", "ess_sigma", "positives_per_anchor", "place_recall1", "place_recall5", "place_median_error",
+    "place_chance_recall1", "knn_acc", "stopped_at_epoch", "pretrain_seconds",
 ]
-GROUP_KEYS = ("method", "k", "temperature", "mix_ratio")  # what tells configurations apart (not the seed)
-METRICS = ["msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "fn_fraction"]
+GROUP_KEYS = ("method", "k", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma")  # what tells configurations apart (not the seed)
+METRICS = ["msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "fn_fraction", "place_recall1",
+           "place_recall5", "place_median_error", "positives_per_anchor"]
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -149,20 +151,40 @@ def plot_vs_param(groups: list[dict], benchmark: str, param: str, path: str | Pa
     plt.close(fig)
 
 
-def plot_methods(groups: list[dict], benchmark: str, path: str | Path, title: str) -> None:
-    """Fig. 3 style: one bar per method (mean over seeds, standard deviation as error bar)."""
+def plot_methods(groups: list[dict], benchmark: str, path: str | Path, title: str, metric: str | None = None,
+                 ylabel: str | None = None) -> None:
+    """Fig. 3 style: one bar per method (mean over seeds, standard deviation as error bar) of
+    ``metric`` (default ``<benchmark>_acc``), in %."""
     plt = _pyplot()
-    metric = f"{benchmark}_acc"
-    shown = [g for g in groups if g[metric] is not None]
+    metric = metric or f"{benchmark}_acc"
+    shown = [g for g in groups if g.get(metric) is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
     heights = [100 * g[metric] for g in shown]
     bars = ax.bar(range(len(shown)), heights, yerr=[100 * (g[f"{metric}_std"] or 0) for g in shown], capsize=4,
                   color=[f"C{i}" for i in range(len(shown))])
     ax.bar_label(bars, labels=[f"{h:.1f}" for h in heights], padding=2, fontsize=8)
     ax.set_xticks(range(len(shown)), [_label(g) for g in shown], rotation=15)
-    ax.set_ylabel(f"{benchmark.upper()} test accuracy (%)")
+    ax.set_ylabel(ylabel or f"{benchmark.upper()} test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def spatial_table(groups: list[dict]) -> str:
+    """ESS comparison: place recognition on held-out traverses beside linear-probe accuracy."""
+    lines = ["| method | radius m | sigma m | positives/anchor | place R@1 % | place R@5 % | median error m "
+             "| MSL acc % | HiRISE acc % | seeds |", "|" + " --- |" * 10]
+    for g in groups:
+        err = g.get("place_median_error")
+        lines.append(
+            f"| {g['method']} | {_num(g.get('ess_radius'))} | {_num(g.get('ess_sigma'))} | {_num(g.get('positives_per_anchor'))} "
+            f"| {_pct(g.get('place_recall1'), g.get('place_recall1_std'))} | {_pct(g.get('place_recall5'), g.get('place_recall5_std'))} "
+            f"| {'–' if err is None else f'{err:.1f}'} | {_pct(g['msl_acc'], g['msl_acc_std'])} "
+            f"| {_pct(g['hirise_acc'], g['hirise_acc_std'])} | {g['n']} |")
+    return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "–" if value is None else f"{value:.3g}"

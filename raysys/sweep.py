@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -27,12 +28,16 @@ from raysys import report
 from raysys.config import ConfigError, PretrainConfig, make_config
 from raysys.data import formats
 from raysys import storage
-from raysys.train import check_cluster, init_ray, pretrain, publish_run, resolve_data
+from raysys.train import check_cluster, heldout_manifest, init_ray, pretrain, publish_run, resolve_data
 
 log = logging.getLogger(__name__)
 
-METHODS = ("baseline", "cluster", "mixed", "supervised")
-PARAMS = ("k", "temperature", "mix_ratio")  # what a variant may set; the rest comes from the base config
+# Method -> its pair rule; every method runs in the base config's framework (SimCLR or MoCo v2).
+METHOD_RULES = {"baseline": "instance", "mixed": "instance", "cluster": "cluster", "ess-mb": "ess-mb",
+                "ess-mw": "ess-mw", "supervised": None}
+METHODS = tuple(METHOD_RULES)
+# What a variant may set (PretrainConfig fields, K as "k"); the rest comes from the base config.
+PARAMS = ("k", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma")
 FINAL_FILE = "final.json"  # a finished trial's result, in its run folder
 TRIAL_DRIVER_CPUS = 0.1  # a trial's own process mostly waits on its TorchTrainer
 BENCHMARKS = ("msl", "hirise")
@@ -69,6 +74,8 @@ class SweepSpec:
     supervised_epochs: int = 30
     max_concurrent: int | None = None
     storage: str | None = None  # Tune state, trial checkpoints and results for every node; None: ``out``
+    place_recognition: bool = False  # also score each encoder by place recognition on held-out traverses
+    asha: bool = False  # stop unpromising trials early on the per-epoch kNN monitor (validation split)
     command: str = ""
 
     @property
@@ -78,7 +85,7 @@ class SweepSpec:
     def grid(self) -> list[dict]:
         """Every variant with all of :data:`PARAMS` filled in from the base config (what Tune shows)."""
         base = PretrainConfig.from_dict(self.base)
-        defaults = {"k": 0, "temperature": base.temperature, "mix_ratio": base.mix_ratio}
+        defaults = {"k": 0, **{p: getattr(base, p) for p in PARAMS if p not in ("k", "lr")}}  # lr: only if swept
         return [{**defaults, **v} for v in self.variants]
 
 
@@ -105,6 +112,11 @@ def trial_name(params: dict) -> str:
         parts.append(f"k{params['k']}")
     if params["method"] == "mixed":
         parts.append(f"r{params['mix_ratio']:g}")
+    if params["method"].startswith("ess-"):
+        parts += [f"{tag}{params[p]:g}" for tag, p in (("rad", "ess_radius"), ("sig", "ess_sigma"))
+                  if params.get(p) is not None and (p != "ess_sigma" or params["method"] == "ess-mw")]
+    if params.get("lr") is not None:
+        parts.append(f"lr{params['lr']:g}")
     return "-".join(parts + [f"t{params['temperature']:g}", f"s{params['seed']}"])
 
 
@@ -145,6 +157,26 @@ def _evaluate(model_dir: Path, benchmarks: dict, cfg: PretrainConfig) -> dict:
     return metrics
 
 
+def _place_recognition(model_dir: Path, cfg: PretrainConfig) -> dict:
+    """Place recognition of the trial's encoder on the held-out traverses (never pretrained on)."""
+    from raysys.evaluate import load_model
+    from raysys.place_recognition import evaluate_place_recognition
+
+    held = heldout_manifest(cfg)
+    if held is None or held.num_rows == 0:
+        return {}
+    result = evaluate_place_recognition(load_model(model_dir), held, cfg.image_size, out_dir=model_dir, progress=False)
+    return {"place_recall1": result["recall@1"], "place_recall5": result["recall@5"],
+            "place_median_error": result["median_error"], "place_chance_recall1": result["chance_recall@1"]}
+
+
+def trial_config(spec: SweepSpec, params: dict) -> PretrainConfig:
+    """The base config with the trial's seed, parameters and its method's pair rule."""
+    values = {p: params[p] for p in PARAMS if p != "k" and p in params}  # absent: a sweep from an older version
+    return PretrainConfig.from_dict({**spec.base, **values, "seed": params["seed"],
+                                     "pair_rule": METHOD_RULES[params["method"]] or "instance"})
+
+
 def _supervised(cfg: PretrainConfig, benchmarks: dict, out: Path, epochs: int) -> dict:
     """The supervised reference: the same backbone trained from scratch on each benchmark's labels."""
     from raysys.supervised import train_supervised
@@ -163,8 +195,7 @@ def run_trial(config: dict) -> None:
     spec = SweepSpec(**config["spec"])
     params = _trial_params(config)
     method, k = params["method"], params["k"]
-    cfg = PretrainConfig.from_dict({**spec.base, "seed": params["seed"], "temperature": params["temperature"],
-                                    "mix_ratio": params["mix_ratio"]})
+    cfg = trial_config(spec, params)
     name = trial_name(params)
     cfg.out = str(Path(spec.out) / "trials" / name)
     out = Path(cfg.out)
@@ -179,7 +210,7 @@ def run_trial(config: dict) -> None:
     with open(out / "attempts.log", "a") as f:  # one line per start: shows what a resume reran
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} start\n")
     manifest, benchmarks = resolve_data(cfg)
-    final = {"trial": name, **params}
+    final = {"trial": name, **params, "lr": cfg.lr}
 
     if method == "supervised":
         start = time.perf_counter()
@@ -195,7 +226,6 @@ def run_trial(config: dict) -> None:
         manifest = attach_clusters(manifest, assignments)
         quality = cluster_quality(np.asarray(manifest.column("cluster_id")), np.asarray(manifest.column("label")))
         final.update({f"cluster_{key}": value for key, value in quality.items()})
-        cfg.pair_rule = "cluster"
     run = pretrain(cfg, manifest, benchmarks, callbacks=[TuneReportCallback()],
                    reserved_cpus=TRIAL_DRIVER_CPUS, concurrent=config["concurrent"])
     metrics = run["metrics"] or {}
@@ -206,8 +236,14 @@ def run_trial(config: dict) -> None:
         pretrain_seconds=run["seconds"],
         final_loss=metrics.get("loss"),
         resumed_from_epoch=metrics.get("start_epoch"),
+        positives_per_anchor=metrics.get("positives_per_anchor"),
+        knn_acc=metrics.get("knn_acc"),
+        ess_radius=cfg.ess_radius,
+        ess_sigma=cfg.ess_sigma,
     )
     final.update(_evaluate(out, benchmarks, cfg))
+    if spec.place_recognition:
+        final.update(_place_recognition(out, cfg))
     _finish(out, cfg.storage, final)
 
 
@@ -231,11 +267,21 @@ class ResultsWriter(tune.Callback):
         self.rows = {row["trial"]: row for row in report.read_results_csv(path)}
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        result = trial.last_result or {}
-        if "trial" in result:
-            self.rows[result["trial"]] = result
+        if trial.last_result:
+            row = result_row(trial.config, trial.last_result)
+            self.rows[row["trial"]] = row
             report.write_results_csv(list(self.rows.values()), self.path)
             publish_files(self.path.parent, self.storage_root, [self.path.name])
+
+
+def result_row(config: dict, result: dict) -> dict:
+    """A trial's results.csv row: its final report, or -- when the scheduler stopped it early -- its
+    parameters, the epoch it reached and its last monitor accuracy."""
+    if "trial" in result:
+        return result
+    params = _trial_params(config)
+    return {"trial": trial_name(params), **params, "stopped_at_epoch": result.get("epoch"),
+            "knn_acc": result.get("knn_acc")}
 
 
 def publish_files(out: Path, storage_root: str | None, names: list[str]) -> None:
@@ -265,6 +311,16 @@ def _check_ks(spec: SweepSpec, pool_size: int) -> None:
         raise ConfigError(f"--k {too_big} exceed the {pool_size} images of the pretraining pool; choose K below the pool size")
 
 
+def _scheduler(spec: SweepSpec, base: PretrainConfig):
+    """ASHA on the kNN monitor's validation accuracy, one rung per epoch from epoch 1 (or Tune's FIFO)."""
+    if not spec.asha:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(metric="knn_acc", mode="max", time_attr="training_iteration", grace_period=1,
+                         reduction_factor=2, max_t=base.epochs + 1)  # + 1: the trial's final report
+
+
 def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
     """Run (or resume) the sweep; write results.csv, summary.md and plots; return the result rows."""
     out = Path(spec.out).resolve()
@@ -284,6 +340,11 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
     (out / "sweep.json").write_text(json.dumps(asdict(spec), indent=2))
     trainable = tune.with_resources(run_trial, _trial_resources(spec, concurrent))
     writer = ResultsWriter(out / "results.csv", spec.storage)
+    if spec.asha:
+        if not base.knn_monitor:
+            raise ConfigError("--asha stops trials on the kNN monitor's accuracy; drop --knn-monitor none")
+        # Supervised trials never report the monitor's metric: don't let Tune's strict check fail them.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if resume:
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
     else:
@@ -296,12 +357,12 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
                 "seed": tune.grid_search(list(range(base.seed, base.seed + spec.seeds))),
             },
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_tune_trial_name,
-                                        trial_dirname_creator=_tune_trial_name),
+                                        trial_dirname_creator=_tune_trial_name, scheduler=_scheduler(spec, base)),
             run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_root, callbacks=[writer],
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
     grid = tuner.fit()
-    rows = [r.metrics for r in grid if r.metrics and "trial" in r.metrics]
+    rows = [result_row(r.config, r.metrics) for r in grid if r.metrics]
     errors = [str(r.error).splitlines()[0] for r in grid if r.error]
     report.write_results_csv(rows, out / "results.csv")
     files = write_summary(spec, rows, errors)
@@ -314,7 +375,9 @@ def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[
     returns the names of the files written."""
     out = Path(spec.out)
     groups = report.group(rows)
-    if spec.plot == "bars":
+    if spec.place_recognition:
+        table = report.spatial_table(groups)
+    elif spec.plot == "bars":
         table = report.methods_table(groups)
     else:
         table = report.results_table(groups, spec.param, spec.swept)
@@ -328,6 +391,11 @@ def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[
                 report.plot_vs_param(groups, bench, spec.param, path,
                                      f"{bench.upper()}: accuracy vs {spec.param} ({spec.name})", spec.swept)
             plots.append(path.name)
+    if spec.place_recognition and any(g.get("place_recall1") is not None for g in groups):
+        path = out / f"{spec.name}-place.png"
+        report.plot_methods(groups, "place", path, f"Place recognition on held-out traverses ({spec.name})",
+                            metric="place_recall1", ylabel="recall@1 within the radius (%)")
+        plots.append(path.name)
     best = max((r for r in rows if r.get("msl_acc") is not None), key=lambda r: r["msl_acc"], default=None)
     lines = [f"# {spec.name}", "", f"Reproduce: `{spec.command}`", "", table, ""]
     if best:
@@ -360,6 +428,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    "Needed on a cluster of several machines")
     p.add_argument("--placement", choices=("PACK", "SPREAD", "STRICT_SPREAD"),
                    help="placement of each trial's Train workers over nodes (default PACK)")
+    p.add_argument("--asha", action="store_true", help="stop unpromising trials early (ASHA on the per-epoch "
+                   "kNN monitor accuracy, measured on the validation split, never on test)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out (and --storage)")
     p.add_argument("--no-supervised", action="store_true", help="skip the supervised reference runs")
 
@@ -394,13 +464,12 @@ def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None 
         variants = [*variants, variant("supervised")]
     spec = SweepSpec(
         name=name, out=out, base=base.to_dict(), variants=variants, seeds=seeds,
-        storage=storage.check_storage(args.storage) if args.storage else None,
+        storage=storage.check_storage(args.storage) if args.storage else None, asha=args.asha,
         supervised_epochs=preset["supervised_epochs"], max_concurrent=args.max_concurrent,
         command=" ".join(["python", *map(shlex.quote, sys.argv)]), **fields,
     )
     for params in spec.grid():  # every trial's own config must be valid before anything starts
-        PretrainConfig.from_dict({**spec.base, "temperature": params["temperature"],
-                                  "mix_ratio": params["mix_ratio"]}).validate()
+        trial_config(spec, {**params, "seed": base.seed}).validate()
     return spec
 
 

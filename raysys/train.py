@@ -33,22 +33,17 @@ from raysys.data import formats
 from raysys.data.mixing import mix_domains
 from raysys.data.pipeline import FileReport, pretrain_dataset, write_file_report
 from raysys.data.schema import BATCH_META, VIEW1, VIEW2
-from raysys.losses import contrastive_loss
 from raysys.models import ContrastiveModel, load_init_weights
-from raysys.pairs import false_negative_stats, make_rule
+from raysys.knn import knn_monitor_score
+from raysys.objectives import DIAGNOSTICS, make_objective
+from raysys.pairs import default_radius
+from raysys.place_recognition import holdout_split, read_holdout
 from raysys.storage import is_local, upload_dir
 
 log = logging.getLogger(__name__)
 
 RUN_NAME = "pretrain"
 STATE_FILE = "state.pt"
-# Per-step false-negative diagnostics (need labels) -> the epoch metric names they average into.
-FN_METRICS = {
-    "fn_fraction": "false_negative_fraction",
-    "removed_precision": "removed_pair_precision",
-    "removed_recall": "removed_pair_recall",
-}
-
 
 # ----------------------------------------------------------------------------------------- data
 
@@ -71,6 +66,8 @@ def resolve_data(cfg: PretrainConfig) -> tuple[pa.Table, dict[str, Path]]:
     pool_root = roots.get("rover", Path(cfg.data) if cfg.data else None)
     if cfg.data is None or "rover" in roots:
         manifest = formats.read_folder(pool_root, hidden_labels=cfg.data is None)
+        # Held-out traverses ("unfamiliar environments") are never pretrained on: place recognition uses them.
+        manifest, _ = holdout_split(manifest, read_holdout(pool_root))
     else:
         manifest = formats.read_manifest(pool_root)
     if cfg.max_images is not None and manifest.num_rows > cfg.max_images:
@@ -115,6 +112,15 @@ def attach_cluster_file(manifest: pa.Table, path: str) -> pa.Table:
     from raysys.clustering import attach_clusters
 
     return attach_clusters(manifest, table)
+
+
+def heldout_manifest(cfg: PretrainConfig) -> pa.Table | None:
+    """The pool's held-out traverses (``holdout-traverses.txt``), for place recognition; None without a pool."""
+    roots = formats.discover(cfg.data) if cfg.data else {"rover": cfg.builtin_dir / formats.ROVER_DIR}
+    if "rover" not in roots:
+        return None
+    pool = formats.read_folder(roots["rover"], hidden_labels=cfg.data is None)
+    return holdout_split(pool, read_holdout(roots["rover"]))[1]
 
 
 def _mix_root(cfg: PretrainConfig, roots: dict[str, Path]) -> Path:
@@ -182,7 +188,7 @@ def _load_state(model, optimizer, scheduler, scaler) -> dict:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    return state["data_position"]
+    return {**state["data_position"], "objective": state.get("objective")}
 
 
 def _worker_placements(rank: int, world: int) -> list[dict]:
@@ -232,8 +238,11 @@ def train_loop(config: dict) -> dict:
         print(f"[raysys] rank {rank}: resuming from checkpoint at epoch {start_epoch} (step {step})")
 
     workers = _worker_placements(rank, world)
-    rule = make_rule(cfg.pair_rule, **cfg.rule_kwargs)
-    baseline_rule = make_rule("instance")  # what the rule removed is judged against SimCLR's pairs
+    objective = make_objective(cfg, model, config["num_images"], world, config["labels"], device,
+                               autocast=lambda: _autocast(cfg, device))
+    if position.get("objective"):
+        objective.load_state_dict(position["objective"])
+    monitor = ray.get(config["knn_monitor"]) if config.get("knn_monitor") is not None else None
     writer = SummaryWriter(config["tb_dir"], purge_step=step) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     local_batch = cfg.batch_size // world
@@ -242,34 +251,30 @@ def train_loop(config: dict) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         totals = {"loss": 0.0, "steps": 0, "images": 0, "wait": 0.0}
-        fn_sums, fn_counts = {}, {}
+        sums, counts = {}, {}
         epoch_start = t_ready = time.perf_counter()
         for batch in shard.iter_torch_batches(
             batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=cfg.shuffle_buffer or None
         ):
             t_batch = time.perf_counter()
             totals["wait"] += t_batch - t_ready
-            views = torch.cat([batch[VIEW1], batch[VIEW2]]).to(device, non_blocking=True)
             meta = {k: batch[k].to(device) for k in BATCH_META if k in batch}
-            with _autocast(cfg, device):
-                _, z = model(views)  # one forward over both views: BN sees the whole 2B batch
-            z1, z2 = z.float().chunk(2)
-            loss, pairs, global_meta = contrastive_loss(z1, z2, meta, rule, cfg.temperature)
+            loss, stats = objective.loss(batch[VIEW1].to(device, non_blocking=True),
+                                         batch[VIEW2].to(device, non_blocking=True), meta)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            objective.after_step()
             step += 1
             totals["loss"] += loss.item()
             totals["steps"] += 1
-            totals["images"] += len(views) // 2
-            if "label" in global_meta:  # hidden labels: a diagnostic, never used by the loss
-                baseline = baseline_rule(global_meta) if cfg.pair_rule != "instance" else None
-                for key, value in false_negative_stats(pairs, global_meta["label"], baseline).items():
-                    if key in FN_METRICS and not math.isnan(value):
-                        fn_sums[key] = fn_sums.get(key, 0.0) + value
-                        fn_counts[key] = fn_counts.get(key, 0) + 1
+            totals["images"] += local_batch
+            for key, value in stats.items():
+                if key in DIAGNOSTICS and not math.isnan(value):
+                    sums[key] = sums.get(key, 0.0) + value
+                    counts[key] = counts.get(key, 0) + 1
             if writer is not None:
                 writer.add_scalar("train/loss_step", loss.item(), step)
             t_ready = time.perf_counter()
@@ -283,7 +288,9 @@ def train_loop(config: dict) -> dict:
             "images_per_s": totals["images"] * world / max(elapsed, 1e-9),
             "data_wait_fraction": totals["wait"] / max(elapsed, 1e-9),
         }
-        metrics.update({FN_METRICS[k]: fn_sums[k] / fn_counts[k] for k in fn_sums})
+        metrics.update({DIAGNOSTICS[k]: sums[k] / counts[k] for k in sums})
+        if monitor is not None:  # every rank, so all report the same keys; the images are few
+            metrics["knn_acc"] = knn_monitor_score(raw_model, monitor, device)
         if writer is not None:
             for key, value in metrics.items():
                 if key not in ("epoch", "start_epoch", "step"):
@@ -298,6 +305,7 @@ def train_loop(config: dict) -> dict:
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "data_position": {"epoch": epoch + 1, "step": step},
+                "objective": objective.state_dict(),  # MoCo: key encoder and queue, so a resume continues them
                 "config": cfg.to_dict(),
                 "workers": workers,
             }
@@ -314,6 +322,33 @@ def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (e.g. under ``ray job submit``) or start a local one."""
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def _knn_monitor_data(cfg: PretrainConfig, benchmarks: dict):
+    """The kNN monitor's decoded images in the object store (workers fetch them), or None when off."""
+    if not cfg.knn_monitor:
+        return None
+    if cfg.knn_monitor not in benchmarks:
+        log.warning("kNN monitor: no %s benchmark beside the pretraining data; monitor off", cfg.knn_monitor)
+        return None
+    from raysys.knn import load_monitor_data
+
+    return ray.put(load_monitor_data(benchmarks[cfg.knn_monitor], cfg.image_size, seed=cfg.seed))
+
+
+def complete_spatial_defaults(cfg: PretrainConfig, manifest: pa.Table) -> None:
+    """ESS rules without an explicit radius: derive it (and sigma) from the pool's frame spacing, and say so."""
+    if not cfg.pair_rule.startswith("ess-") or (cfg.ess_radius is not None and cfg.ess_sigma is not None):
+        return
+    try:
+        found = default_radius(*(manifest.column(c).to_numpy(zero_copy_only=False) for c in ("x", "y", "traverse", "frame")))
+    except ValueError as exc:
+        raise ConfigError(f"--pair-rule {cfg.pair_rule}: {exc} (--ess-radius, --ess-sigma); ESS needs a "
+                          f"positions sidecar with traverse and frame columns") from None
+    cfg.ess_radius = found["r"] if cfg.ess_radius is None else cfg.ess_radius
+    cfg.ess_sigma = found["sigma"] if cfg.ess_sigma is None else cfg.ess_sigma
+    print(f"[raysys] {cfg.pair_rule}: radius {cfg.ess_radius:.2f} m, sigma {cfg.ess_sigma:.2f} m "
+          f"(median step between frames {found['median_step']:.2f} m)")
 
 
 def publish_run(out: Path, storage: str | None) -> None:
@@ -365,18 +400,22 @@ def pretrain(
     cfg.validate()
     if manifest is None:
         manifest, benchmarks = resolve_data(cfg)  # fails fast, before Ray starts
+    complete_spatial_defaults(cfg, manifest)
     init_ray()
     check_cluster(cfg, concurrent)  # before anything is written: a rejected run leaves the folder as it was
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.json")
     cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+    monitor = _knn_monitor_data(cfg, benchmarks or {})
     report = FileReport.remote()
     dataset = pretrain_dataset(manifest, cfg.augment_config, cfg.image_size, report, cache=cfg.cache_decoded)
     start = time.perf_counter()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "num_images": manifest.num_rows, "tb_dir": str(out / "tb")},
+        train_loop_config={"cfg": cfg.to_dict(), "num_images": manifest.num_rows, "tb_dir": str(out / "tb"),
+                           "labels": bool(pc.any(pc.greater_equal(manifest.column("label"), 0)).as_py()),
+                           "knn_monitor": monitor},
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.gpus_per_worker > 0,

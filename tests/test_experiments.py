@@ -1,5 +1,6 @@
 """The mixed-domain, temperature and method-comparison sweep scripts at smoke scale, in this process's Ray."""
 
+import json
 import runpy
 from pathlib import Path
 
@@ -72,3 +73,36 @@ def test_bad_grid_fails_before_any_trial(tmp_path, capsys, script, args, message
     assert _run_script(script, out, *args) == 2
     assert message in capsys.readouterr().err
     assert not out.exists(), "nothing may be written for a rejected sweep"
+
+
+def test_ess_moco_spatial_positives_and_place_recognition(ray_session, tmp_path):
+    out = tmp_path / "ess"
+    assert _run_script("ess", out, "--sigmas", "2") == 0
+    rows = {r["method"]: r for r in _rows(out).values()}
+    assert sorted(rows) == ["baseline", "ess-mb", "ess-mw"]
+    config = (out / "trials" / rows["ess-mb"]["trial"] / "config.json").read_text()
+    assert '"framework": "moco"' in config and '"pair_rule": "ess-mb"' in config
+    assert rows["ess-mw"]["ess_sigma"] == 2 and rows["ess-mb"]["ess_radius"] > 0, "radius derived from the data"
+    assert rows["ess-mb"]["positives_per_anchor"] > 1 and rows["baseline"].get("positives_per_anchor") is None
+    for row in rows.values():
+        assert 0 <= row["place_recall1"] <= row["place_recall5"] <= 1 and row["msl_acc"] is not None
+    summary = (out / "summary.md").read_text()
+    assert "place R@1 %" in summary and (out / "ess-place.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_asha_stops_a_trial_early_on_the_validation_monitor(ray_session, tmp_path):
+    """Two trials, the second with a learning rate that wrecks the encoder: ASHA, fed the per-epoch kNN
+    accuracy on the validation split, stops it at its first rung; its row says so."""
+    from raysys.sweep import variant
+
+    out = tmp_path / "asha"
+    grid = dict(variants=[variant("baseline"), variant("baseline", lr=5.0)], param="lr", swept=["baseline"])
+    code = main("asha", "test", lambda p: (lambda args, preset: grid),
+                ["--preset", "smoke", "--out", str(out), "--no-supervised", "--asha", "--epochs", "4"])
+    assert code == 0
+    rows = _rows(out)
+    good, bad = rows["baseline-t0.5-s0"], rows["baseline-lr5-t0.5-s0"]
+    assert good["msl_acc"] is not None and good["knn_acc"] is not None
+    assert bad["stopped_at_epoch"] is not None and bad["stopped_at_epoch"] < 4 and bad["msl_acc"] is None
+    monitored = json.loads((out / "trials" / "baseline-t0.5-s0" / "config.json").read_text())["knn_monitor"]
+    assert monitored == "msl"

@@ -208,10 +208,29 @@ def test_job_on_two_nodes_survives_losing_a_node(tmp_path):
 
 
 def _kill_processes_mentioning(text: str) -> None:
-    """SIGKILL every process whose command line names ``text`` (the cluster's own temp dir)."""
+    """SIGKILL every process whose command line names ``text`` (the cluster's own temp dir), and their
+    descendants (Ray's agents rename their command lines)."""
+    parents = {}
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
+            if proc.name.isdigit():
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    doomed = set()
+    for pid in parents:
+        try:
+            if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                doomed.add(pid)
+        except OSError:
+            continue
+    while True:
+        children = {pid for pid, ppid in parents.items() if ppid in doomed} - doomed
+        if not children:
+            break
+        doomed |= children
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
         except OSError:
             continue

@@ -65,7 +65,7 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_killed_worker_resumes_from_checkpoint(ray_session, builtin_root, tmp_path):
-    from raysys.train import pretrain
+    from raysys.train import pretrain, resolve_data
 
     cfg = make_config("smoke", out=str(tmp_path / "run"), builtin_root=builtin_root, epochs=20).validate()
     result = {}
@@ -87,16 +87,36 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, builtin_root, tmp_pa
 
     metrics = result["metrics"]
     assert metrics["epoch"] == cfg.epochs, "the run must finish its configured epochs"
-    assert metrics["step"] == cfg.epochs * (cfg.max_images // cfg.batch_size), "no epoch may be counted twice"
+    pool = resolve_data(cfg)[0].num_rows
+    assert metrics["step"] == cfg.epochs * (pool // cfg.batch_size), "no epoch may be counted twice"
     assert metrics["start_epoch"] >= 1, "the restarted worker group must resume from a checkpoint"
 
 
-def test_rerun_with_same_folder_resumes(ray_session, builtin_root, tmp_path):
-    from raysys.train import pretrain
+def _latest_state(out: Path) -> dict:
+    latest = max((out / "ray" / "pretrain").glob("checkpoint_*"), key=lambda p: p.name)
+    return torch.load(latest / "state.pt", weights_only=True)
 
-    out = str(tmp_path / "run")
-    first = pretrain(make_config("smoke", out=out, builtin_root=builtin_root, epochs=1).validate())
+
+def test_rerun_with_same_folder_resumes_moco_with_its_queue(ray_session, builtin_root, tmp_path):
+    """MoCo v2 + ESS-MB, 1 epoch, then rerun in the same folder for 2: training continues from the checkpoint
+    and so does the key queue (its pointer advances from where it stopped instead of from 0)."""
+    from raysys.train import pretrain, resolve_data
+
+    out = tmp_path / "run"
+    options = dict(out=str(out), builtin_root=builtin_root, framework="moco", pair_rule="ess-mb", queue_size=1000)
+    first = pretrain(make_config("smoke", epochs=1, **options).validate())
     assert first["metrics"]["epoch"] == 1 and first["metrics"]["start_epoch"] == 0
-    again = pretrain(make_config("smoke", out=out, builtin_root=builtin_root, epochs=2).validate())
+    assert first["metrics"]["positives_per_anchor"] > 1, "ESS-MB must add spatial positives to the instance one"
+    queue1 = _latest_state(out)["objective"]["queue"]
+    again = pretrain(make_config("smoke", epochs=2, **options).validate())
     assert again["metrics"]["start_epoch"] == 1, "a rerun in the same folder must continue, not restart"
     assert again["metrics"]["epoch"] == 2
+    queue2 = _latest_state(out)["objective"]["queue"]
+
+    cfg = make_config("smoke", **options)
+    pool = resolve_data(cfg)[0].num_rows
+    size = pool - cfg.batch_size  # clamped: the queue can never hold an image twice
+    keys_per_epoch = (pool // cfg.batch_size) * cfg.batch_size
+    assert len(queue1["keys"]) == size and int(queue1["filled"]) == min(size, keys_per_epoch)
+    assert int(queue1["ptr"]) == keys_per_epoch % size
+    assert int(queue2["ptr"]) == (int(queue1["ptr"]) + keys_per_epoch) % size, "the queue must continue, not restart"

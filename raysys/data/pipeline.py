@@ -89,6 +89,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, domains: list[st
         "domain": np.array([domain_index[str(d)] for d in batch["domain"][keep]], dtype=np.int64),
         "x": batch["x"][keep].astype(np.float32),
         "y": batch["y"][keep].astype(np.float32),
+        "heading": batch["heading"][keep].astype(np.float32),
     }
     if "cluster_id" in batch:
         out["cluster_id"] = batch["cluster_id"][keep].astype(np.int64)
@@ -112,7 +113,7 @@ def decoded_dataset(
 ) -> ray.data.Dataset:
     """Decoded, resized images with metadata; materialized once when ``cache`` is set."""
     domains = sorted(set(manifest.column("domain").to_pylist()))
-    columns = ["path", "image_id", "label", "domain", "x", "y"]
+    columns = ["path", "image_id", "label", "domain", "x", "y", "heading"]
     if "cluster_id" in manifest.column_names:
         columns.append("cluster_id")
     blocks = num_blocks or max(2, math.ceil(manifest.num_rows / (4 * BATCH_ROWS)))

@@ -29,6 +29,7 @@ label       int64 [B]            class id, -1 when unknown (diagnostics only, ne
                                  unless a pair rule explicitly asks for labels)
 domain      int64 [B]            index of the manifest ``domain`` in the pipeline's domain list
 x, y        float32 [B]          capture position, NaN when unknown
+heading     float32 [B]          capture heading in degrees, NaN when unknown
 cluster_id  int64 [B]            cluster id, present only when a cluster table is attached
 =========== ==================== ===================================================================
 """
@@ -57,7 +58,7 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 VIEW1, VIEW2 = "view1", "view2"
-BATCH_META = ("image_id", "label", "domain", "x", "y", "cluster_id")
+BATCH_META = ("image_id", "label", "domain", "x", "y", "heading", "cluster_id")
 
 UNLABELED = -1
 SPLITS = ("train", "val", "test", "unlabeled")
