@@ -55,7 +55,7 @@ def resolve_data(cfg: PretrainConfig) -> tuple[pa.Table, dict[str, Path]]:
     A folder holding datasets side by side: its rover pool is pretrained on, its benchmarks evaluated.
     Any other folder: read as one dataset (auto-detected format) and pretrained on.
     With ``cfg.mix_ratio`` > 0 that fraction of the pool is replaced by out-of-domain images; with
-    ``cfg.cluster_ids`` the cluster table is attached (a sweep attaches its own and keeps ``instance`` here).
+    ``cfg.cluster_ids`` the cluster table is attached.
     """
     if cfg.data is None:
         from raysys.data.simulate import simulate
@@ -78,9 +78,6 @@ def resolve_data(cfg: PretrainConfig) -> tuple[pa.Table, dict[str, Path]]:
                                seed=cfg.seed)
     if cfg.cluster_ids:
         manifest = attach_cluster_file(manifest, cfg.cluster_ids)
-    elif cfg.pair_rule == "cluster" and "cluster_id" not in manifest.column_names:
-        raise ConfigError("--pair-rule cluster needs cluster ids; pass --cluster-ids FILE "
-                          "(from `raysys cluster --k K --out FILE`)")
     if manifest.num_rows < cfg.batch_size:
         raise ConfigError(
             f"the pretraining pool at {pool_root} has {manifest.num_rows} images, fewer than one batch "
@@ -400,6 +397,9 @@ def pretrain(
     cfg.validate()
     if manifest is None:
         manifest, benchmarks = resolve_data(cfg)  # fails fast, before Ray starts
+    if cfg.pair_rule == "cluster" and "cluster_id" not in manifest.column_names:
+        raise ConfigError("--pair-rule cluster needs cluster ids; pass --cluster-ids FILE "
+                          "(from `raysys cluster --k K --out FILE`)")
     complete_spatial_defaults(cfg, manifest)
     init_ray()
     check_cluster(cfg, concurrent)  # before anything is written: a rejected run leaves the folder as it was
