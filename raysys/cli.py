@@ -1,4 +1,5 @@
-"""The ``raysys`` command: ``simulate``, ``pretrain``, ``cluster``, ``linear-eval``, ``fn-sim``, ``positions``.
+"""The ``raysys`` command: ``simulate``, ``pretrain``, ``cluster``, ``linear-eval``, ``fn-sim``, ``positions``,
+``visualize``, ``report``.
 
 Arguments are validated before any heavy import or Ray start, so a bad value costs a second, not a
 cluster start; such errors print one line and exit with code 2.
@@ -23,7 +24,7 @@ def _pretrain(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raysys import clustering, evaluate, fnsim, positions
+    from raysys import clustering, evaluate, fnsim, html_report, positions, visualize
     from raysys.data import simulate
 
     parser = argparse.ArgumentParser(prog="raysys", description=__doc__.splitlines()[0])
@@ -46,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("positions", help="build the positions.csv sidecar from NASA raw-image metadata")
     positions.configure_parser(p)
     p.set_defaults(func=positions.run)
+    p = sub.add_parser("visualize", help="t-SNE of an encoder's features drawn with image thumbnails, and a "
+                       "TensorBoard projector")
+    visualize.configure_parser(p)
+    p.set_defaults(func=visualize.run)
+    p = sub.add_parser("report", help="write DIR/report.html: one self-contained page of an experiment")
+    html_report.configure_parser(p)
+    p.set_defaults(func=html_report.run)
     return parser
 
 

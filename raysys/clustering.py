@@ -458,7 +458,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"raysys cluster: error: {exc}", file=sys.stderr)
         return 2
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+        from raysys.train import init_ray
+
+        init_ray()
     for k in ks:
         try:
             table = cluster_assignments(manifest, args.encoder, k, seed=args.seed, cache_dir=args.cache_dir,

@@ -1,8 +1,13 @@
-"""The supervised baseline: the same backbone trained from scratch with labels on a benchmark's train split.
+"""The supervised baseline -- the same backbone trained from scratch with labels on a benchmark's train
+split -- and fine-tuning of a pretrained encoder, in one training loop.
 
 Every comparison in the paper (Fig. 3, the horizontal line of Fig. 5, Table 2) puts "supervised" beside the
-contrastive encoders; this module produces it. Plain PyTorch, no Ray: a sweep runs it inside a Ray task
-that already holds the right resources.
+contrastive encoders; this module produces it. Fine-tuning (:func:`fine_tune`, or ``init_model=`` of
+:func:`train_supervised`) is the third read-out beside the frozen linear probe and the from-scratch
+baseline: it starts from the pretrained weights (the caller's model is copied, never changed) and trains
+the backbone with a lower learning rate (default ``lr / 10``) than the new linear head (``lr``), so the
+pretrained features are adapted rather than overwritten by the head's large early gradients.
+Plain PyTorch, no Ray: a sweep runs it inside a Ray task that already holds the right resources.
 
 Recipe (documented choices):
 
@@ -24,12 +29,13 @@ Recipe (documented choices):
 Outputs in ``out_dir``: ``model.pt`` in the trainer's format (``model``, ``model_spec``, ``config``; the
 projector stays at its initial weights, only the backbone was trained) so :func:`raysys.evaluate.load_model`
 and the linear evaluation work on it unchanged, plus the trained head under ``classifier``; and
-``supervised.json`` with the classifier's own test and val metrics, the majority baseline, the per-epoch
-history and timings.
+``supervised.json`` (``fine-tune.json`` when fine-tuning) with the classifier's own test and val metrics,
+the majority baseline, the per-epoch history and timings.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -44,8 +50,10 @@ from raysys.config import BACKBONES
 from raysys.data.augment import AugmentConfig, augment as augment_batch, to_float
 from raysys.data.decode import load_images
 from raysys.evaluate import (
+    DEFAULT_IMAGE_SIZE,
     LABELED_SPLITS,
     MODEL_FILE,
+    _load_saved,
     classification_metrics,
     load_benchmark,
     majority_baseline,
@@ -54,12 +62,15 @@ from raysys.evaluate import (
 from raysys.models import ContrastiveModel
 
 RESULT_FILE = "supervised.json"
+FINE_TUNE_FILE = "fine-tune.json"
+FINE_TUNE_BACKBONE_LR_FACTOR = 0.1  # fine-tuning's default backbone lr, relative to the head's
 # SimCLR's defaults (AugmentConfig) with a classifier-friendly crop scale; see the module docstring.
 SUPERVISED_AUGMENT = {"crop_scale": (0.5, 1.0)}
 _EVAL_BATCH = 512
 
 
-def _check_settings(backbone, width, image_size, epochs, batch_size, lr, weight_decay, augment) -> AugmentConfig:
+def _check_settings(backbone, width, image_size, epochs, batch_size, lr, backbone_lr, weight_decay,
+                    augment) -> AugmentConfig:
     """Validate the cheap arguments before any image is decoded; return the augmentation config."""
     checks = [
         (backbone in BACKBONES, f"backbone {backbone!r} is unknown; choose one of {list(BACKBONES)}"),
@@ -69,6 +80,7 @@ def _check_settings(backbone, width, image_size, epochs, batch_size, lr, weight_
         (isinstance(batch_size, int) and batch_size >= 2,
          f"batch_size must be an integer >= 2 (got {batch_size!r}); BatchNorm needs two samples per batch"),
         (lr > 0, f"lr must be > 0 (got {lr})"),
+        (backbone_lr is None or backbone_lr > 0, f"backbone_lr must be > 0 (got {backbone_lr})"),
         (weight_decay >= 0, f"weight_decay must be >= 0 (got {weight_decay})"),
     ]
     for ok, message in checks:
@@ -103,6 +115,23 @@ def _seeded_model(backbone: str, width: float, small_stem: bool, num_classes: in
         model = ContrastiveModel(backbone, width, small_stem)
         head = nn.Linear(model.feature_dim, num_classes)
     return model, head
+
+
+def _seeded_head(feature_dim: int, num_classes: int, seed: int) -> nn.Linear:
+    """A linear head initialised from ``seed`` without touching torch's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Linear(feature_dim, num_classes)
+
+
+def _initial_model(init_model) -> tuple[ContrastiveModel, str]:
+    """A private copy of the pretrained model (a :class:`ContrastiveModel` or a saved-model path) in train
+    mode on CPU, and how to name its origin in the results."""
+    if isinstance(init_model, ContrastiveModel):
+        return copy.deepcopy(init_model).cpu().train(), "ContrastiveModel object"
+    if isinstance(init_model, (str, Path)):
+        return _load_saved(init_model)[0].train(), str(Path(init_model).resolve())
+    raise ValueError(f"init_model must be a ContrastiveModel or a saved-model path, got {type(init_model).__name__}")
 
 
 @torch.no_grad()
@@ -154,18 +183,28 @@ def train_supervised(
     augment: dict | None = None,
     device=None,
     progress: bool = True,
+    init_model=None,
+    backbone_lr: float | None = None,
 ) -> dict:
-    """Train the backbone + a linear head from scratch with labels on ``benchmark_root``'s train split.
+    """Train the backbone + a linear head with labels on ``benchmark_root``'s train split: from scratch, or,
+    with ``init_model`` (a :class:`ContrastiveModel` or saved-model path), fine-tuned from its weights.
 
-    Writes ``out_dir/model.pt`` (the trainer's format, loadable by :func:`raysys.evaluate.load_model`) and
-    ``out_dir/supervised.json`` (test metrics of the trained classifier via
-    :func:`raysys.evaluate.classification_metrics`, val metrics, majority baseline, history, timing).
-    Returns the dict written to ``supervised.json`` plus ``model_path``. Bad arguments or a benchmark
-    without train/test rows raise a one-line :class:`ValueError` before any image is decoded.
+    When fine-tuning, the architecture is ``init_model``'s (``backbone``, ``width`` and ``small_stem`` are
+    ignored), the caller's model is left unchanged, and the backbone learns at ``backbone_lr`` (default
+    ``lr / 10``) while the new head learns at ``lr``; from scratch both use ``lr`` unless ``backbone_lr``
+    is given. Writes ``out_dir/model.pt`` (the trainer's format, loadable by
+    :func:`raysys.evaluate.load_model`) and ``out_dir/supervised.json`` or ``fine-tune.json`` (test
+    metrics of the trained classifier via :func:`raysys.evaluate.classification_metrics`, val metrics,
+    majority baseline, history, timing). Returns that dict plus ``model_path``. Bad arguments or a
+    benchmark without train/test rows raise a one-line :class:`ValueError` before any image is decoded.
     """
     t_start = time.perf_counter()
-    aug_cfg = _check_settings(backbone, width, image_size, epochs, batch_size, lr, weight_decay, augment)
+    aug_cfg = _check_settings(backbone, width, image_size, epochs, batch_size, lr, backbone_lr, weight_decay, augment)
     manifest, names = load_benchmark(benchmark_root)
+    init, init_name = _initial_model(init_model) if init_model is not None else (None, None)
+    method = "supervised" if init is None else "fine-tune"
+    if backbone_lr is None:
+        backbone_lr = lr if init is None else lr * FINE_TUNE_BACKBONE_LR_FACTOR
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
 
     data, skipped = _decode_splits(manifest, image_size)
@@ -177,21 +216,27 @@ def train_supervised(
         raise ValueError(f"benchmark {benchmark_root} has a single decodable train image; supervised training needs at least 2")
     t_decoded = time.perf_counter()
 
-    model, head = _seeded_model(backbone, width, small_stem, len(names), seed)
+    if init is None:
+        model, head = _seeded_model(backbone, width, small_stem, len(names), seed)
+    else:
+        model, head = init, _seeded_head(init.feature_dim, len(names), seed)
+        backbone, width, small_stem = init.spec["backbone_name"], init.spec["width"], init.spec["small_stem"]
+    init_digest = None if init is None else model_digest(model)
     model.to(device)
     head.to(device)
     on_device = {s: (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)) for s, (x, y) in data.items()}
     train_x, train_y = on_device["train"]
     steps_per_epoch = 1 if len(train_y) <= batch_size else len(train_y) // batch_size
-    # only the backbone and the head learn; the projector stays at init (it is not used here)
-    optimizer = torch.optim.Adam([*model.backbone.parameters(), *head.parameters()], lr=lr, weight_decay=weight_decay)
+    # only the backbone and the head learn; the projector stays as it was (it is not used here)
+    optimizer = torch.optim.Adam([{"params": model.backbone.parameters(), "lr": backbone_lr},
+                                  {"params": head.parameters(), "lr": lr}], weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step / (epochs * steps_per_epoch), 1.0))))
     shuffle_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator().manual_seed(seed + 1)  # own stream: shuffling and augmentation draws stay apart
 
     history = []
-    bar = tqdm(range(epochs), desc="supervised", unit="epoch", disable=not progress)
+    bar = tqdm(range(epochs), desc=method, unit="epoch", disable=not progress)
     for epoch in bar:
         loss, train_acc = _train_epoch(model, head, optimizer, scheduler, train_x, train_y, aug_cfg, batch_size,
                                        shuffle_gen, aug_gen)
@@ -205,11 +250,12 @@ def train_supervised(
 
     train_y_np, test_y_np = data["train"][1], data["test"][1]
     result = {
-        "method": "supervised",
+        "method": method,
         "benchmark": str(Path(benchmark_root).resolve()),
         "class_names": names,
-        "config": _settings(backbone, width, small_stem, image_size, epochs, batch_size, lr, weight_decay, seed,
-                            aug_cfg),
+        "config": {**_settings(backbone, width, small_stem, image_size, epochs, batch_size, lr, weight_decay, seed,
+                               aug_cfg), "method": method, "backbone_lr": backbone_lr,
+                   **({} if init is None else {"init_model": init_name, "init_model_digest": init_digest})},
         "metrics": classification_metrics(test_y_np, _predict(model, head, on_device["test"][0], image_size),
                                           len(names)),
         "train_accuracy": float(np.mean(_predict(model, head, train_x, image_size) == train_y_np)),
@@ -234,8 +280,25 @@ def train_supervised(
         "train_images_per_s": epochs * steps_per_epoch * min(batch_size, len(train_y)) / max(t_trained - t_decoded, 1e-9),
         "total_s": t_end - t_start,
     }
-    (Path(out_dir) / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    (Path(out_dir) / (RESULT_FILE if init is None else FINE_TUNE_FILE)).write_text(json.dumps(result, indent=2))
     return {**result, "model_path": str(model_path)}
+
+
+def fine_tune(
+    model_or_path, benchmark_root, out_dir, epochs: int = 30, *, lr: float = 1e-3, backbone_lr: float | None = None,
+    image_size: int | None = None, batch_size: int = 128, weight_decay: float = 1e-6, seed: int = 0,
+    augment: dict | None = None, device=None, progress: bool = True,
+) -> dict:
+    """Fine-tuning evaluation: :func:`train_supervised` started from a pretrained encoder (a
+    :class:`ContrastiveModel` or a run folder / checkpoint / ``model.pt``), backbone unfrozen at
+    ``backbone_lr`` (default ``lr / 10``), new head at ``lr``. ``image_size`` defaults to the saved run's,
+    else to :data:`raysys.evaluate.DEFAULT_IMAGE_SIZE`. Writes ``model.pt`` and ``fine-tune.json``."""
+    if image_size is None:
+        config = {} if isinstance(model_or_path, ContrastiveModel) else _load_saved(model_or_path)[1]
+        image_size = int(config.get("image_size") or DEFAULT_IMAGE_SIZE)
+    return train_supervised(benchmark_root, out_dir, image_size=image_size, epochs=epochs, batch_size=batch_size,
+                            lr=lr, weight_decay=weight_decay, seed=seed, augment=augment, device=device,
+                            progress=progress, init_model=model_or_path, backbone_lr=backbone_lr)
 
 
 def _settings(backbone, width, small_stem, image_size, epochs, batch_size, lr, weight_decay, seed, aug_cfg) -> dict:

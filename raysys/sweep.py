@@ -366,7 +366,10 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
     errors = [str(r.error).splitlines()[0] for r in grid if r.error]
     report.write_results_csv(rows, out / "results.csv")
     files = write_summary(spec, rows, errors)
-    publish_files(out, spec.storage, ["sweep.json", "results.csv", *files])
+    from raysys.html_report import write_report
+
+    print(f"report: {write_report(out)}")
+    publish_files(out, spec.storage, ["sweep.json", "results.csv", "report.html", *files])
     return rows
 
 

@@ -318,7 +318,9 @@ def train_loop(config: dict) -> dict:
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (e.g. under ``ray job submit``) or start a local one."""
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        address = os.environ.get("RAY_ADDRESS")
+        local = {} if address else {"dashboard_host": "127.0.0.1"}  # a local dashboard never faces the network
+        ray.init(address=address, log_to_driver=True, **local)
 
 
 def _knn_monitor_data(cfg: PretrainConfig, benchmarks: dict):

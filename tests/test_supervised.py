@@ -1,6 +1,7 @@
 """Supervised baseline: learns an easy benchmark (beats the majority class), is deterministic from its seed,
 writes a model.pt the linear evaluation loads unchanged (checked against predictions recomputed from the
-file), and rejects bad input with one-line errors before any work."""
+file), and rejects bad input with one-line errors before any work. Fine-tuning starts from the given weights
+(first step sees them exactly), trains the backbone at a lower rate, and leaves the caller's model alone."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from PIL import Image
 
 from raysys import evaluate as ev
 from raysys.models import ContrastiveModel
-from raysys.supervised import RESULT_FILE, train_supervised
+from raysys import supervised
+from raysys.supervised import RESULT_FILE, fine_tune, train_supervised
 
 torch.set_num_threads(1)
 
@@ -154,3 +156,82 @@ def test_bad_input_raises_one_line_value_error_before_work(bench, tmp_path):
     assert "crop_scal" in _one_line_error(
         lambda: train_supervised(bench, out, augment={"crop_scal": [0.5, 1]}, progress=False))
     assert not out.exists()  # nothing was written
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def pretrained_model(folder):
+    """A stand-in pretrained encoder (seeded random weights, BatchNorm statistics moved off their init so
+    loading them is visible), saved in the trainer's model.pt format."""
+    torch.manual_seed(5)
+    model = ContrastiveModel("resnet18", 0.125, small_stem=True)
+    with torch.no_grad():
+        model.train()(torch.rand(8, 3, SIZE, SIZE))  # one forward pass in train mode updates running stats
+    model.eval()
+    folder.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "model_spec": model.spec, "config": {"image_size": SIZE}},
+               folder / "model.pt")
+    return model
+
+
+def record_first_epoch(monkeypatch):
+    """Wrap the training epoch to record the model's tensors and the optimizer's groups at its first call."""
+    seen = {}
+    real = supervised._train_epoch
+
+    def wrapper(model, head, optimizer, *args):
+        if not seen:
+            seen["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            seen["groups"] = [(g["lr"], [id(p) for p in g["params"]]) for g in optimizer.param_groups]
+            seen["backbone"] = [id(p) for p in model.backbone.parameters()]
+            seen["head"] = [id(p) for p in head.parameters()]
+        return real(model, head, optimizer, *args)
+
+    monkeypatch.setattr(supervised, "_train_epoch", wrapper)
+    return seen
+
+
+def test_fine_tune_starts_from_the_pretrained_weights_and_trains_the_backbone(bench, tmp_path, monkeypatch):
+    pretrained = pretrained_model(tmp_path / "pretrained")
+    before = {k: v.clone() for k, v in pretrained.state_dict().items()}
+    seen = record_first_epoch(monkeypatch)
+    out = tmp_path / "fine-tuned"
+    result = fine_tune(tmp_path / "pretrained", bench, out, epochs=3, lr=3e-3, batch_size=8, progress=False)
+
+    # the first training step sees exactly the pretrained weights and BatchNorm statistics
+    assert seen["state"].keys() == before.keys()
+    assert all(torch.equal(seen["state"][k], before[k]) for k in before)
+    # backbone at lr / 10, head at lr
+    assert [lr for lr, _ in seen["groups"]] == pytest.approx([3e-4, 3e-3])
+    assert [ids for _, ids in seen["groups"]] == [seen["backbone"], seen["head"]]
+
+    saved = torch.load(out / "model.pt", weights_only=True)
+    assert saved["config"]["method"] == "fine-tune" and saved["config"]["backbone_lr"] == pytest.approx(3e-4)
+    assert saved["config"]["image_size"] == SIZE  # taken from the pretrained run's config
+    assert saved["config"]["init_model_digest"] == ev.model_digest(pretrained)
+    assert not torch.equal(saved["model"]["backbone.conv1.weight"], before["backbone.conv1.weight"])
+    assert all(torch.equal(saved["model"][k], before[k]) for k in before if k.startswith("projector."))
+    assert (out / supervised.FINE_TUNE_FILE).is_file() and not (out / RESULT_FILE).exists()
+    assert result["method"] == "fine-tune" and result["metrics"]["n_test"] == sum(SPLITS["test"])
+
+    # unlike fine-tuning, the linear probe leaves the same pretrained backbone untouched
+    report = ev.evaluate(ev.load_model(tmp_path / "pretrained"), bench, tmp_path, "probe", SIZE, epochs=5,
+                         progress=False)
+    assert report["model_digest"] == ev.model_digest(pretrained)
+
+
+def test_fine_tune_from_a_model_object_leaves_it_unchanged_and_equals_the_file_route(bench, tmp_path):
+    pretrained = pretrained_model(tmp_path / "pretrained")
+    digest = ev.model_digest(pretrained)
+    settings = dict(epochs=2, lr=3e-3, batch_size=8, image_size=SIZE, progress=False)
+    fine_tune(pretrained, bench, tmp_path / "from-object", **settings)
+    assert ev.model_digest(pretrained) == digest and not pretrained.training
+    fine_tune(tmp_path / "pretrained", bench, tmp_path / "from-file", **settings)
+    a = torch.load(tmp_path / "from-object" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "from-file" / "model.pt", weights_only=True)
+    for part in ("model", "classifier"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert "does not exist" in _one_line_error(lambda: fine_tune(tmp_path / "nowhere", bench, tmp_path / "x"))
+    assert "backbone_lr" in _one_line_error(
+        lambda: train_supervised(bench, tmp_path / "x", init_model=pretrained, backbone_lr=0.0, progress=False))

@@ -1,0 +1,378 @@
+"""One self-contained HTML page per experiment folder: ``raysys report DIR`` writes ``DIR/report.html``.
+
+The page opens offline and from anywhere: figures are embedded as ``data:image/png;base64`` URIs, the
+style sheet is inline, there is no script. Every text taken from the folder is HTML-escaped. It shows:
+
+* how to reproduce the experiment: the ``command`` of ``sweep.json`` (:class:`raysys.sweep.SweepSpec`)
+  and any top-level ``command`` key of the folder's other JSON files;
+* the best trial of ``results.csv`` (highest ``msl_acc``);
+* the results: mean ± std over seeds (:func:`raysys.report.group` / :func:`raysys.report.results_table`)
+  and one row per trial;
+* the linear evaluations of the folder (``eval-*.json``) and the tables of ``summary.json``;
+* every other table at the top of the folder: ``*.csv`` / ``*.tsv`` as tables, ``*.md`` through a small
+  markdown converter (tables, headings, lists, paragraphs);
+* every figure (``*.png``) of the experiment, see :func:`find_figures` for which folders are left out;
+* the configuration: ``sweep.json``, ``config.json`` and every other top-level JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from raysys import report
+from raysys.config import ConfigError
+
+REPORT_FILE = "report.html"
+MAX_TABLE_ROWS = 500  # a longer CSV is cut, with a note: the page must stay light enough to open
+# Folders that hold run internals, not figures of the experiment (see find_figures).
+SKIPPED_DIRS = frozenset({"ray", "tb", "cache", "feature-cache", "projector", "checkpoints"})
+TUNE_MARKERS = ("tuner.pkl", "experiment_state-*.json")
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: .8em 0; font-size: 90%; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; vertical-align: top; }
+th { background: #f0f0f0; }
+tr.best td { background: #fff3c4; font-weight: bold; }
+pre { background: #f6f6f6; padding: .8em; overflow-x: auto; white-space: pre-wrap; word-break: break-all; }
+code { background: #f0f0f0; padding: 0 .2em; }
+figure { margin: 1.5em 0; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { color: #555; font-size: 90%; }
+.note { color: #666; font-style: italic; }
+"""
+
+
+def _e(value) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+# ----------------------------------------------------------------------------- what the folder holds
+
+
+def _is_tune_experiment(folder: Path) -> bool:
+    return any(any(folder.glob(marker)) for marker in TUNE_MARKERS)
+
+
+def find_figures(root: str | Path) -> list[Path]:
+    """Every ``*.png`` of the experiment under ``root`` (recursively), sorted: the top folder's first, then
+    by path. Left out are folders of run internals: hidden ones (``.*``), ``ray/`` (Ray Train / Tune
+    storage), ``tb/`` (TensorBoard logs), ``cache/`` and ``feature-cache/``, ``projector/`` (its
+    ``sprite.png`` is a TensorBoard sprite sheet, not a figure), ``checkpoints/`` and ``checkpoint_*``,
+    and Tune experiment folders (holding ``tuner.pkl`` or ``experiment_state-*.json``)."""
+    root = Path(root)
+    found, stack = [], [root]
+    while stack:
+        folder = stack.pop()
+        for entry in sorted(folder.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                skip = (entry.name in SKIPPED_DIRS or entry.name.startswith("checkpoint_")
+                        or _is_tune_experiment(entry))
+                if not skip:
+                    stack.append(entry)
+            elif entry.suffix.lower() == ".png" and entry.is_file():
+                found.append(entry)
+    return sorted(found, key=lambda p: (len(p.relative_to(root).parts) > 1, str(p.relative_to(root))))
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return {"error": f"unreadable JSON: {exc}"}
+
+
+def _commands(jsons: dict[str, object]) -> list[tuple[str, str]]:
+    """``(file, command)`` of every top-level JSON file with a ``command`` string (sweep.json first)."""
+    ordered = sorted(jsons, key=lambda name: (name != "sweep.json", name))
+    return [(name, jsons[name]["command"]) for name in ordered
+            if isinstance(jsons[name], dict) and isinstance(jsons[name].get("command"), str) and jsons[name]["command"]]
+
+
+# ----------------------------------------------------------------------------- HTML pieces
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return "–" if value is None or value == "" else str(value)
+
+
+def html_table(header: list, rows: list[list], row_classes: list[str] | None = None) -> str:
+    """An HTML table of already-formatted cell values (escaped here)."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        cls = f' class="{_e(row_classes[i])}"' if row_classes and row_classes[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{_e(_cell(v))}</td>" for v in row) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _inline_md(text: str) -> str:
+    """Escape, then the inline markdown the project writes: `code`, **bold**, and image references
+    turned into links to the embedded figure (the figure itself is shown once, under Figures)."""
+    out = _e(text)
+    out = re.sub(r"!\[([^\]]*)\]\(([^)]*)\)", lambda m: f'<a href="#fig-{_anchor(html.unescape(m.group(2)))}">'
+                 f"figure: {m.group(1)}</a>", out)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+
+
+def _md_row(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def markdown_to_html(text: str) -> str:
+    """A small markdown converter for the project's own files: pipe tables, ``#`` headings, ``-`` lists,
+    paragraphs, inline code and bold. Everything else is shown as escaped text."""
+    out, paragraph, items = [], [], []
+    lines = text.splitlines()
+
+    def flush():
+        if paragraph:
+            out.append("<p>" + " ".join(_inline_md(p) for p in paragraph) + "</p>")
+            paragraph.clear()
+        if items:
+            out.append("<ul>" + "".join(f"<li>{_inline_md(i)}</li>" for i in items) + "</ul>")
+            items.clear()
+
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        if line.startswith("|"):
+            flush()
+            block = []
+            while i < len(lines) and lines[i].strip().startswith("|"):
+                block.append(_md_row(lines[i]))
+                i += 1
+            body = [r for r in block[1:] if not all(re.fullmatch(r":?-{3,}:?", c) for c in r)]
+            head = "".join(f"<th>{_inline_md(c)}</th>" for c in block[0])
+            rows = "".join("<tr>" + "".join(f"<td>{_inline_md(c)}</td>" for c in r) + "</tr>" for r in body)
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            continue
+        heading = re.match(r"(#{1,6})\s+(.*)", line)
+        if heading:
+            flush()
+            level = min(6, len(heading.group(1)) + 2)  # under the page's own h1/h2
+            out.append(f"<h{level}>{_inline_md(heading.group(2))}</h{level}>")
+        elif line.startswith(("- ", "* ")):
+            if paragraph:
+                flush()
+            items.append(line[2:])
+        elif not line:
+            flush()
+        else:
+            if items:
+                flush()
+            paragraph.append(line)
+        i += 1
+    flush()
+    return "\n".join(out)
+
+
+def _anchor(relpath: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", relpath)
+
+
+def _figure(path: Path, root: Path) -> str:
+    rel = path.relative_to(root).as_posix()
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure id="fig-{_e(_anchor(rel))}"><img alt="{_e(rel)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{_e(rel)}</figcaption></figure>")
+
+
+def _delimited_table(path: Path) -> str:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f, delimiter=delimiter))
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        return f'<p class="note">{_e(path.name)} could not be read: {_e(exc)}</p>'
+    if not rows:
+        return f'<p class="note">{_e(path.name)} is empty.</p>'
+    body = rows[1 : MAX_TABLE_ROWS + 1]
+    cut = len(rows) - 1 - len(body)
+    note = f'<p class="note">first {MAX_TABLE_ROWS} of {len(rows) - 1} rows shown</p>' if cut else ""
+    return html_table(rows[0], body) + note
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _section(title: str, body: str, anchor: str) -> str:
+    return f'<section id="{anchor}"><h2>{_e(title)}</h2>\n{body}\n</section>'
+
+
+def _reproduce_section(commands: list[tuple[str, str]]) -> str:
+    if not commands:
+        return '<p class="note">No command is recorded in this folder\'s JSON files.</p>'
+    return "\n".join(f"<p>From <code>{_e(name)}</code>:</p><pre>{_e(cmd)}</pre>" for name, cmd in commands)
+
+
+def best_trial(rows: list[dict]) -> dict | None:
+    """The result row with the highest ``msl_acc`` (None when no row has one)."""
+    scored = [r for r in rows if isinstance(r.get("msl_acc"), (int, float))]
+    return max(scored, key=lambda r: r["msl_acc"], default=None)
+
+
+def _best_section(best: dict, root: Path, commands: list[tuple[str, str]]) -> str:
+    keys = [k for k in report.RESULT_COLUMNS if best.get(k) not in (None, "")]
+    parts = [html_table(["", "value"], [[k, best[k]] for k in keys])]
+    trial_dir = root / "trials" / str(best["trial"])
+    if trial_dir.is_dir():
+        parts.append(f"<p>Its run folder: <code>{_e(trial_dir)}</code> (settings in <code>config.json</code>).</p>")
+    if commands:
+        parts.append("<p>Reproduce it: this command reruns the experiment, this trial included "
+                     f"(from <code>{_e(commands[0][0])}</code>):</p><pre>{_e(commands[0][1])}</pre>")
+    return "\n".join(parts)
+
+
+def _results_section(rows: list[dict], best: dict | None, sweep: dict) -> str:
+    """The grouped table as the sweep drew it (``param``/``swept``/``plot`` of sweep.json; a K sweep when
+    absent), then one row per trial with the best one marked."""
+    groups = report.group(rows)
+    if sweep.get("plot") == "bars":
+        table = report.methods_table(groups)
+    else:
+        table = report.results_table(groups, sweep.get("param") or "k", tuple(sweep.get("swept") or ("cluster",)))
+    known = list(report.RESULT_COLUMNS) + sorted({k for r in rows for k in r} - set(report.RESULT_COLUMNS))
+    columns = [c for c in known if any(r.get(c) not in (None, "") for r in rows)]  # no all-empty columns
+    classes = ["best" if best is not None and r is best else "" for r in rows]
+    per_trial = html_table(columns, [[r.get(c) for c in columns] for r in rows], classes)
+    return (f"<h3>Mean ± std over seeds (accuracies in %)</h3>{markdown_to_html(table)}"
+            f"<h3>Every trial (<code>results.csv</code>)</h3>{per_trial}")
+
+
+def _eval_section(evals: dict[str, dict]) -> str:
+    header = ["file", "benchmark", "accuracy", "balanced accuracy", "majority accuracy", "test images", "feature dim"]
+    rows = []
+    for name, r in sorted(evals.items()):
+        metrics, majority = r.get("metrics") or {}, r.get("majority") or {}
+        rows.append([name, r.get("benchmark"), metrics.get("accuracy"), metrics.get("balanced_accuracy"),
+                     majority.get("accuracy"), metrics.get("n_test"), r.get("feature_dim")])
+    return html_table(header, rows)
+
+
+def _record_tables(name: str, data) -> str:
+    """Every top-level list of flat records in a JSON file as a table (e.g. summary.json's linear_eval)."""
+    parts = []
+    for key, value in data.items() if isinstance(data, dict) else []:
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            columns = list(dict.fromkeys(k for v in value for k in v))
+            parts.append(f"<h3>{_e(name)}: {_e(key)}</h3>" + html_table(columns, [[v.get(c) for c in columns] for v in value]))
+    return "\n".join(parts)
+
+
+def _flatten(data: dict, prefix: str = "") -> list[list]:
+    """``[[dotted key, value]]`` of a JSON object, nested objects spelled out (``base.epochs``)."""
+    rows = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            rows += _flatten(value, f"{prefix}{key}.")
+        else:
+            rows.append([f"{prefix}{key}", value])
+    return rows
+
+
+def _config_section(jsons: dict[str, object]) -> str:
+    """Each JSON file as a key/value table (when it is a modest object) and its raw text, folded."""
+    ordered = sorted(jsons, key=lambda n: (n not in ("sweep.json", "config.json"), n))
+    parts = []
+    for name in ordered:
+        data = jsons[name]
+        flat = _flatten(data) if isinstance(data, dict) else []
+        table = html_table(["key", "value"], flat) if 0 < len(flat) <= 200 and len(json.dumps(data)) < 20000 else ""
+        open_attr = " open" if name in ("sweep.json", "config.json") else ""
+        parts.append(f"<details{open_attr}><summary><code>{_e(name)}</code></summary>{table}"
+                     f"<details><summary>raw JSON</summary><pre>{_e(json.dumps(data, indent=2, sort_keys=True))}</pre>"
+                     "</details></details>")
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def render_report(root: str | Path) -> str:
+    """The report page of folder ``root`` as an HTML string (see the module docstring)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"report: {root} is not a folder; pass an experiment or run folder (e.g. runs/sweep_k)")
+    jsons = {p.name: _read_json(p) for p in sorted(root.glob("*.json"))}
+    sweep = jsons.get("sweep.json") if isinstance(jsons.get("sweep.json"), dict) else {}
+    title = f"raysys report: {sweep.get('name') or root.resolve().name}"
+    commands = _commands(jsons)
+    rows = report.read_results_csv(root / "results.csv")
+    best = best_trial(rows)
+    evals = {n: d for n, d in jsons.items() if n.startswith("eval-") and isinstance(d, dict)}
+    tables = [p for p in sorted(root.iterdir()) if p.is_file() and p.suffix.lower() in (".csv", ".tsv", ".md")
+              and p.name != "results.csv"]
+    figures = find_figures(root)
+
+    sections = [_section("Reproduce", _reproduce_section(commands), "reproduce")]
+    if best is not None:
+        sections.append(_section(f"Best trial: {best['trial']}", _best_section(best, root, commands), "best"))
+    if rows:
+        sections.append(_section("Results", _results_section(rows, best, sweep), "results"))
+    if evals:
+        sections.append(_section("Linear evaluation", _eval_section(evals), "linear-eval"))
+    records = "\n".join(_record_tables(n, d) for n, d in jsons.items() if not n.startswith("eval-"))
+    if records.strip():
+        sections.append(_section("Summaries", records, "summaries"))
+    for path in tables:
+        body = markdown_to_html(path.read_text(errors="replace")) if path.suffix.lower() == ".md" else _delimited_table(path)
+        sections.append(_section(path.name, body, f"table-{_anchor(path.name)}"))
+    figure_body = "\n".join(_figure(p, root) for p in figures) or '<p class="note">No figures (*.png) found.</p>'
+    sections.append(_section(f"Figures ({len(figures)})", figure_body, "figures"))
+    sections.append(_section("Configuration", _config_section(jsons) or '<p class="note">No JSON files.</p>', "config"))
+    if not (rows or evals or jsons or tables or figures):
+        sections.insert(0, '<p class="note">This folder holds none of results.csv, *.json, *.csv, *.md, *.png.</p>')
+
+    generated = time.strftime("%Y-%m-%d %H:%M:%S")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+            f"<style>{STYLE}</style></head><body>\n<h1>{_e(title)}</h1>\n"
+            f'<p class="note">Folder <code>{_e(root.resolve())}</code>, generated {_e(generated)}.</p>\n'
+            + "\n".join(sections) + "\n</body></html>\n")
+
+
+def write_report(root: str | Path) -> Path:
+    """Write ``root/report.html`` (atomically) and return its path. A missing folder raises
+    :class:`~raysys.config.ConfigError`."""
+    page = render_report(root)
+    path = Path(root) / REPORT_FILE
+    report.write_atomic(path, page)
+    path.chmod(0o644)  # the temporary file it was renamed from is private; a report is meant to be shared
+    return path
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``raysys report``."""
+    p.add_argument("dir", help="experiment folder (a sweep's --out, or a pretraining run folder)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """``raysys report DIR``: write DIR/report.html; a missing folder: one line, exit 2."""
+    try:
+        path = write_report(args.dir)
+    except ConfigError as exc:
+        print(f"raysys report: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
