@@ -1,7 +1,7 @@
 """The three methods side by side (paper Fig. 3, Table 2): SimCLR baseline, mixed-domain (ratio 0.5),
 cluster-aware (a given K, or the best K of an earlier K sweep) and the supervised baseline, all on one
 pool size; a bar chart per benchmark and a Table 2-style table (false-negative pairs per batch, MSL and
-HiRISE accuracy).
+HiRISE accuracy by linear probe and by fine-tuning, beside supervised training from scratch).
 
     python experiments/compare_methods.py                              # demo preset, built-in data
     python experiments/compare_methods.py --k-from runs/sweep_k/results.csv
@@ -37,8 +37,9 @@ def configure(parser):
         k = best_k(args.k_from) if args.k_from else args.k or preset["ks"][0]
         variants = [variant("baseline"), variant("mixed", mix_ratio=args.mix_ratio), variant("cluster", k=k)]
         pretrain = {"max_images": args.max_images or preset["mix_images"], "mix_data": args.mix_data}
+        # Linear, fine-tuned and supervised side by side; fine-tuning gets the supervised baseline's budget.
         return dict(variants=variants, pretrain=pretrain, encoder=args.encoder, param="method", swept=[],
-                    plot="bars")
+                    plot="bars", fine_tune_epochs=preset["supervised_epochs"])
 
     return build
 

@@ -76,6 +76,7 @@ class SweepSpec:
     storage: str | None = None  # Tune state, trial checkpoints and results for every node; None: ``out``
     place_recognition: bool = False  # also score each encoder by place recognition on held-out traverses
     asha: bool = False  # stop unpromising trials early on the per-epoch kNN monitor (validation split)
+    fine_tune_epochs: int = 0  # also fine-tune every pretrained encoder on each benchmark (0: off)
     command: str = ""
 
     @property
@@ -154,6 +155,17 @@ def _evaluate(model_dir: Path, benchmarks: dict, cfg: PretrainConfig) -> dict:
                           epochs=cfg.eval_epochs, seed=cfg.seed, cache_dir=model_dir / "feature-cache",
                           progress=False)
         metrics.update(_accuracies(name, result["metrics"]))
+    return metrics
+
+
+def _fine_tune(model_dir: Path, benchmarks: dict, cfg: PretrainConfig, epochs: int) -> dict:
+    """Fine-tuning evaluation: the encoder unfrozen (backbone at a tenth of the head's lr) on each benchmark."""
+    from raysys.supervised import fine_tune
+
+    metrics = {}
+    for name, root in benchmarks.items():
+        result = fine_tune(model_dir, root, model_dir / f"fine-tune-{name}", epochs, seed=cfg.seed, progress=False)
+        metrics[f"{name}_ft_acc"] = result["metrics"]["accuracy"]
     return metrics
 
 
@@ -242,6 +254,8 @@ def run_trial(config: dict) -> None:
         ess_sigma=cfg.ess_sigma,
     )
     final.update(_evaluate(out, benchmarks, cfg))
+    if spec.fine_tune_epochs:
+        final.update(_fine_tune(out, benchmarks, cfg, spec.fine_tune_epochs))
     if spec.place_recognition:
         final.update(_place_recognition(out, cfg))
     _finish(out, cfg.storage, final)
@@ -431,6 +445,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    "Needed on a cluster of several machines")
     p.add_argument("--placement", choices=("PACK", "SPREAD", "STRICT_SPREAD"),
                    help="placement of each trial's Train workers over nodes (default PACK)")
+    p.add_argument("--fine-tune-epochs", type=int, help="also fine-tune each pretrained encoder for this many "
+                   "epochs per benchmark (beside the linear probe and the supervised baseline; default off)")
     p.add_argument("--asha", action="store_true", help="stop unpromising trials early (ASHA on the per-epoch "
                    "kNN monitor accuracy, measured on the validation split, never on test)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out (and --storage)")
@@ -458,11 +474,15 @@ def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None 
     seeds = args.seeds if args.seeds is not None else preset["seeds"]
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1 (got {seeds})")
+    if args.fine_tune_epochs is not None and args.fine_tune_epochs < 0:
+        raise ConfigError(f"--fine-tune-epochs must be >= 0 (got {args.fine_tune_epochs})")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be at least 1 (got {args.max_concurrent})")
     ks = [v["k"] for v in variants if v["method"] == "cluster"]
     if any(k < 2 for k in ks):
         raise ConfigError(f"--k values must be at least 2 (got {ks}): one cluster removes every negative")
+    if args.fine_tune_epochs is not None:  # the option wins over the script's default
+        fields["fine_tune_epochs"] = args.fine_tune_epochs
     if supervised and not args.no_supervised:
         variants = [*variants, variant("supervised")]
     spec = SweepSpec(

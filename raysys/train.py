@@ -319,7 +319,9 @@ def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (e.g. under ``ray job submit``) or start a local one."""
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        local = {} if address else {"dashboard_host": "127.0.0.1"}  # a local dashboard never faces the network
+        # Local: the dashboard on 127.0.0.1 only. It must run: Ray Train's PlacementGroupCleaner asks its state
+        # API whether a controller died (e.g. a trial stopped by ASHA), or that trial's CPUs are never freed.
+        local = {} if address else {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
         ray.init(address=address, log_to_driver=True, **local)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import runpy
+import time
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,11 @@ def test_compare_methods_table_and_bars(ray_session, tmp_path):
     summary = (out / "summary.md").read_text()
     for label in ("| baseline |", "| mixed r=0.5 |", "| cluster K=5 |", "| supervised |"):
         assert label in summary
-    assert "FN pairs per batch %" in summary
+    assert "FN pairs per batch %" in summary and "MSL fine-tuned %" in summary
+    for row in rows.values():  # linear probe and fine-tuning for pretrained encoders; supervised from scratch
+        tuned = row["method"] != "supervised"
+        assert (row["msl_ft_acc"] is not None) == tuned and (row["hirise_ft_acc"] is not None) == tuned
+    assert (out / "report.html").read_text().count("data:image/png;base64,") >= 2
     _assert_plots(out, "compare_methods")
 
 
@@ -106,3 +111,8 @@ def test_asha_stops_a_trial_early_on_the_validation_monitor(ray_session, tmp_pat
     assert bad["stopped_at_epoch"] is not None and bad["stopped_at_epoch"] < 4 and bad["msl_acc"] is None
     monitored = json.loads((out / "trials" / "baseline-t0.5-s0" / "config.json").read_text())["knn_monitor"]
     assert monitored == "msl"
+    # The stopped trial's Train workers must give their CPUs back, or every later trial would wait forever.
+    deadline = time.time() + 60
+    while ray_session.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(1)
+    assert ray_session.available_resources().get("CPU", 0) == 2, ray_session.available_resources()
