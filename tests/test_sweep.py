@@ -189,7 +189,7 @@ def test_job_on_two_nodes_survives_losing_a_node(tmp_path):
         _wait_for(lambda: (out / "trials" / first / "workers.json").exists() or job.poll() is not None, 600,
                   "the first trial to finish")
         checkpoints = shared / "trials" / second / "pretrain"
-        _wait_for(lambda: len(list(checkpoints.glob("checkpoint_*"))) >= 2 or job.poll() is not None, 600,
+        _wait_for(lambda: len([p for p in checkpoints.glob("checkpoint_*") if p.is_dir()]) >= 2 or job.poll() is not None, 600,
                   "the second trial's second checkpoint")
         time.sleep(3)  # Train registers a reported checkpoint on its 2 s poll: let the first one register
         assert not (out / "trials" / second / "final.json").exists(), "the second trial ended before the node loss"

@@ -52,6 +52,11 @@ def test_smoke_pretrain_and_linear_eval(ray_session, builtin_root, tmp_path):
     assert ("msl", "majority class") in encoders and ("hirise", "pretrained") in encoders
 
 
+def _checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint folders (not Train's checkpoint_manager_snapshot.json)."""
+    return [p for p in folder.rglob("checkpoint_*") if p.is_dir()]
+
+
 def _train_worker_pids() -> list[int]:
     """PIDs of live Ray Train worker processes (Ray names their process title after the actor class)."""
     pids = []
@@ -73,9 +78,9 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, builtin_root, tmp_pa
     thread.start()
     storage = tmp_path / "run" / "ray"
     deadline = time.time() + 300
-    while len(list(storage.rglob("checkpoint_*"))) < 2 and time.time() < deadline:
+    while len(_checkpoints(storage)) < 2 and time.time() < deadline:
         time.sleep(0.2)
-    assert len(list(storage.rglob("checkpoint_*"))) >= 2, "no checkpoints were written"
+    assert len(_checkpoints(storage)) >= 2, "no checkpoints were written"
     # The controller registers reported checkpoints on its 2 s health-check poll; a checkpoint still
     # unregistered when the worker dies is lost (the epoch is redone), so let one poll pass.
     time.sleep(3)
@@ -93,7 +98,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, builtin_root, tmp_pa
 
 
 def _latest_state(out: Path) -> dict:
-    latest = max((out / "ray" / "pretrain").glob("checkpoint_*"), key=lambda p: p.name)
+    latest = max(_checkpoints(out / "ray" / "pretrain"), key=lambda p: p.name)
     return torch.load(latest / "state.pt", weights_only=True)
 
 
