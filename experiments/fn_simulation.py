@@ -29,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from raysys import fnsim
+from raysys.html_report import write_report
 from raysys.report import write_atomic
 
 PRESETS = {
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                "panels": panels, "table2": rows2}
     write_atomic(out / "results.json", json.dumps(results, indent=1))
     write_atomic(out / "fn-simulation.md", markdown(panels, rows2, args.preset, preset["batches"]))
-    print(f"wrote {out}/fn-simulation.md, results.json and 3 plots")
+    print(f"wrote {out}/fn-simulation.md, results.json and 3 plots; report: {write_report(out)}")
     return 0
 
 

@@ -9,6 +9,7 @@ import torch
 
 from raysys.config import PretrainConfig
 from raysys.evaluate import evaluate, load_model
+from raysys.html_report import write_report
 from raysys.models import ContrastiveModel
 from raysys.train import pretrain
 
@@ -52,4 +53,5 @@ def pretrain_and_evaluate(cfg: PretrainConfig, run_eval: bool = True) -> dict:
         print(format_table(rows))
     summary = {"metrics": metrics, "linear_eval": rows, "skipped_files": run["skipped_files"]}
     (Path(run["out"]) / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"report: {write_report(run['out'])}")
     return summary

@@ -461,4 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     print(Path(result["table"]).read_text())
     print(f"results: {result['csv']}, {result['table']}, "
           + ", ".join(str(p) for p in result["plots"].values()))
+    from raysys.html_report import write_report
+
+    print(f"report: {write_report(args.out)}")
     return 0

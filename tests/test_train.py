@@ -48,6 +48,8 @@ def test_smoke_pretrain_and_linear_eval(ray_session, builtin_root, tmp_path):
         result = json.loads((out / f"eval-{bench}.json").read_text())
         assert 0.0 <= result["metrics"]["accuracy"] <= 1.0 and result["backbone_unchanged"]
         assert (out / f"eval-{bench}-random-init.json").exists()
+    page = (out / "report.html").read_text()  # the run's one-page report, with its evaluations
+    assert "<table" in page and "eval-msl" in page
     encoders = {(r["benchmark"], r["encoder"]) for r in summary["linear_eval"]}
     assert ("msl", "majority class") in encoders and ("hirise", "pretrained") in encoders
 
