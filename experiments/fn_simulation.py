@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                "FN view pairs vs batch size", log_y=True)
     plot_panel(panels["dataset_size"], "dataset_size", out / "fn_vs_dataset_size.png", "dataset size (images)",
                f"FN view pairs vs dataset size (B = {BATCH_SIZE}, no replacement)", log_y=True)
-    results = {"preset": args.preset, "seed": args.seed, "batches": preset["batches"], "batch_size": BATCH_SIZE,
+    results = {"command": " ".join(["python", *map(shlex.quote, sys.argv)]), "preset": args.preset, "seed": args.seed, "batches": preset["batches"], "batch_size": BATCH_SIZE,
                "panels": panels, "table2": rows2}
     write_atomic(out / "results.json", json.dumps(results, indent=1))
     write_atomic(out / "fn-simulation.md", markdown(panels, rows2, args.preset, preset["batches"]))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -51,7 +53,8 @@ def pretrain_and_evaluate(cfg: PretrainConfig, run_eval: bool = True) -> dict:
     rows = evaluate_run(run, cfg) if run_eval else []
     if rows:
         print(format_table(rows))
-    summary = {"metrics": metrics, "linear_eval": rows, "skipped_files": run["skipped_files"]}
+    summary = {"metrics": metrics, "linear_eval": rows, "skipped_files": run["skipped_files"],
+               "command": " ".join(["python", *map(shlex.quote, sys.argv)])}  # shown by report.html
     (Path(run["out"]) / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"report: {write_report(run['out'])}")
     return summary
