@@ -339,7 +339,8 @@ def _knn_monitor_data(cfg: PretrainConfig, benchmarks: dict):
 
 def complete_spatial_defaults(cfg: PretrainConfig, manifest: pa.Table) -> None:
     """ESS rules without an explicit radius: derive it (and sigma) from the pool's frame spacing, and say so."""
-    if not cfg.pair_rule.startswith("ess-") or (cfg.ess_radius is not None and cfg.ess_sigma is not None):
+    weighted = cfg.pair_rule == "ess-mw"  # only ESS-MW has a sigma
+    if not cfg.pair_rule.startswith("ess-") or (cfg.ess_radius is not None and (cfg.ess_sigma is not None or not weighted)):
         return
     try:
         found = default_radius(*(manifest.column(c).to_numpy(zero_copy_only=False) for c in ("x", "y", "traverse", "frame")))
@@ -347,8 +348,10 @@ def complete_spatial_defaults(cfg: PretrainConfig, manifest: pa.Table) -> None:
         raise ConfigError(f"--pair-rule {cfg.pair_rule}: {exc} (--ess-radius, --ess-sigma); ESS needs a "
                           f"positions sidecar with traverse and frame columns") from None
     cfg.ess_radius = found["r"] if cfg.ess_radius is None else cfg.ess_radius
-    cfg.ess_sigma = found["sigma"] if cfg.ess_sigma is None else cfg.ess_sigma
-    print(f"[raysys] {cfg.pair_rule}: radius {cfg.ess_radius:.2f} m, sigma {cfg.ess_sigma:.2f} m "
+    if weighted and cfg.ess_sigma is None:
+        cfg.ess_sigma = found["sigma"]
+    sigma = f", sigma {cfg.ess_sigma:.2f} m" if weighted else ""
+    print(f"[raysys] {cfg.pair_rule}: radius {cfg.ess_radius:.2f} m{sigma} "
           f"(median step between frames {found['median_step']:.2f} m)")
 
 

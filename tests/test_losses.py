@@ -2,19 +2,17 @@
 precision; exact equivalence of the 2-process (gloo) loss and gradients with one process."""
 
 import math
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from raysys.losses import contrastive_loss, gather_no_grad, gather_with_grad, info_nce_qk, multi_positive_info_nce
+from helpers import run_ranks
 from raysys.pairs import ClusterRule, InstanceRule, PairMatrix, make_rule
 
 torch.set_num_threads(1)
@@ -286,25 +284,8 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_equal_single_process(tmp_path):
-    ctx = mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 180  # a hang guard, not a timing assertion
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("DDP worker processes did not finish")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join()
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    per_rank = run_ranks(_ddp_worker, WORLD, tmp_path)
 
     x1, x2, meta, lin = _problem()
     for name, rule in DDP_RULES.items():

@@ -4,18 +4,16 @@ update against its formula, shuffle-BN against its inverse, and the 2-process lo
 process."""
 
 import math
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import run_ranks
 from raysys.moco import (KeyQueue, batch_shuffle_ddp, batch_unshuffle_ddp, clamp_queue_size, forward_keys,
                          make_key_encoder, moco_false_negative_stats, moco_loss, momentum_update, queue_columns)
 from raysys.pairs import make_rule
@@ -309,25 +307,8 @@ def gather_loss(loss):
     return torch.cat(parts).mean()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_hold_one_queue_and_match_one_process(tmp_path):
-    ctx = mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 180  # a hang guard, not a timing assertion
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("DDP worker processes did not finish")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join()
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    per_rank = run_ranks(_ddp_worker, WORLD, tmp_path)
 
     # queue: both ranks equal the reference ring fed the global batches in rank order, after every step
     ref, single = RingReference(7), KeyQueue(7, 3, COLS)

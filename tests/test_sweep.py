@@ -4,7 +4,6 @@ HParams over HTTP, interrupt + --resume, and submission with ``ray job submit`` 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,17 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import free_port
 from raysys import report
 from raysys.data import formats
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_K = str(REPO / "experiments" / "sweep_k.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -77,7 +71,7 @@ def test_oracle_clusters_remove_false_negatives(smoke_sweep):
 
 
 def test_tensorboard_serves_hparams_with_k_and_accuracies(smoke_sweep):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(smoke_sweep), "--host", "127.0.0.1",
          "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -141,8 +135,8 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
 
 def _agent_ports() -> list[str]:
     """Every agent port explicit: the defaults (e.g. 52365) are taken by the test session's own Ray."""
-    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
 
 def _trial_nodes(out: Path, trial: str) -> set:
@@ -153,18 +147,18 @@ def test_job_on_two_nodes_survives_losing_a_node(tmp_path):
     """`ray job submit` to a 2-node `ray start` cluster: the first trial's Train workers run on both nodes;
     the worker node is then SIGKILLed while the second trial trains, which finishes on the head node."""
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    gcs_port, dash_port, worker_raylet_port = _free_port(), _free_port(), _free_port()
+    gcs_port, dash_port, worker_raylet_port = free_port(), free_port(), free_port()
     # Local `ray start` clusters enable token authentication; the CLI must be told to send the token.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
     ray_cli = str(Path(sys.executable).with_name("ray"))
     subprocess.run([ray_cli, "start", "--head", f"--port={gcs_port}", "--num-cpus=3", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--temp-dir={temp_dir}",
-                    f"--ray-client-server-port={_free_port()}", *_agent_ports()],
+                    f"--ray-client-server-port={free_port()}", *_agent_ports()],
                    env=env, check=True, capture_output=True, timeout=180)
     job = None
     try:
         subprocess.run([ray_cli, "start", f"--address=127.0.0.1:{gcs_port}", "--num-cpus=2",
-                        f"--node-manager-port={worker_raylet_port}", f"--object-manager-port={_free_port()}",
+                        f"--node-manager-port={worker_raylet_port}", f"--object-manager-port={free_port()}",
                         *_agent_ports()], env=env, check=True, capture_output=True, timeout=180)
         out, shared = tmp_path / "sweep", tmp_path / "shared-storage"
         # SPREAD (not STRICT_SPREAD): after the node is lost both workers must fit on the head.
