@@ -33,8 +33,8 @@ from raysys.data import formats
 from raysys.data.mixing import mix_domains
 from raysys.data.pipeline import FileReport, pretrain_dataset, write_file_report
 from raysys.data.schema import BATCH_META, VIEW1, VIEW2
-from raysys.models import ContrastiveModel, load_init_weights
 from raysys.knn import knn_monitor_score
+from raysys.models import ContrastiveModel, load_init_weights
 from raysys.objectives import DIAGNOSTICS, make_objective
 from raysys.pairs import default_radius
 from raysys.place_recognition import holdout_split, read_holdout
