@@ -1,10 +1,13 @@
-"""Ray Tune sweeps. One trial = (cluster with K, cached) -> pretrain on Ray Train -> linear evaluation.
+"""Ray Tune sweeps. One trial = (cluster-aware: cluster with K, cached) -> pretrain on Ray Train ->
+linear evaluation (optionally fine-tuning, place recognition) -> one final report.
 
-Experiment scripts declare the search (which methods, which K) and call :func:`run_sweep`. Each
-trial is a Tune *function* trainable that builds a ``TorchTrainer`` (Train V2 cannot be passed to a
-``Tuner`` directly), forwards its per-epoch metrics to Tune, evaluates the encoder and ends with one
-``tune.report`` holding every final metric. Trial run folders are named from the trial's parameters,
-so a restored or relaunched sweep resumes a trial's training from its checkpoint.
+Experiment scripts declare the variants (a method and the parameters it sets: K, temperature, lr, mix
+ratio, ESS radius and sigma; see :func:`variant`) and call :func:`main`. Each trial is a Tune *function*
+trainable that builds a ``TorchTrainer`` (Train V2 cannot be passed to a ``Tuner`` directly), forwards
+its per-epoch metrics (the kNN monitor among them, which ``--asha`` stops trials on) to Tune, evaluates
+the encoder and ends with one ``tune.report`` holding every final metric. Trial run folders are named
+from the trial's parameters, so a restored or relaunched sweep resumes a trial's training from its
+checkpoint, and a trial that already finished (``final.json``) is reported again, not rerun.
 """
 
 from __future__ import annotations
