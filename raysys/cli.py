@@ -29,31 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="raysys", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("simulate", help="write the built-in Mars-like datasets in the real formats")
-    simulate.configure_parser(p)
-    p.set_defaults(func=simulate.run)
     p = sub.add_parser("pretrain", help="contrastive pretraining on Ray Train, then linear evaluation")
     add_pretrain_arguments(p)
     p.set_defaults(func=_pretrain)
-    p = sub.add_parser("cluster", help="unsupervised clusters of the pretraining pool (k-means on encoder features)")
-    clustering.configure_parser(p)
-    p.set_defaults(func=clustering.run)
-    p = sub.add_parser("linear-eval", help="linear evaluation of a saved encoder on labeled benchmarks")
-    evaluate.configure_parser(p)
-    p.set_defaults(func=evaluate.run)
-    p = sub.add_parser("fn-sim", help="simulate false-negative view pairs per batch (paper Appendix B)")
-    fnsim.configure_parser(p)
-    p.set_defaults(func=fnsim.run)
-    p = sub.add_parser("positions", help="build the positions.csv sidecar from NASA raw-image metadata")
-    positions.configure_parser(p)
-    p.set_defaults(func=positions.run)
-    p = sub.add_parser("visualize", help="t-SNE of an encoder's features drawn with image thumbnails, and a "
-                       "TensorBoard projector")
-    visualize.configure_parser(p)
-    p.set_defaults(func=visualize.run)
-    p = sub.add_parser("report", help="write DIR/report.html: one self-contained page of an experiment")
-    html_report.configure_parser(p)
-    p.set_defaults(func=html_report.run)
+    # Subcommands whose module brings its own configure_parser(p) and run(args).
+    for name, module, text in (
+        ("simulate", simulate, "write the built-in Mars-like datasets in the real formats"),
+        ("cluster", clustering, "unsupervised clusters of the pretraining pool (k-means on encoder features)"),
+        ("linear-eval", evaluate, "linear evaluation of a saved encoder on labeled benchmarks"),
+        ("fn-sim", fnsim, "simulate false-negative view pairs per batch (paper Appendix B)"),
+        ("positions", positions, "build the positions.csv sidecar from NASA raw-image metadata"),
+        ("visualize", visualize, "t-SNE of an encoder's features drawn with image thumbnails, and a TensorBoard projector"),
+        ("report", html_report, "write DIR/report.html: one self-contained page of an experiment"),
+    ):
+        p = sub.add_parser(name, help=text)
+        module.configure_parser(p)
+        p.set_defaults(func=module.run)
     return parser
 
 
