@@ -31,7 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 from raysys.config import ConfigError, PretrainConfig
 from raysys.data import formats
 from raysys.data.mixing import mix_domains
-from raysys.data.pipeline import FileReport, pretrain_dataset, write_file_report
+from raysys.data.pipeline import FileReport, pretrain_dataset, train_batches, write_file_report
 from raysys.data.schema import BATCH_META, VIEW1, VIEW2
 from raysys.knn import knn_monitor_score
 from raysys.models import ContrastiveModel, load_init_weights
@@ -250,9 +250,7 @@ def train_loop(config: dict) -> dict:
         totals = {"loss": 0.0, "steps": 0, "images": 0, "wait": 0.0}
         sums, counts = {}, {}
         epoch_start = t_ready = time.perf_counter()
-        for batch in shard.iter_torch_batches(
-            batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=cfg.shuffle_buffer or None
-        ):
+        for batch in train_batches(shard, local_batch, cfg.shuffle_buffer):
             t_batch = time.perf_counter()
             totals["wait"] += t_batch - t_ready
             meta = {k: batch[k].to(device) for k in BATCH_META if k in batch}
@@ -416,7 +414,8 @@ def pretrain(
     cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
     monitor = _knn_monitor_data(cfg, benchmarks or {})
     report = FileReport.remote()
-    dataset = pretrain_dataset(manifest, cfg.augment_config, cfg.image_size, report, cache=cfg.cache_decoded)
+    dataset = pretrain_dataset(manifest, cfg.augment_config, cfg.image_size, report, cache=cfg.cache_decoded,
+                               seed=cfg.seed)
     start = time.perf_counter()
     trainer = TorchTrainer(
         train_loop,

@@ -136,7 +136,21 @@ def two_view_dataset(decoded: ray.data.Dataset, augment: AugmentConfig | dict) -
 
 
 def pretrain_dataset(
-    manifest: pa.Table, augment: AugmentConfig | dict, image_size: int, report=None, cache: bool = False
+    manifest: pa.Table, augment: AugmentConfig | dict, image_size: int, report=None, cache: bool = False,
+    seed: int = 0,
 ) -> ray.data.Dataset:
-    """The full two-view pretraining stream for ``manifest``."""
-    return two_view_dataset(decoded_dataset(manifest, image_size, report, cache), augment)
+    """The full two-view pretraining stream for ``manifest``, its rows permuted once (``seed``).
+
+    Manifests list a traverse's frames together, and blocks are contiguous row ranges: without the
+    permutation a block (hence a batch) holds a few traverses, and batches share classes far more often
+    than i.i.d. draws would, inflating false negatives. Block order and the local shuffle buffer then
+    vary the batches every epoch (:func:`train_batches`).
+    """
+    permuted = manifest.take(np.random.default_rng(seed).permutation(manifest.num_rows))
+    return two_view_dataset(decoded_dataset(permuted, image_size, report, cache), augment)
+
+
+def train_batches(stream, batch_size: int, shuffle_buffer: int | None):
+    """One epoch of torch batches from a two-view stream (a Dataset or a Train worker's shard)."""
+    return stream.iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                     local_shuffle_buffer_size=shuffle_buffer or None)
