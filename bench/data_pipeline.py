@@ -81,7 +81,7 @@ def main() -> None:
 
     import ray
 
-    from raysys.data.pipeline import decoded_dataset, two_view_dataset
+    from raysys.distributed.pipeline import decoded_dataset, two_view_dataset
 
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -13,7 +13,7 @@ Radius and sigma default to values derived from the pool's frame spacing (printe
 
 import sys
 
-from raysys.sweep import main, variant
+from raysys.distributed.sweep import main, variant
 
 
 def configure(parser):

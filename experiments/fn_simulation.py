@@ -7,7 +7,7 @@ Table 2's column 2 (FN per batch for Curiosity, ImageNet and their 50/50 mix).
 Writes into ``--out`` (default ``runs/fn_simulation``): ``fn_vs_classes.png``, ``fn_vs_batch_size.png``,
 ``fn_vs_dataset_size.png``, ``fn-simulation.md`` (tables and what reproduces) and ``results.json``.
 
-Definition and expectation: see :mod:`raysys.fnsim` (the fraction of false-negative ordered view pairs
+Definition and expectation: see :mod:`raysys.eval.fnsim` (the fraction of false-negative ordered view pairs
 among all 2B(2B-1), counted with the trainer's pair rules). Fig. 6 uses balanced datasets, as the paper's
 caption says; "dataset size" is the number N of images each batch is drawn from without replacement.
 
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from raysys import fnsim
-from raysys.html_report import write_report
-from raysys.report import write_atomic
+from raysys.eval import fnsim
+from raysys.reporting.html import write_report
+from raysys.reporting.results import write_atomic
 
 PRESETS = {
     "smoke": dict(batches=100, classes=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
@@ -153,7 +153,7 @@ Preset `{preset}`: {batches:,} batches per point, batch size {BATCH_SIZE} unless
 **Definition.** A batch holds B distinct images with two views each; of its 2B(2B-1) ordered view pairs
 (a view with itself excluded), a false negative is a pair of views of two *different* images of the same
 class (the baseline SimCLR rule calls every such pair a negative). Counted per batch with
-`raysys.pairs.count_false_negative_view_pairs`, the trainer's counting. Exact expectation:
+`raysys.methods.pairs.count_false_negative_view_pairs`, the trainer's counting. Exact expectation:
 2(B-1)q/(2B-1), with q = Σ p_c² for i.i.d. sampling, or q = Σ K_c(K_c-1)/(N(N-1)) for batches drawn
 without replacement from N images with K_c of class c. Fig. 6 uses balanced datasets (the paper's caption);
 "dataset size" is N. Table 2 rows are drawn from N = {TABLE2_DATASET_SIZE:,} images (the paper's 100K),

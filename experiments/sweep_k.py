@@ -9,7 +9,7 @@ SimCLR baseline and a supervised baseline, on Ray Tune.
 
 import sys
 
-from raysys.sweep import main, variant
+from raysys.distributed.sweep import main, variant
 
 
 def configure(parser):

@@ -11,7 +11,7 @@ Ratio 0 is the SimCLR baseline (Mars only), ratio 1 pretrains on the diverse dom
 
 import sys
 
-from raysys.sweep import main, variant
+from raysys.distributed.sweep import main, variant
 
 
 def configure(parser):

@@ -7,7 +7,7 @@
 
 import sys
 
-from raysys.sweep import main, variant
+from raysys.distributed.sweep import main, variant
 
 
 def configure(parser):

@@ -17,14 +17,19 @@ from raysys.data.formats import DataError
 
 def _pretrain(args) -> int:
     cfg = config_from_args(args)
-    from raysys.experiment import pretrain_and_evaluate  # imports Ray: only after validation
+    from raysys.distributed.experiment import pretrain_and_evaluate  # imports Ray: only after validation
 
     pretrain_and_evaluate(cfg, run_eval=not args.no_eval)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raysys import clustering, evaluate, fnsim, html_report, positions, visualize
+    from raysys.distributed import clustering
+    from raysys.eval import linear as evaluate
+    from raysys.eval import fnsim
+    from raysys.reporting import html as html_report
+    from raysys.data import positions
+    from raysys.reporting import visualize
     from raysys.data import simulate
 
     parser = argparse.ArgumentParser(prog="raysys", description=__doc__.splitlines()[0])

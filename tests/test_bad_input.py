@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from raysys.cli import main as raysys_main
-from raysys.sweep import main as sweep_main
+from raysys.distributed.sweep import main as sweep_main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,11 +12,11 @@ import pyarrow as pa
 import pytest
 import torch
 
-from raysys import clustering as cl
-from raysys import texture as tx
+from raysys.distributed import clustering as cl
+from raysys.models import texture as tx
 from raysys.data import formats, simulate
 from raysys.data.schema import make_manifest
-from raysys.evaluate import extract_features as reference_features
+from raysys.eval.linear import extract_features as reference_features
 from raysys.models import ContrastiveModel
 
 torch.set_num_threads(1)
@@ -209,7 +209,7 @@ def test_saved_model_encoder_via_ray_data_and_cache(ray_session, small_pool, mod
 
     # The features came through Ray Data equal the in-process reference extraction (row for row).
     from raysys.data.decode import load_images
-    from raysys.evaluate import load_model
+    from raysys.eval.linear import load_model
 
     order = {i: r for r, i in enumerate(small_pool.column("image_id").to_pylist())}
     cached_ids, cached = cl._load_features(next((tmp_path / "features").glob("*.npz")))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from raysys import evaluate as ev
+from raysys.eval import linear as ev
 from raysys import models
 
 torch.set_num_threads(1)

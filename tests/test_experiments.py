@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from raysys import report
-from raysys.sweep import main
+from raysys.reporting import results as report
+from raysys.distributed.sweep import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def test_asha_stops_a_trial_early_on_the_validation_monitor(ray_session, tmp_pat
     accuracy on the validation split. The decision is checked against ASHA's rule applied to the accuracies
     both trials logged (about 19 queries each, so which is ahead at a rung is not certain): stop at the
     first rung (epoch 1, 2, 4) where the second trails the first; a stopped trial's row says so."""
-    from raysys.sweep import variant
+    from raysys.distributed.sweep import variant
 
     out = tmp_path / "asha"
     grid = dict(variants=[variant("baseline"), variant("baseline", lr=5.0)], param="lr", swept=["baseline"])

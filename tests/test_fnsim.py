@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from raysys import fnsim
+from raysys.eval import fnsim
 from raysys.config import ConfigError
-from raysys.pairs import InstanceRule
+from raysys.methods.pairs import InstanceRule
 
 # MSL v2.1 train column of /work/shared/facts/mars-datasets.md, copied here as an independent reference.
 MSL_TRAIN_FACTS = [10, 190, 680, 1554, 1422, 8, 214, 342, 252, 40, 152, 182, 42, 122, 228, 182, 212, 62, 26]

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raysys import html_report as hr
-from raysys import report
+from raysys.reporting import html as hr
+from raysys.reporting import results as report
 from raysys.config import ConfigError
-from raysys.sweep import SweepSpec
+from raysys.distributed.sweep import SweepSpec
 
 EVIL = "<script>alert(1)</script>"
 COMMAND = "python experiments/sweep_k.py --out 'runs/a b' --seeds 2 && echo \"<done>\""

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from raysys import knn
+from raysys.eval import knn
 from raysys.data.augment import to_float
 from raysys.data.schema import make_manifest
-from raysys.evaluate import classification_metrics, load_benchmark
+from raysys.eval.linear import classification_metrics, load_benchmark
 from raysys.models import ContrastiveModel
 
 torch.set_num_threads(1)

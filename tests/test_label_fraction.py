@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from raysys import evaluate as ev
-from raysys import label_fraction as lf
+from raysys.eval import linear as ev
+from raysys.eval import label_fraction as lf
 from raysys.config import ConfigError
 from raysys.models import ContrastiveModel
 

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import run_ranks
-from raysys.moco import (KeyQueue, batch_shuffle_ddp, batch_unshuffle_ddp, clamp_queue_size, forward_keys,
+from raysys.methods.moco import (KeyQueue, batch_shuffle_ddp, batch_unshuffle_ddp, clamp_queue_size, forward_keys,
                          make_key_encoder, moco_false_negative_stats, moco_loss, momentum_update, queue_columns)
-from raysys.pairs import make_rule
+from raysys.methods.pairs import make_rule
 
 torch.set_num_threads(1)
 

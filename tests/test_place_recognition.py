@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from raysys import models
-from raysys import place_recognition as pr
+from raysys.eval import place_recognition as pr
 from raysys.data import formats
 from raysys.data.decode import load_images
 from raysys.data.schema import make_manifest
 from raysys.data.simulate import plan_rover, write_rover
-from raysys.evaluate import extract_features, model_digest
+from raysys.eval.linear import extract_features, model_digest
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raysys import positions as pos
+from raysys.data import positions as pos
 from raysys.config import ConfigError
 from raysys.data import formats
 

@@ -2,7 +2,7 @@
 
 import statistics
 
-from raysys import report
+from raysys.reporting import results as report
 
 
 def _row(trial, method, k, seed, msl):

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from raysys import evaluate as ev
+from raysys.eval import linear as ev
 from raysys.models import ContrastiveModel
-from raysys import supervised
-from raysys.supervised import RESULT_FILE, fine_tune, train_supervised
+from raysys.eval import supervised
+from raysys.eval.supervised import RESULT_FILE, fine_tune, train_supervised
 
 torch.set_num_threads(1)
 

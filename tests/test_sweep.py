@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import batch_mean_tolerance, free_port, same_class_share
-from raysys import report
+from raysys.reporting import results as report
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_K = str(REPO / "experiments" / "sweep_k.py")
@@ -34,7 +34,7 @@ def _wait_for(predicate, timeout: float, what: str):
 @pytest.fixture(scope="module")
 def smoke_sweep(ray_session, tmp_path_factory):
     """One smoke sweep with oracle clusters: baseline, cluster-aware (K ignored by oracle), supervised."""
-    from raysys.sweep import main, variant
+    from raysys.distributed.sweep import main, variant
 
     out = tmp_path_factory.mktemp("sweep") / "sweep_k"
     grid = dict(variants=[variant("baseline"), variant("cluster", k=4)], encoder="oracle")
@@ -65,7 +65,7 @@ def test_oracle_clusters_remove_false_negatives(smoke_sweep):
     # (held-out traverses removed, capped) share a hidden class; the reported fraction is the mean over the
     # last epoch's batches, so the tolerance is four standard errors of a mean over that many batches.
     from raysys.config import PretrainConfig
-    from raysys.train import resolve_data
+    from raysys.distributed.trainer import resolve_data
 
     cfg = PretrainConfig.from_dict(json.loads((smoke_sweep / "trials" / rows["baseline"]["trial"] / "config.json").read_text()))
     labels = resolve_data(cfg)[0].column("label").to_numpy()

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from raysys import models
-from raysys import visualize as vis
+from raysys.reporting import visualize as vis
 from raysys.config import ConfigError
 from raysys.data import formats
 from raysys.data.decode import load_images
-from raysys.evaluate import extract_features, load_model
+from raysys.eval.linear import extract_features, load_model
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ normalization -> k-means with K clusters -> a cluster id per ``image_id``, store
 
 Encoders:
 
-* ``"texture"``: the deep texture-clustering encoder of Panambur et al. (:mod:`raysys.texture`), trained
+* ``"texture"``: the deep texture-clustering encoder of Panambur et al. (:mod:`raysys.models.texture`), trained
   here without labels, once per (pool, seed, settings), and kept under ``<cache>/encoders/``;
 * a saved raysys model (run folder, ``model.pt``, checkpoint folder): its backbone features;
 * ``"oracle"``: the true (hidden) labels as clusters. For diagnostics on simulated data only: it uses
@@ -42,13 +42,13 @@ import ray
 import torch
 from filelock import FileLock
 
-from raysys import texture
+from raysys.models import texture
 from raysys.data import formats
 from raysys.data.augment import to_float
-from raysys.data.pipeline import decoded_dataset
+from raysys.distributed.pipeline import decoded_dataset
 from raysys.data.schema import image_key
-from raysys.evaluate import load_model, model_digest
-from raysys.texture import cluster_features, cluster_quality
+from raysys.eval.linear import load_model, model_digest
+from raysys.models.texture import cluster_features, cluster_quality
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ def cluster_assignments(
     """Cluster ids of the manifest's images: a table ``image_id`` (string), ``cluster_id`` (int32).
 
     ``encoder``: ``"texture"`` (trained here, settings in ``encoder_kw``, see
-    :class:`raysys.texture.TextureConfig`), ``"oracle"`` (true labels; K ignored) or a saved raysys model.
+    :class:`raysys.models.texture.TextureConfig`), ``"oracle"`` (true labels; K ignored) or a saved raysys model.
     Features come from Ray Data (the caller starts Ray) and are cached per (encoder, data); each K and
     seed reruns only k-means, itself cached as Parquet (see the module docstring). Schema metadata:
     ``raysys.encoder``, ``raysys.k``, ``raysys.seed``, ``raysys.uses_labels`` (``true`` only for the
@@ -408,7 +408,7 @@ def _parse_ks(values: list[str] | None, encoder: str) -> list[int | None]:
 
 
 def _pool_manifest(args) -> pa.Table:
-    """The pretraining pool, found as :func:`raysys.train.resolve_data` finds it; hidden labels are read
+    """The pretraining pool, found as :func:`raysys.distributed.trainer.resolve_data` finds it; hidden labels are read
     whenever the simulator left them (for NMI/purity and the oracle)."""
     if args.data is None:
         from raysys.data.simulate import simulate
@@ -458,7 +458,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"raysys cluster: error: {exc}", file=sys.stderr)
         return 2
     if not ray.is_initialized():
-        from raysys.train import init_ray
+        from raysys.distributed.trainer import init_ray
 
         init_ray()
     for k in ks:

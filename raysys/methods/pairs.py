@@ -1,7 +1,7 @@
 """Pair rules: which pairs of views are positives, which are negatives, with what weight.
 
 Every contrastive method here differs only in its pair rule; one loss
-(:func:`raysys.losses.info_nce_qk`, and its square form :func:`raysys.losses.multi_positive_info_nce`)
+(:func:`raysys.methods.losses.info_nce_qk`, and its square form :func:`raysys.methods.losses.multi_positive_info_nce`)
 consumes the resulting :class:`PairMatrix`.
 
 A rule has two forms, built from one piece of logic:
@@ -192,7 +192,7 @@ class _SpatialRule(Rule):
     def __init__(self, r: float | None = None, theta: float | None = None):
         if r is None or not (math.isfinite(r) and r >= 0):
             raise ValueError(f"pair rule '{self.name}' needs a radius r >= 0 in metres (got {r}); "
-                             f"derive one from the traverses with raysys.pairs.default_radius")
+                             f"derive one from the traverses with raysys.methods.pairs.default_radius")
         if theta is not None and not (0 <= theta <= 180):
             raise ValueError(f"pair rule '{self.name}': theta is a heading difference in degrees and must be "
                              f"in [0, 180] (got {theta}); pass None to ignore headings")

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from raysys.config import PretrainConfig
-from raysys.evaluate import evaluate, load_model
-from raysys.html_report import write_report
+from raysys.eval.linear import evaluate, load_model
+from raysys.reporting.html import write_report
 from raysys.models import ContrastiveModel
-from raysys.train import pretrain
+from raysys.distributed.trainer import pretrain
 
 
 def evaluate_run(run: dict, cfg: PretrainConfig) -> list[dict]:

@@ -27,7 +27,7 @@ Recipe (documented choices):
   CUDA cuDNN may pick non-deterministic kernels.
 
 Outputs in ``out_dir``: ``model.pt`` in the trainer's format (``model``, ``model_spec``, ``config``; the
-projector stays at its initial weights, only the backbone was trained) so :func:`raysys.evaluate.load_model`
+projector stays at its initial weights, only the backbone was trained) so :func:`raysys.eval.linear.load_model`
 and the linear evaluation work on it unchanged, plus the trained head under ``classifier``; and
 ``supervised.json`` (``fine-tune.json`` when fine-tuning) with the classifier's own test and val metrics,
 the majority baseline, the per-epoch history and timings.
@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from raysys.config import BACKBONES
 from raysys.data.augment import AugmentConfig, augment as augment_batch, to_float
 from raysys.data.decode import load_images
-from raysys.evaluate import (
+from raysys.eval.linear import (
     DEFAULT_IMAGE_SIZE,
     LABELED_SPLITS,
     MODEL_FILE,
@@ -193,8 +193,8 @@ def train_supervised(
     ignored), the caller's model is left unchanged, and the backbone learns at ``backbone_lr`` (default
     ``lr / 10``) while the new head learns at ``lr``; from scratch both use ``lr`` unless ``backbone_lr``
     is given. Writes ``out_dir/model.pt`` (the trainer's format, loadable by
-    :func:`raysys.evaluate.load_model`) and ``out_dir/supervised.json`` or ``fine-tune.json`` (test
-    metrics of the trained classifier via :func:`raysys.evaluate.classification_metrics`, val metrics,
+    :func:`raysys.eval.linear.load_model`) and ``out_dir/supervised.json`` or ``fine-tune.json`` (test
+    metrics of the trained classifier via :func:`raysys.eval.linear.classification_metrics`, val metrics,
     majority baseline, history, timing). Returns that dict plus ``model_path``. Bad arguments or a
     benchmark without train/test rows raise a one-line :class:`ValueError` before any image is decoded.
     """
@@ -292,7 +292,7 @@ def fine_tune(
     """Fine-tuning evaluation: :func:`train_supervised` started from a pretrained encoder (a
     :class:`ContrastiveModel` or a run folder / checkpoint / ``model.pt``), backbone unfrozen at
     ``backbone_lr`` (default ``lr / 10``), new head at ``lr``. ``image_size`` defaults to the saved run's,
-    else to :data:`raysys.evaluate.DEFAULT_IMAGE_SIZE`. Writes ``model.pt`` and ``fine-tune.json``."""
+    else to :data:`raysys.eval.linear.DEFAULT_IMAGE_SIZE`. Writes ``model.pt`` and ``fine-tune.json``."""
     if image_size is None:
         config = {} if isinstance(model_or_path, ContrastiveModel) else _load_saved(model_or_path)[1]
         image_size = int(config.get("image_size") or DEFAULT_IMAGE_SIZE)

@@ -3,10 +3,10 @@
 The page opens offline and from anywhere: figures are embedded as ``data:image/png;base64`` URIs, the
 style sheet is inline, there is no script. Every text taken from the folder is HTML-escaped. It shows:
 
-* how to reproduce the experiment: the ``command`` of ``sweep.json`` (:class:`raysys.sweep.SweepSpec`)
+* how to reproduce the experiment: the ``command`` of ``sweep.json`` (:class:`raysys.distributed.sweep.SweepSpec`)
   and any top-level ``command`` key of the folder's other JSON files;
 * the best trial of ``results.csv`` (highest ``msl_acc``);
-* the results: mean ± std over seeds (:func:`raysys.report.group` / :func:`raysys.report.results_table`)
+* the results: mean ± std over seeds (:func:`raysys.reporting.results.group` / :func:`raysys.reporting.results.results_table`)
   and one row per trial;
 * the linear evaluations of the folder (``eval-*.json``) and the tables of ``summary.json``;
 * every other table at the top of the folder: ``*.csv`` / ``*.tsv`` as tables, ``*.md`` through a small
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from raysys import report
+from raysys.reporting import results as report
 from raysys.config import ConfigError
 
 REPORT_FILE = "report.html"

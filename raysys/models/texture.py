@@ -10,7 +10,7 @@ Training needs no labels (:func:`train_texture_encoder`): every epoch the embedd
 PCA-whitened, L2-normalized and clustered with k-means (:func:`cluster_features`); the cluster ids are
 pseudo-labels for a batch-hard triplet loss on batches of ``per_cluster`` images from each of several
 clusters. The same whitening + k-means recipe (and its quality measures) is what
-:mod:`raysys.clustering` applies to any encoder's features, so it lives here, free of Ray.
+:mod:`raysys.distributed.clustering` applies to any encoder's features, so it lives here, free of Ray.
 
 Plain PyTorch + scikit-learn; no Ray import.
 """

@@ -108,7 +108,7 @@ class PretrainConfig:
 
     @property
     def rule_kwargs(self) -> dict:
-        """Keyword arguments of :func:`raysys.pairs.make_rule` for ``pair_rule``."""
+        """Keyword arguments of :func:`raysys.methods.pairs.make_rule` for ``pair_rule``."""
         if self.pair_rule == "cluster":
             return {"mode": self.cluster_mode}
         if self.pair_rule.startswith("ess-"):

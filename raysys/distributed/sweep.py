@@ -27,11 +27,11 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from raysys import report
+from raysys.reporting import results as report
 from raysys.config import ConfigError, PretrainConfig, make_config
 from raysys.data import formats
 from raysys import storage
-from raysys.train import check_cluster, heldout_manifest, init_ray, pretrain, publish_run, resolve_data
+from raysys.distributed.trainer import check_cluster, heldout_manifest, init_ray, pretrain, publish_run, resolve_data
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _accuracies(name: str, metrics: dict) -> dict:
 
 def _evaluate(model_dir: Path, benchmarks: dict, cfg: PretrainConfig) -> dict:
     """Linear evaluation of the trial's encoder on every benchmark."""
-    from raysys.evaluate import evaluate, load_model
+    from raysys.eval.linear import evaluate, load_model
 
     model = load_model(model_dir)
     metrics = {}
@@ -163,7 +163,7 @@ def _evaluate(model_dir: Path, benchmarks: dict, cfg: PretrainConfig) -> dict:
 
 def _fine_tune(model_dir: Path, benchmarks: dict, cfg: PretrainConfig, epochs: int) -> dict:
     """Fine-tuning evaluation: the encoder unfrozen (backbone at a tenth of the head's lr) on each benchmark."""
-    from raysys.supervised import fine_tune
+    from raysys.eval.supervised import fine_tune
 
     metrics = {}
     for name, root in benchmarks.items():
@@ -174,8 +174,8 @@ def _fine_tune(model_dir: Path, benchmarks: dict, cfg: PretrainConfig, epochs: i
 
 def _place_recognition(model_dir: Path, cfg: PretrainConfig) -> dict:
     """Place recognition of the trial's encoder on the held-out traverses (never pretrained on)."""
-    from raysys.evaluate import load_model
-    from raysys.place_recognition import evaluate_place_recognition
+    from raysys.eval.linear import load_model
+    from raysys.eval.place_recognition import evaluate_place_recognition
 
     held = heldout_manifest(cfg)
     if held is None or held.num_rows == 0:
@@ -194,7 +194,7 @@ def trial_config(spec: SweepSpec, params: dict) -> PretrainConfig:
 
 def _supervised(cfg: PretrainConfig, benchmarks: dict, out: Path, epochs: int) -> dict:
     """The supervised reference: the same backbone trained from scratch on each benchmark's labels."""
-    from raysys.supervised import train_supervised
+    from raysys.eval.supervised import train_supervised
 
     metrics = {}
     for name, root in benchmarks.items():
@@ -234,7 +234,7 @@ def run_trial(config: dict) -> None:
         _finish(out, cfg.storage, final)
         return
     if method == "cluster":
-        from raysys.clustering import attach_clusters, cluster_assignments, cluster_quality
+        from raysys.distributed.clustering import attach_clusters, cluster_assignments, cluster_quality
 
         assignments = cluster_assignments(manifest, spec.encoder, k, seed=cfg.seed, cache_dir=Path(spec.out) / "cache",
                                           image_size=cfg.image_size, progress=False)
@@ -383,7 +383,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
     errors = [str(r.error).splitlines()[0] for r in grid if r.error]
     report.write_results_csv(rows, out / "results.csv")
     files = write_summary(spec, rows, errors)
-    from raysys.html_report import write_report
+    from raysys.reporting.html import write_report
 
     print(f"report: {write_report(out)}")
     publish_files(out, spec.storage, ["sweep.json", "results.csv", "report.html", *files])

@@ -31,13 +31,13 @@ from torch.utils.tensorboard import SummaryWriter
 from raysys.config import ConfigError, PretrainConfig
 from raysys.data import formats
 from raysys.data.mixing import mix_domains
-from raysys.data.pipeline import FileReport, pretrain_dataset, train_batches, write_file_report
+from raysys.distributed.pipeline import FileReport, pretrain_dataset, train_batches, write_file_report
 from raysys.data.schema import BATCH_META, VIEW1, VIEW2
-from raysys.knn import knn_monitor_score
+from raysys.eval.knn import knn_monitor_score
 from raysys.models import ContrastiveModel, load_init_weights
-from raysys.objectives import DIAGNOSTICS, make_objective
-from raysys.pairs import default_radius
-from raysys.place_recognition import holdout_split, read_holdout
+from raysys.methods.objectives import DIAGNOSTICS, make_objective
+from raysys.methods.pairs import default_radius
+from raysys.eval.place_recognition import holdout_split, read_holdout
 from raysys.storage import is_local, upload_dir
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def attach_cluster_file(manifest: pa.Table, path: str) -> pa.Table:
         first = manifest.filter(missing).column("image_id").to_pylist()[:3]
         raise ConfigError(f"--cluster-ids {path} covers {manifest.num_rows - n_missing} of {manifest.num_rows} pool "
                           f"images (missing e.g. {first}); rerun `raysys cluster` on this pool")
-    from raysys.clustering import attach_clusters
+    from raysys.distributed.clustering import attach_clusters
 
     return attach_clusters(manifest, table)
 
@@ -330,7 +330,7 @@ def _knn_monitor_data(cfg: PretrainConfig, benchmarks: dict):
     if cfg.knn_monitor not in benchmarks:
         log.warning("kNN monitor: no %s benchmark beside the pretraining data; monitor off", cfg.knn_monitor)
         return None
-    from raysys.knn import load_monitor_data
+    from raysys.eval.knn import load_monitor_data
 
     return ray.put(load_monitor_data(benchmarks[cfg.knn_monitor], cfg.image_size, seed=cfg.seed))
 

@@ -33,7 +33,7 @@ from raysys.data import formats
 from raysys.data.decode import load_images
 from raysys.data.schema import SPLITS, UNLABELED
 from raysys.data.simulate import apportion
-from raysys.evaluate import (DEFAULT_IMAGE_SIZE, _load_saved, _run_folder, extract_features,
+from raysys.eval.linear import (DEFAULT_IMAGE_SIZE, _load_saved, _run_folder, extract_features,
                              resolve_model_file)
 
 COLOR_MODES = ("label", "cluster")

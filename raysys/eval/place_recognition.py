@@ -22,7 +22,7 @@ Protocol (:func:`place_recognition`):
   pool (5 held-out random walks) only 12 of 503 held-out frames have one: most answerable queries are
   rover stops (several frames at one place) and returns within the traverse, beyond the window. Read
   recall beside it, and raise ``exclude`` to remove more of the same stop.
-* default radius: the ESS positive radius of :func:`raysys.pairs.default_radius`, twice the median
+* default radius: the ESS positive radius of :func:`raysys.methods.pairs.default_radius`, twice the median
   distance between consecutive frames of a traverse over the steps where the rover moved, so "the same
   place" means the same thing in training and in this evaluation.
 """
@@ -42,8 +42,8 @@ from sklearn.preprocessing import normalize
 from tqdm.auto import tqdm
 
 from raysys.data.decode import load_images
-from raysys.evaluate import extract_features, model_digest
-from raysys.pairs import default_radius
+from raysys.eval.linear import extract_features, model_digest
+from raysys.methods.pairs import default_radius
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def evaluate_place_recognition(
 
     ``holdout_traverses``: ids to select from ``manifest``; ``None`` uses every row of ``manifest`` (pass
     the held-out part from :func:`holdout_split`). Rows without position, traverse or frame are dropped
-    and counted. ``radius`` defaults to the ESS radius (:func:`raysys.pairs.default_radius`) of the
+    and counted. ``radius`` defaults to the ESS radius (:func:`raysys.methods.pairs.default_radius`) of the
     selected frames, printed.
     Returns :func:`place_recognition`'s dict plus ``model_digest``, ``image_size``, ``default_radius``,
     ``dropped_rows``, ``skipped`` (undecodable files) and ``traverses``; ``out_dir``: where the JSON goes.

@@ -15,10 +15,10 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from raysys.losses import contrastive_loss
-from raysys.moco import (KeyQueue, clamp_queue_size, forward_keys, make_key_encoder, moco_false_negative_stats,
+from raysys.methods.losses import contrastive_loss
+from raysys.methods.moco import (KeyQueue, clamp_queue_size, forward_keys, make_key_encoder, moco_false_negative_stats,
                          moco_loss, momentum_update, queue_columns)
-from raysys.pairs import Rule, false_negative_stats, make_rule, positives_per_anchor
+from raysys.methods.pairs import Rule, false_negative_stats, make_rule, positives_per_anchor
 
 log = logging.getLogger(__name__)
 

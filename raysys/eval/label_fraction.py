@@ -1,7 +1,7 @@
 """Label efficiency (the paper's Fig. 4): linear-probe accuracy vs the fraction of labeled train data used.
 
 For each encoder and benchmark the frozen features of every split are extracted once
-(:func:`raysys.evaluate.benchmark_features`, cached) and reused for every fraction and seed; only the
+(:func:`raysys.eval.linear.benchmark_features`, cached) and reused for every fraction and seed; only the
 probe is refitted, on a stratified subset of the train split, and scored on the full test split.
 
 How a subset is drawn (:func:`stratified_subset`):
@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from raysys.config import ConfigError, make_config
 from raysys.data.formats import DataError, discover
-from raysys.evaluate import (
+from raysys.eval.linear import (
     _load_saved,
     benchmark_features,
     classification_metrics,
@@ -57,7 +57,7 @@ from raysys.evaluate import (
     resolve_model_file,
     train_probe,
 )
-from raysys.report import write_atomic
+from raysys.reporting.results import write_atomic
 
 DEFAULT_FRACTIONS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 5 %, 10 %, ..., 100 %
 # Probe epochs default to the pretraining preset's ``eval_epochs`` (smoke 30, demo 100), so the 100 % point
@@ -315,7 +315,7 @@ def plot_curves(summary: list[dict], benchmark: str, path, majority: float | Non
 
 def write_results(rows: list[dict], out, majority: dict | None = None) -> dict:
     """Write the CSV, the markdown table and one PNG per benchmark into ``out``; return their paths.
-    ``majority`` maps benchmark -> :func:`raysys.evaluate.majority_baseline` result (optional)."""
+    ``majority`` maps benchmark -> :func:`raysys.eval.linear.majority_baseline` result (optional)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -392,7 +392,7 @@ def _pretrain(out: Path, preset: str, data) -> str:
     """Pretrain an encoder with the preset (Ray Train) into ``out/pretrain``; reuse a finished one."""
     run_dir = out / "pretrain"
     if not (run_dir / "model.pt").is_file():
-        from raysys.train import pretrain  # imports Ray: only when pretraining is needed
+        from raysys.distributed.trainer import pretrain  # imports Ray: only when pretraining is needed
 
         pretrain(make_config(preset, out=str(run_dir), data=data).validate())
     return str(run_dir)
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     print(Path(result["table"]).read_text())
     print(f"results: {result['csv']}, {result['table']}, "
           + ", ".join(str(p) for p in result["plots"].values()))
-    from raysys.html_report import write_report
+    from raysys.reporting.html import write_report
 
     print(f"report: {write_report(args.out)}")
     return 0

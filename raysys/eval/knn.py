@@ -27,8 +27,8 @@ import torch
 
 from raysys.data.decode import load_images
 from raysys.data.simulate import apportion
-from raysys.evaluate import benchmark_features, classification_metrics, extract_features, load_benchmark
-from raysys.label_fraction import sample_groups
+from raysys.eval.linear import benchmark_features, classification_metrics, extract_features, load_benchmark
+from raysys.eval.label_fraction import sample_groups
 
 DEFAULT_K, DEFAULT_TEMPERATURE = 20, 0.07
 TIE_RTOL = 1e-9  # votes this close (relative) are tied: summation order must not decide a prediction
@@ -97,7 +97,7 @@ def knn_accuracy(train_x, train_y, query_x, query_y, num_classes: int, k: int = 
 
 def knn_metrics(train_x, train_y, test_x, test_y, num_classes: int, k: int = DEFAULT_K,
                 temperature: float = DEFAULT_TEMPERATURE, **kw) -> dict:
-    """:func:`raysys.evaluate.classification_metrics` of kNN predictions, plus ``k``, ``temperature`` and
+    """:func:`raysys.eval.linear.classification_metrics` of kNN predictions, plus ``k``, ``temperature`` and
     ``n_train``."""
     pred = knn_predict(train_x, train_y, test_x, num_classes, k, temperature, **kw)
     return {**classification_metrics(test_y, pred, num_classes), "k": int(k), "temperature": float(temperature),
@@ -108,7 +108,7 @@ def evaluate_knn(model, benchmark_root, image_size: int, k: int = DEFAULT_K, tem
                  cache_dir=None, device=None, progress: bool = True) -> dict:
     """kNN evaluation of ``model``'s frozen features on a benchmark: bank = train split, queries = test
     (and val, when present, under ``val_metrics``). Features come from
-    :func:`raysys.evaluate.benchmark_features`, so they are shared with the linear probe's cache."""
+    :func:`raysys.eval.linear.benchmark_features`, so they are shared with the linear probe's cache."""
     manifest, names = load_benchmark(benchmark_root)
     data = benchmark_features(model, manifest, image_size, cache_dir=cache_dir, device=device, progress=progress)
     if len(data["train"]["y"]) == 0 or len(data["test"]["y"]) == 0:
@@ -210,7 +210,7 @@ def knn_monitor_score(model, monitor_data: MonitorData, device=None, k: int = DE
     """kNN accuracy of ``model``'s (a :class:`ContrastiveModel`, or anything with ``.features``) frozen
     features on the monitor queries, with the monitor bank as neighbours.
 
-    Runs like :func:`raysys.evaluate.extract_features`: eval mode, no autograd, the model's modes and
+    Runs like :func:`raysys.eval.linear.extract_features`: eval mode, no autograd, the model's modes and
     device restored afterwards -- safe to call between training epochs (on the unwrapped DDP module).
     """
     m = monitor_data

@@ -2,10 +2,10 @@
 
 Definition (the paper's Appendix B and Fig. 7, and the trainer's): a batch holds B distinct source images,
 each seen as two views, so 2B views and 2B(2B-1) ordered view pairs (a view with itself excluded). Under
-the baseline SimCLR rule (:class:`raysys.pairs.InstanceRule`) every pair of views of two *different* images
+the baseline SimCLR rule (:class:`raysys.methods.pairs.InstanceRule`) every pair of views of two *different* images
 is a negative; it is a false negative when the two images share a class. A batch's count is
-:func:`raysys.pairs.count_false_negative_view_pairs` (4 per ordered pair of same-class images), its
-fraction :func:`raysys.pairs.false_negative_fraction_all_pairs`; we report mean, std and standard error
+:func:`raysys.methods.pairs.count_false_negative_view_pairs` (4 per ordered pair of same-class images), its
+fraction :func:`raysys.methods.pairs.false_negative_fraction_all_pairs`; we report mean, std and standard error
 over independent batches, beside the exact expectation.
 
 Exact expectation. Two distinct images of a batch share a class with probability q, so
@@ -50,7 +50,7 @@ import torch
 from raysys.config import ConfigError
 from raysys.data.formats import DataError, read_manifest
 from raysys.data.simulate import MSL_TRAIN_COUNTS
-from raysys.pairs import false_negative_fraction_all_pairs
+from raysys.methods.pairs import false_negative_fraction_all_pairs
 
 NAMED_DISTRIBUTIONS = ("msl-v2.1", "uniform-1000")
 MAX_CLASSES = 10_000_000  # a probability vector of this many float64 is 80 MB
@@ -356,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m raysys.fnsim ...``: the same as ``raysys fn-sim``; errors print one line, exit code 2."""
+    """``python -m raysys.eval.fnsim ...``: the same as ``raysys fn-sim``; errors print one line, exit code 2."""
     parser = configure_parser(argparse.ArgumentParser(prog="raysys fn-sim", description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     try:

@@ -1,7 +1,7 @@
 """One multi-positive InfoNCE loss for every pair rule, and its data-parallel form.
 
-``info_nce_qk`` scores anchors against candidates with a rectangular :class:`~raysys.pairs.PairMatrix`
-(MoCo: queries vs keys + queue, see :mod:`raysys.moco`); ``multi_positive_info_nce`` is its square form
+``info_nce_qk`` scores anchors against candidates with a rectangular :class:`~raysys.methods.pairs.PairMatrix`
+(MoCo: queries vs keys + queue, see :mod:`raysys.methods.moco`); ``multi_positive_info_nce`` is its square form
 over the N views of a batch, and with the instance rule it is exactly SimCLR's NT-Xent (paper Eq. 1).
 ``contrastive_loss`` runs the square form under torch.distributed: it gathers embeddings (with gradient)
 and metadata from all ranks, builds the pair matrix of the global batch, and scores this rank's own
@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from raysys.pairs import PairMatrix, PairRule, make_rule
+from raysys.methods.pairs import PairMatrix, PairRule, make_rule
 
 
 def info_nce_qk(q: Tensor, k: Tensor, pm: PairMatrix, temperature: float,

@@ -2,8 +2,8 @@
 carries metadata, shuffle-BN, and the queue loss.
 
 Queries of this rank are scored against the candidates ``[keys of the global batch; queue entries]``
-with the rectangular form of a pair rule (:meth:`raysys.pairs.Rule.pairs`) and the rectangular InfoNCE
-(:func:`raysys.losses.info_nce_qk`). With the instance rule the positive of a query is its own key and
+with the rectangular form of a pair rule (:meth:`raysys.methods.pairs.Rule.pairs`) and the rectangular InfoNCE
+(:func:`raysys.methods.losses.info_nce_qk`). With the instance rule the positive of a query is its own key and
 every other candidate is a negative: MoCo v2's loss, except that the other images' current keys are
 negatives too (MoCo v2 uses only the queue); they are needed so that ESS / cluster rules can also make
 in-batch neighbours positives. The queue stores each key's metadata, so the same rule pairs queries with
@@ -45,8 +45,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raysys.losses import check_ranks_agree, gather_meta, gather_no_grad, info_nce_qk
-from raysys.pairs import InstanceRule, PairMatrix, Rule, false_negative_stats, make_rule
+from raysys.methods.losses import check_ranks_agree, gather_meta, gather_no_grad, info_nce_qk
+from raysys.methods.pairs import InstanceRule, PairMatrix, Rule, false_negative_stats, make_rule
 
 # Metadata a queue can store (names and dtypes of the training batch, raysys.data.schema) and the
 # "unknown" value of each dtype.
@@ -270,7 +270,7 @@ def moco_loss(q: Tensor, k: Tensor, meta: dict, queue: KeyQueue, rule: Rule | st
         raise ValueError(f"embeddings have dim {q.shape[1]} but the queue holds dim {queue.dim}")
     rule = make_rule(rule) if isinstance(rule, str) else rule
     if not isinstance(rule, Rule):
-        raise ValueError(f"MoCo needs a registered pair rule with a rectangular form (raysys.pairs.Rule), "
+        raise ValueError(f"MoCo needs a registered pair rule with a rectangular form (raysys.methods.pairs.Rule), "
                          f"got {type(rule).__name__}")
     missing = [c for c in queue_columns(rule) if c not in queue.meta_keys]
     if missing:
@@ -288,7 +288,7 @@ def moco_loss(q: Tensor, k: Tensor, meta: dict, queue: KeyQueue, rule: Rule | st
 
 
 def moco_false_negative_stats(pm: PairMatrix, global_meta: dict, queue: KeyQueue) -> dict:
-    """:func:`raysys.pairs.false_negative_stats` of a :func:`moco_loss` pair matrix, judged by hidden labels
+    """:func:`raysys.methods.pairs.false_negative_stats` of a :func:`moco_loss` pair matrix, judged by hidden labels
     against the instance rule's negatives. Call it before ``queue.enqueue`` (the queue must still hold the
     candidates the loss saw); needs ``label`` in the batch and among the queue's columns."""
     if "label" not in queue.meta_keys or "label" not in global_meta:
