@@ -10,9 +10,9 @@ HiRISE accuracy by linear probe and by fine-tuning, beside supervised training f
 
 import sys
 
-from raysys.reporting import results as report
 from raysys.config import ConfigError
 from raysys.distributed.sweep import main, variant
+from raysys.reporting import results as report
 
 
 def best_k(results_csv: str) -> int:

@@ -11,7 +11,7 @@ into --out (default runs/label_fraction).
 
 import sys
 
-from raysys.eval.label_fraction import main
+from raysys.distributed.label_fraction import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -1,66 +1,68 @@
 """The ``raysys`` command: ``simulate``, ``pretrain``, ``cluster``, ``linear-eval``, ``fn-sim``, ``positions``,
 ``visualize``, ``report``.
 
-Arguments are validated before any heavy import or Ray start, so a bad value costs a second, not a
-cluster start; such errors print one line and exit with code 2.
+Only the named subcommand's module is imported, so ``raysys --help`` and the light commands never load
+Ray, and arguments are validated before any Ray start. Bad input (a :class:`raysys.errors.RaysysError`)
+prints one line and exits with code 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
-from raysys.config import ConfigError, add_pretrain_arguments, config_from_args
-from raysys.data.formats import DataError
+from raysys.config import add_pretrain_arguments, config_from_args
+from raysys.errors import run_command
+
+# name -> (module with configure_parser(p) and run(args), help); ``pretrain`` takes the config's own flags.
+COMMANDS = {
+    "simulate": ("raysys.data.simulate", "write the built-in Mars-like datasets in the real formats"),
+    "pretrain": (None, "contrastive pretraining on Ray Train, then linear evaluation"),
+    "cluster": ("raysys.distributed.clustering",
+                "unsupervised clusters of the pretraining pool (k-means on encoder features)"),
+    "linear-eval": ("raysys.eval.linear", "linear evaluation of a saved encoder on labeled benchmarks"),
+    "fn-sim": ("raysys.eval.fnsim", "simulate false-negative view pairs per batch (paper Appendix B)"),
+    "positions": ("raysys.data.positions", "build the positions.csv sidecar from NASA raw-image metadata"),
+    "visualize": ("raysys.reporting.visualize",
+                  "t-SNE of an encoder's features drawn with image thumbnails, and a TensorBoard projector"),
+    "report": ("raysys.reporting.html", "write DIR/report.html: one self-contained page of an experiment"),
+}
 
 
 def _pretrain(args) -> int:
-    cfg = config_from_args(args)
-    from raysys.distributed.experiment import pretrain_and_evaluate  # imports Ray: only after validation
+    cfg = config_from_args(args)  # validated before the distributed layer (and Ray) is imported
+    from raysys.distributed.experiment import pretrain_and_evaluate
 
     pretrain_and_evaluate(cfg, run_eval=not args.no_eval)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from raysys.distributed import clustering
-    from raysys.eval import linear as evaluate
-    from raysys.eval import fnsim
-    from raysys.reporting import html as html_report
-    from raysys.data import positions
-    from raysys.reporting import visualize
-    from raysys.data import simulate
-
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand listed and ``command``'s options added (its module imported)."""
     parser = argparse.ArgumentParser(prog="raysys", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="contrastive pretraining on Ray Train, then linear evaluation")
-    add_pretrain_arguments(p)
-    p.set_defaults(func=_pretrain)
-    # Subcommands whose module brings its own configure_parser(p) and run(args).
-    for name, module, text in (
-        ("simulate", simulate, "write the built-in Mars-like datasets in the real formats"),
-        ("cluster", clustering, "unsupervised clusters of the pretraining pool (k-means on encoder features)"),
-        ("linear-eval", evaluate, "linear evaluation of a saved encoder on labeled benchmarks"),
-        ("fn-sim", fnsim, "simulate false-negative view pairs per batch (paper Appendix B)"),
-        ("positions", positions, "build the positions.csv sidecar from NASA raw-image metadata"),
-        ("visualize", visualize, "t-SNE of an encoder's features drawn with image thumbnails, and a TensorBoard projector"),
-        ("report", html_report, "write DIR/report.html: one self-contained page of an experiment"),
-    ):
-        p = sub.add_parser(name, help=text)
-        module.configure_parser(p)
-        p.set_defaults(func=module.run)
+    for name, (module_name, text) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        if name != command:
+            continue
+        if module_name is None:
+            add_pretrain_arguments(p)
+            p.set_defaults(func=_pretrain)
+        else:
+            module = importlib.import_module(module_name)
+            module.configure_parser(p)
+            p.set_defaults(func=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, DataError) as exc:
-        print(f"raysys {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    return run_command(f"raysys {args.command}", args.func, args)
 
 
 if __name__ == "__main__":

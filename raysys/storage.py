@@ -17,12 +17,13 @@ import os
 import re
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
-from raysys.config import ConfigError
+from raysys.errors import ConfigError
 
 # Schemes pyarrow.fs.FileSystem.from_uri resolves natively. (``mock://`` is left out on purpose:
 # every from_uri call returns a fresh, empty in-memory filesystem, so nothing written survives.)
@@ -166,6 +167,25 @@ def _write_local_atomic(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())  # the rename must not reach the disk before the data does
         # mkstemp makes 0600 files: keep an existing file's mode, else the usual 0644.
+        os.chmod(tmp, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(pafs.LocalFileSystem(), tmp)
+        raise
+
+
+@contextmanager
+def atomic_local_path(path: str | os.PathLike):
+    """A temporary path beside local ``path`` for a writer that needs a file name (``torch.save``,
+    ``np.savez``, Parquet); renamed onto ``path`` when the block succeeds, removed when it fails, so
+    readers see the old file or the new one, never a part."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=os.path.splitext(path)[1] or ".tmp")
+    os.close(fd)
+    try:
+        yield tmp
         os.chmod(tmp, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644)
         os.replace(tmp, path)
     except BaseException:

@@ -9,6 +9,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+
 
 def free_port() -> int:
     with socket.socket() as s:

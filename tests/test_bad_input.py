@@ -6,12 +6,11 @@ import runpy
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 from PIL import Image
 
 from raysys.cli import main as raysys_main
 from raysys.distributed.sweep import main as sweep_main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _images(folder: Path, n: int) -> Path:

@@ -21,7 +21,7 @@ BAD = [
 
 @pytest.mark.parametrize("argv, needle", BAD)
 def test_invalid_values_are_rejected_by_config(argv, needle):
-    args = build_parser().parse_args(["pretrain", *argv])
+    args = build_parser("pretrain").parse_args(["pretrain", *argv])
     with pytest.raises(ConfigError, match=needle.lstrip("-")) as info:
         config_from_args(args)
     assert "\n" not in str(info.value)
@@ -48,7 +48,7 @@ def test_presets_apply_and_explicit_values_win():
 
 
 def test_help_lists_every_shared_option():
-    text = build_parser()._subparsers._group_actions[0].choices["pretrain"].format_help()
+    text = build_parser("pretrain")._subparsers._group_actions[0].choices["pretrain"].format_help()
     for option in ("--data", "--out", "--preset", "--backbone", "--epochs", "--batch-size", "--temperature",
                    "--lr", "--workers", "--gpus-per-worker", "--seed", "--init-weights"):
         assert option in text

@@ -1,9 +1,9 @@
-"""One config object that travels from the command line into the Ray Train workers, with presets.
+"""One config object that travels from the command line into the Ray Train workers: its fields, their
+validation, and its saved form (``config.json``, a sweep's state), which carries a version.
 
-Presets are sized for where they run: ``smoke`` (tests, about 2 minutes on 2 CPU cores), ``demo``
-(the default; a 2-core laptop in about 15 minutes) and ``paper`` (Appendix A of the paper: ResNet-50,
-224 px, 400 epochs, batch 128 — for GPU clusters). On a CPU the model is the bottleneck, so the
-laptop presets use a narrow ResNet-18 on 32 px images.
+A config is frozen: :meth:`PretrainConfig.validate` and every later step that completes a value (the
+canonical storage URI, a derived ESS radius, a trial's folders) return a new one (:meth:`replace`), so
+what was validated is what runs.
 """
 
 from __future__ import annotations
@@ -14,21 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raysys.data.augment import AugmentConfig
+from raysys.errors import ConfigError
+from raysys.methods.pairs import RULES, ClusterRule
+from raysys.storage import check_storage, write_text_atomic
 
 BACKBONES = ("resnet18", "resnet50")
 SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16", "fp16")
-PAIR_RULES = ("instance", "cluster", "label", "ess-mb", "ess-mw")
+PAIR_RULES = tuple(RULES)
 FRAMEWORKS = ("simclr", "moco")
-CLUSTER_MODES = ("eliminate", "attract")
+CLUSTER_MODES = ClusterRule.MODES
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
+# Saved configs carry it; bump it when a field changes meaning or goes, and teach from_dict the old form.
+CONFIG_VERSION = 1
+PRESET_NAMES = ("smoke", "demo", "paper")  # their values: raysys.config.presets
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the option and the fix."""
-
-
-@dataclass
+@dataclass(frozen=True)
 class PretrainConfig:
     """Everything one pretraining run needs. Defaults are the paper's Appendix A where it gives one."""
 
@@ -97,9 +99,7 @@ class PretrainConfig:
     knn_monitor: str | None = "msl"
 
     def __post_init__(self):
-        aug = dict(self.augment)
-        aug["size"] = self.image_size
-        self.augment = aug
+        object.__setattr__(self, "augment", {**self.augment, "size": self.image_size})
 
     @property
     def builtin_dir(self) -> Path:
@@ -108,22 +108,18 @@ class PretrainConfig:
 
     @property
     def rule_kwargs(self) -> dict:
-        """Keyword arguments of :func:`raysys.methods.pairs.make_rule` for ``pair_rule``."""
-        if self.pair_rule == "cluster":
-            return {"mode": self.cluster_mode}
-        if self.pair_rule.startswith("ess-"):
-            kwargs = {"r": self.ess_radius, "theta": self.ess_theta}
-            return kwargs | {"sigma": self.ess_sigma} if self.pair_rule == "ess-mw" else kwargs
-        return {}
+        """Keyword arguments of :func:`raysys.methods.pairs.make_rule` for ``pair_rule`` (its ``options``)."""
+        return {arg: getattr(self, field) for arg, field in RULES[self.pair_rule].options.items()}
 
     @property
     def augment_config(self) -> AugmentConfig:
         return AugmentConfig.from_dict(self.augment)
 
     def validate(self) -> "PretrainConfig":
-        """Raise :class:`ConfigError` (one line: the option, the value, the fix) on any bad value."""
+        """Raise :class:`ConfigError` (one line: the option, the value, the fix) on any bad value; return the
+        config to run (the same one, with ``storage`` in its canonical form)."""
         checks = [
-            (self.preset in PRESETS, f"--preset {self.preset!r} is unknown; choose one of {sorted(PRESETS)}"),
+            (self.preset in PRESET_NAMES, f"--preset {self.preset!r} is unknown; choose one of {sorted(PRESET_NAMES)}"),
             (self.backbone in BACKBONES, f"--backbone {self.backbone!r} is unknown; choose one of {list(BACKBONES)}"),
             (self.width > 0, f"--width must be > 0 (got {self.width})"),
             (0.0 <= self.mix_ratio <= 1.0,
@@ -164,114 +160,34 @@ class PretrainConfig:
                              (self.cluster_ids, "--cluster-ids")):
             if path is not None and "://" not in path and not Path(path).exists():
                 raise ConfigError(f"{option} {path} does not exist; pass an existing path (or omit {option} for the built-in data)")
-        if self.storage is not None:
-            from raysys.storage import check_storage
-
-            self.storage = check_storage(self.storage)
         try:
             self.augment_config.validate()
         except ValueError as exc:
             raise ConfigError(f"augmentation: {exc}") from None
-        return self
+        return self if self.storage is None else self.replace(storage=check_storage(self.storage))
+
+    def replace(self, **changes) -> "PretrainConfig":
+        """A copy with ``changes``; the config itself never changes once made."""
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field and the schema's ``version`` (what ``config.json`` and a sweep's state hold)."""
+        return {"version": CONFIG_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PretrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """Read a saved config; a newer version or a key this version does not know is an error naming it
+        (rather than a run that silently resumes with defaults). Files without a version are version 1."""
+        d = dict(d)
+        version = d.pop("version", 1)
+        if version > CONFIG_VERSION:
+            raise ConfigError(f"this config was saved by a newer raysys (config version {version}, this one reads "
+                              f"up to {CONFIG_VERSION}); upgrade raysys to resume it")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"saved config has unknown keys {unknown}; it was written by another raysys version "
+                              f"or edited by hand: remove them or start a new run")
+        return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
-
-
-# Preset values; anything given explicitly on the command line wins over these.
-PRESETS: dict[str, dict] = {
-    "smoke": dict(
-        sim_preset="smoke", backbone="resnet18", width=0.125, small_stem=True, image_size=16,
-        epochs=2, batch_size=64, lr=1e-3, max_images=512, eval_epochs=30, shuffle_buffer=256,
-    ),
-    "demo": dict(
-        sim_preset="demo", backbone="resnet18", width=0.25, small_stem=True, image_size=32,
-        epochs=15, batch_size=128, lr=1e-3, schedule="cosine", warmup_epochs=1, eval_epochs=100,
-    ),
-    "paper": dict(
-        sim_preset="paper", backbone="resnet50", width=1.0, small_stem=False, image_size=224,
-        epochs=400, batch_size=128, lr=3e-4, cache_decoded=False, shuffle_buffer=4096,
-    ),
-}
-
-
-def make_config(preset: str = "demo", **overrides) -> PretrainConfig:
-    """Preset values, then explicit overrides (``None`` means 'not given')."""
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
-    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    if values.get("framework") == "moco":  # MoCo v2's recipe unless given: blur augmentation, temperature 0.2
-        values.setdefault("augment", AugmentConfig.moco_v2().to_dict())
-        values.setdefault("temperature", 0.2)
-    return PretrainConfig(preset=preset, **values)
-
-
-def add_pretrain_arguments(p) -> None:
-    """The option names shared by ``raysys pretrain`` and ``experiments/pretrain.py``.
-
-    Defaults are None so the preset decides; an option given on the command line wins.
-    """
-    p.add_argument("--data", help="folder of pretraining images, or a folder holding datasets side by side "
-                   "(rover pool + MSL/HiRISE benchmarks); default: built-in simulated data")
-    p.add_argument("--out", default="runs/pretrain", help="run folder: config, TensorBoard, checkpoints, "
-                   "model.pt, eval-*.json; rerunning with the same folder resumes (default: %(default)s)")
-    p.add_argument("--storage", help="where checkpoints go: a folder or a URI every node can reach "
-                   "(s3://bucket/prefix, gs://..., file://...); default: inside --out")
-    p.add_argument("--preset", default="demo",
-                   help=f"one of {', '.join(sorted(PRESETS))}: smoke (tests, ~2 min CPU), demo (laptop, ~15 min CPU), paper (Appendix A, GPUs) "
-                   "(default: %(default)s)")
-    p.add_argument("--backbone", help=f"one of {', '.join(BACKBONES)}")
-    p.add_argument("--width", type=float, help="channel width multiplier of the backbone")
-    p.add_argument("--image-size", type=int, help="training image side in pixels")
-    p.add_argument("--epochs", type=int, help="pretraining epochs")
-    p.add_argument("--batch-size", type=int, help="global batch size (split across workers)")
-    p.add_argument("--temperature", type=float, help="InfoNCE temperature (paper: 0.5)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (paper: 3e-4)")
-    p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule after warm-up")
-    p.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs")
-    p.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0: CPU with gloo)")
-    p.add_argument("--placement", choices=PLACEMENTS, help="spread the workers over nodes (SPREAD) or pack them "
-                   "(PACK, default: fastest when one node holds them all)")
-    p.add_argument("--amp", choices=AMP_MODES, help="mixed precision on GPU")
-    p.add_argument("--max-images", type=int, help="use at most this many pretraining images")
-    p.add_argument("--mix-ratio", type=float, help="mixed-domain pretraining: fraction of the pool drawn from "
-                   "--mix-data (0: Mars only, 1: out-of-domain only); the pool size stays the same")
-    p.add_argument("--mix-data", help="out-of-domain ImageFolder for --mix-ratio (e.g. ImageNet); default: "
-                   "the built-in diverse/ dataset, or a diverse/ folder beside --data")
-    p.add_argument("--init-weights", help="initialise the backbone from this weights file (torch.save'd state dict)")
-    p.add_argument("--pair-rule", choices=PAIR_RULES, help="instance (SimCLR, default), cluster (cluster-aware: "
-                   "needs --cluster-ids), label (oracle: uses true labels, a diagnostic upper bound), ess-mb / "
-                   "ess-mw (spatial positives from capture positions: needs a positions sidecar)")
-    p.add_argument("--cluster-mode", choices=CLUSTER_MODES, help="cluster rule: eliminate same-cluster negatives "
-                   "(paper Eq. 2, default) or attract them as positives")
-    p.add_argument("--cluster-ids", help="cluster table of the pool (image_id,cluster_id; Parquet or CSV), e.g. "
-                   "from `raysys cluster --out FILE`")
-    p.add_argument("--framework", choices=FRAMEWORKS, help="simclr (in-batch negatives, default) or moco "
-                   "(MoCo v2: momentum key encoder, queue of negatives; use with --temperature 0.2)")
-    p.add_argument("--queue-size", type=int, help="MoCo queue length (default 65536, clamped below the pool size)")
-    p.add_argument("--ess-radius", type=float, help="ESS rules: positives within this distance in metres "
-                   "(default: 2 x the median step between frames)")
-    p.add_argument("--ess-sigma", type=float, help="ESS-MW: weight exp(-d^2/2 sigma^2) (default: the median step)")
-    p.add_argument("--ess-theta", type=float, help="ESS rules: also require headings within this many degrees")
-    p.add_argument("--seed", type=int, help="random seed of the initial weights and the pretraining subset (the built-in data has its own, fixed seed)")
-    p.add_argument("--knn-monitor", help="benchmark whose train/val splits feed the per-epoch kNN monitor "
-                   "(default msl; 'none' turns it off)")
-    p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation after pretraining")
-
-
-def config_from_args(args) -> PretrainConfig:
-    """Build and validate the config from parsed :func:`add_pretrain_arguments` options."""
-    names = {f.name for f in dataclasses.fields(PretrainConfig)} - {"preset"}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
-    if overrides.get("knn_monitor") == "none":
-        overrides["knn_monitor"] = ""
-    return make_config(args.preset, **overrides).validate()
+        write_text_atomic(str(path), json.dumps(self.to_dict(), indent=2, sort_keys=True))

@@ -40,12 +40,10 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from torchvision.ops import roi_align
 
+from raysys.errors import AugmentConfigError
+
 # torchvision.transforms.RandomResizedCrop tries this many boxes before falling back to a centre crop.
 _CROP_ATTEMPTS = 10
-
-
-class AugmentConfigError(ValueError):
-    """An :class:`AugmentConfig` field has an invalid value."""
 
 
 @dataclass

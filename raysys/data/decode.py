@@ -10,16 +10,14 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from raysys.errors import DecodeError
+
 # Modes PIL uses for 16/32-bit single-channel images (16-bit PNG and TIFF rover products).
 _HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 # Source modes worth telling the user about: the conversion to 8-bit RGB loses information.
 CONVERTED_MODES = _HIGH_BIT_MODES | {"CMYK", "RGBA", "LA", "PA"}
-
-
-class DecodeError(ValueError):
-    """The bytes are not a decodable image (empty, truncated, or not an image at all)."""
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -29,6 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from raysys.data.schema import UNLABELED, make_manifest
+from raysys.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +58,10 @@ HIDDEN_LABELS_FILE = "hidden-labels.csv"
 
 META_CLASSES = b"raysys.classes"
 META_FORMAT = b"raysys.format"
-META_DUPLICATES = b"raysys.duplicates"
 META_MISSING_POSITIONS = b"raysys.missing_positions"
 
 # Folders that archive tools add and that never hold data (macOS zips carry a __MACOSX/ twin tree).
 _SKIPPED_DIRS = frozenset({"__MACOSX"})
-
-
-class DataError(ValueError):
-    """An on-disk dataset cannot be read; the message is one line naming the problem and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -51,8 +51,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from raysys.config import ConfigError
+from raysys import storage
 from raysys.data.formats import IMAGE_EXTENSIONS, POSITIONS_FILE
+from raysys.errors import PositionsError
 
 SITE_SPACING = 5_000.0  # metres between the origins of neighbouring site frames (see module doc)
 SITE_GRID = 32  # sites per grid row: 1,024 sites stay within 160 km of the origin (float32 step 1.6 cm)
@@ -62,10 +63,6 @@ LIST_KEYS = ("items", "images")  # MSL raw_image_items, Mars 2020 rss feed
 URL_KEYS = ("url", "https_url")
 IMAGE_FILE_KEYS = ("full_res", "large", "medium", "small")
 SHOWN_PROBLEMS = 20
-
-
-class PositionsError(ConfigError):
-    """The metadata cannot give a positions sidecar; one line naming the problem and the fix."""
 
 
 @dataclass(frozen=True)
@@ -311,18 +308,13 @@ def _number_frames(rows: list[PositionRow]) -> list[PositionRow]:
 def write_positions(rows: list[PositionRow], out) -> Path:
     """Write the sidecar CSV atomically (temporary file renamed into place); NaN headings are left blank."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(HEADER)
-            for r in rows:
-                heading = "" if math.isnan(r.heading) else f"{r.heading:.4f}"
-                writer.writerow([r.name, f"{r.x:.4f}", f"{r.y:.4f}", heading, r.traverse, r.frame])
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(HEADER)
+    for r in rows:
+        heading = "" if math.isnan(r.heading) else f"{r.heading:.4f}"
+        writer.writerow([r.name, f"{r.x:.4f}", f"{r.y:.4f}", heading, r.traverse, r.frame])
+    storage.write_text_atomic(str(out), buf.getvalue())
     return out
 
 
@@ -375,12 +367,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """``raysys positions``: write the sidecar; skipped records go to stderr (the first
-    ``SHOWN_PROBLEMS``, then a count). Errors: one line on stderr, exit code 2."""
-    try:
-        result = build_positions(args.metadata, args.out, args.images, args.traverse_by, args.site_spacing)
-    except ConfigError as exc:
-        print(f"raysys positions: error: {exc}", file=sys.stderr)
-        return 2
+    ``SHOWN_PROBLEMS``, then a count)."""
+    result = build_positions(args.metadata, args.out, args.images, args.traverse_by, args.site_spacing)
     problems = result["problems"]
     for problem in problems[:SHOWN_PROBLEMS]:
         print(f"raysys positions: skipped {problem}", file=sys.stderr)

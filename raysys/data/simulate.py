@@ -47,6 +47,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from raysys.errors import SimulateError
+
 # ----------------------------------------------------------------------------------------------------
 # Real class tables (mars-datasets.md)
 # ----------------------------------------------------------------------------------------------------
@@ -96,10 +98,6 @@ EVENT_MEAN_FRAMES = 4.0
 
 _Z = 24  # appearance parameters per scene: 0..21 structure and colour, 22..23 texture offsets
 _LATENT = 10  # nuisance latent dimensions (see _nuisance)
-
-
-class SimulateError(ValueError):
-    """Bad arguments to the simulator, or an output folder it must not overwrite."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,29 +248,39 @@ class RoverPlan(ScenePlan):
     map_size: float = 0.0
 
 
-def plan_rover(count: int, seed: int) -> RoverPlan:
-    """Plan the unlabeled pool: a Voronoi terrain map and rover traverses (random walks) across it.
-
-    Terrain frames take the class and appearance of the region under the rover, and their view is a
-    function of the pose (world offset = position, rotation = heading), so consecutive frames overlap.
-    Event frames (see module doc) keep the rover still and pan slightly around one target.
-    """
-    from scipy.spatial import cKDTree  # scikit-learn's dependency; only needed for the pool
-
-    rng = np.random.default_rng([seed, 3])
-    n_trav = max(3, round(count / 100))
-    lengths = apportion(count, rng.uniform(0.5, 1.5, n_trav))
+def _rover_map(count: int, rng: np.random.Generator) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """The terrain map: Voronoi regions (about one per 50 frames) with a terrain class drawn in proportion
+    to the MSL train counts and their own appearance. Returns (map side, region class, sites, region z)."""
     n_regions = max(2 * len(ROVER_TERRAIN), count // 50)
     map_size = 80.0 * math.sqrt(n_regions)
     terrain_w = np.asarray(MSL_TRAIN_COUNTS, float)[ROVER_TERRAIN]
     region_class = rng.permutation(np.repeat(ROVER_TERRAIN, apportion(n_regions, terrain_w)))
     sites = rng.uniform(0, map_size, (n_regions, 2))
     region_z = rng.random((n_regions, _Z))
+    return map_size, region_class, sites, region_z
+
+
+def _rover_step(pos: np.ndarray, head: float, map_size: float, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """One driving step: turn a little, move 2-6 m ahead, and reflect at the map border (a step is far
+    shorter than the map, so one reflection per axis suffices). Returns the new (position, heading)."""
+    head += rng.normal(0, 0.2)
+    step = rng.uniform(2, 6) * np.array([math.cos(head), math.sin(head)])
+    pos = pos + step
+    for d in range(2):
+        if not 0 <= pos[d] <= map_size:
+            pos[d] = -pos[d] if pos[d] < 0 else 2 * map_size - pos[d]
+            head = math.pi - head if d == 0 else -head
+    return pos, head
+
+
+def _drive(lengths: np.ndarray, map_size: float, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """The traverses: random walks from a random start, interrupted by events (the rover stands still and
+    pans slightly around one target) so that events make up their MSL share of the frames. Returns rows
+    ``(x, y, heading_rad, traverse, frame, event_class or -1, event_id)`` and the number of events."""
     event_w = np.asarray(MSL_TRAIN_COUNTS, float)[ROVER_EVENTS]
     f_event = event_w.sum() / sum(MSL_TRAIN_COUNTS)
     p_start = f_event / (EVENT_MEAN_FRAMES * (1 - f_event) + f_event)  # event share of frames = f_event
-
-    rows = []  # (x, y, heading_rad, traverse, frame, event_class or -1, event_id)
+    rows = []
     event_id = 0
     for t, n_frames in enumerate(lengths):
         pos = rng.uniform(0, map_size, 2)
@@ -288,25 +296,14 @@ def plan_rover(count: int, seed: int) -> RoverPlan:
                 ev_left -= 1
                 rows.append((pos[0], pos[1], head, t, f, ev_class, event_id))
                 continue
-            head += rng.normal(0, 0.2)
-            step = rng.uniform(2, 6) * np.array([math.cos(head), math.sin(head)])
-            pos = pos + step
-            for d in range(2):  # reflect at the map border (a step is far shorter than the map)
-                if not 0 <= pos[d] <= map_size:
-                    pos[d] = -pos[d] if pos[d] < 0 else 2 * map_size - pos[d]
-                    head = math.pi - head if d == 0 else -head
+            pos, head = _rover_step(pos, head, map_size, rng)
             rows.append((pos[0], pos[1], head, t, f, -1, 0))
+    return np.asarray(rows, dtype=np.float64), event_id
 
-    a = np.asarray(rows, dtype=np.float64)
-    x, y, head, trav, frame, ev_class, ev_id = a.T
-    n = len(a)
-    region = cKDTree(sites).query(np.stack([x, y], 1))[1]
-    is_event = ev_class >= 0
-    labels = np.where(is_event, ev_class, region_class[region]).astype(np.int64)
-    event_z = rng.random((event_id + 1, _Z))
-    z = np.where(is_event[:, None], event_z[ev_id.astype(int)], region_z[region])
 
-    # Views: terrain = pose; upright landscape pans with heading; objects drift smoothly with position.
+def _rover_views(x: np.ndarray, y: np.ndarray, head: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Views from the poses, so consecutive frames overlap: terrain = pose; an upright landscape pans with
+    the heading; objects drift smoothly with position."""
     tx, ty = x * METRES_TO_UNITS, y * METRES_TO_UNITS
     theta = head.copy()
     upright = np.isin(labels, list(_MSL_UPRIGHT))
@@ -314,11 +311,14 @@ def plan_rover(count: int, seed: int) -> RoverPlan:
     theta[upright] = 0.03 * np.sin(head[upright] * 3)
     ju = 0.25 * np.sin(tx * 0.7 + head)
     jv = 0.25 * np.sin(ty * 0.7 - head)
-    view = np.stack([tx, ty, theta, 0.05 * np.sin(tx + ty), ju, jv], axis=1)
+    return np.stack([tx, ty, theta, 0.05 * np.sin(tx + ty), ju, jv], axis=1)
 
-    # Nuisance: one lighting/camera state per traverse, drifting slowly frame to frame (AR(1)).
+
+def _rover_latents(lengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Nuisance latents: one lighting/camera state per traverse, drifting slowly frame to frame (AR(1))."""
+    n = int(np.sum(lengths))
     latent = np.empty((n, _LATENT))
-    base = rng.standard_normal((n_trav, _LATENT))
+    base = rng.standard_normal((len(lengths), _LATENT))
     eps = rng.standard_normal((n, _LATENT))
     start = 0
     for t, n_frames in enumerate(lengths):
@@ -327,6 +327,34 @@ def plan_rover(count: int, seed: int) -> RoverPlan:
             dev = 0.9 * dev + math.sqrt(1 - 0.81) * 0.35 * eps[i]
             latent[i] = base[t] + dev
         start += n_frames
+    return latent
+
+
+def plan_rover(count: int, seed: int) -> RoverPlan:
+    """Plan the unlabeled pool: a Voronoi terrain map and rover traverses (random walks) across it.
+
+    Terrain frames take the class and appearance of the region under the rover, and their view is a
+    function of the pose (world offset = position, rotation = heading), so consecutive frames overlap.
+    Event frames (see module doc) keep the rover still and pan slightly around one target.
+    """
+    from scipy.spatial import (
+        cKDTree,  # scikit-learn's dependency; only needed for the pool
+    )
+
+    rng = np.random.default_rng([seed, 3])  # one stream, drawn in a fixed order: same seed, same plan
+    n_trav = max(3, round(count / 100))
+    lengths = apportion(count, rng.uniform(0.5, 1.5, n_trav))
+    map_size, region_class, sites, region_z = _rover_map(count, rng)
+    a, n_events = _drive(lengths, map_size, rng)
+    x, y, head, trav, frame, ev_class, ev_id = a.T
+    n = len(a)
+    region = cKDTree(sites).query(np.stack([x, y], 1))[1]
+    is_event = ev_class >= 0
+    labels = np.where(is_event, ev_class, region_class[region]).astype(np.int64)
+    event_z = rng.random((n_events + 1, _Z))
+    z = np.where(is_event[:, None], event_z[ev_id.astype(int)], region_z[region])
+    view = _rover_views(x, y, head, labels)
+    latent = _rover_latents(lengths, rng)
 
     sols = (3 + trav * 2220 // max(1, n_trav - 1)).astype(int)
     names = [msl_name(int(s), 2_000_000 + i, rng) for i, s in enumerate(sols)]

@@ -30,25 +30,28 @@ import json
 import logging
 import os
 import shutil
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import torch
 from filelock import FileLock
 
-from raysys.models import texture
+from raysys.config import PretrainConfig
 from raysys.data import formats
-from raysys.data.augment import to_float
-from raysys.distributed.pipeline import decoded_dataset
 from raysys.data.schema import image_key
-from raysys.eval.linear import load_model, model_digest
+from raysys.data.sources import builtin_roots, read_pool
+from raysys.distributed.pipeline import decoded_dataset
+from raysys.distributed.runtime import init_ray
+from raysys.errors import ClusterError, ModelFileError
+from raysys.models import texture
+from raysys.models.backbones import embed
+from raysys.models.io import load_model, model_digest
 from raysys.models.texture import cluster_features, cluster_quality
+from raysys.storage import atomic_local_path
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +70,8 @@ META_USES_LABELS = b"raysys.uses_labels"
 META_QUALITY = b"raysys.quality"
 META_CACHE_FILE = b"raysys.cache_file"
 
-__all__ = ["ClusterError", "attach_clusters", "cluster_assignments", "cluster_features", "cluster_quality",
+__all__ = ["ClusterError", "cluster_assignments", "cluster_features", "cluster_quality",
            "configure_parser", "data_digest", "run"]
-
-
-class ClusterError(ValueError):
-    """Bad input to the clustering step; the message is one line naming the problem and the fix."""
 
 
 # ----------------------------------------------------------------------------- digests and cache files
@@ -105,21 +104,14 @@ def _locked(file: Path):
         yield
 
 
-def _atomic_path(file: Path) -> Path:
-    return file.with_name(f".{file.name}.tmp{os.getpid()}")
-
-
 def _write_parquet(table: pa.Table, file: Path) -> None:
-    tmp = _atomic_path(file)
-    pq.write_table(table, tmp)
-    os.replace(tmp, file)  # readers never see half a file
+    with atomic_local_path(file) as tmp:  # readers never see half a file
+        pq.write_table(table, tmp)
 
 
 def _save_features(file: Path, image_ids: np.ndarray, features: np.ndarray) -> None:
-    tmp = _atomic_path(file)
-    with open(tmp, "wb") as f:
+    with atomic_local_path(file) as tmp, open(tmp, "wb") as f:
         np.savez(f, image_id=image_ids.astype(str), features=features)
-    os.replace(tmp, file)
 
 
 def _load_features(file: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -173,17 +165,14 @@ def _progress_bars(enabled: bool):
 class _Embedder:
     """Ray Data actor holding one model: uint8 ``image`` batches -> ``feature`` rows (same ``image_id``)."""
 
-    def __init__(self, model_ref, image_size: int):
+    def __init__(self, model_ref):
         model = ray.get(model_ref[0])  # wrapped in a list: Ray Data does not resolve refs in kwargs
         self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         self.model = model.to(self.device).eval()
-        self.size = image_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = np.ascontiguousarray(batch["image"])  # Arrow buffers are read-only; torch wants writable
         with torch.inference_mode():
-            x = to_float(torch.from_numpy(images).to(self.device), self.size)
-            features = self.model.features(x).flatten(1).float().cpu().numpy()
+            features = embed(self.model, batch["image"], len(batch["image"]) or 1, self.device)
         return {"image_id": batch["image_id"], "feature": features}
 
 
@@ -199,7 +188,7 @@ def extract_features(model: torch.nn.Module, manifest: pa.Table, image_size: int
     resources = {"num_gpus": 1} if gpus else {"num_cpus": ACTOR_CPUS}
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, gpus))
     ds = decoded_dataset(manifest, image_size).map_batches(
-        _Embedder, fn_constructor_kwargs={"model_ref": [ray.put(model)], "image_size": image_size},
+        _Embedder, fn_constructor_kwargs={"model_ref": [ray.put(model)]},
         batch_size=EMBED_BATCH, batch_format="numpy", compute=pool, **resources,
     )
     keys, parts = [], []
@@ -255,9 +244,8 @@ def _texture_encoder(manifest: pa.Table, data_key: str, image_size: int, seed: i
                 train = ray.remote(num_gpus=1)(train).remote
             result = train(images, cfg, seed=seed, progress=progress, diagnostic_labels=diagnostic)
             model, history = ray.get(result) if isinstance(result, ray.ObjectRef) else result
-            tmp = _atomic_path(file)
-            texture.save_texture_encoder(model, tmp, settings=cfg.to_dict(), history=history, seed=seed)
-            os.replace(tmp, file)
+            with atomic_local_path(file) as tmp:
+                texture.save_texture_encoder(model, tmp, settings=cfg.to_dict(), history=history, seed=seed)
     return texture.load_texture_encoder(file)
 
 
@@ -269,7 +257,7 @@ def _resolve_encoder(encoder: str, manifest: pa.Table, data_key: str, image_size
         raise ClusterError(f"encoder settings {sorted(encoder_kw)} apply only to --encoder texture")
     try:
         return load_model(encoder)
-    except ValueError as exc:
+    except ModelFileError as exc:
         raise ClusterError(f"--encoder {encoder}: {exc}") from None
 
 
@@ -358,19 +346,6 @@ def cluster_assignments(
     return pq.read_table(cluster_file)
 
 
-def attach_clusters(manifest: pa.Table, assignments: pa.Table) -> pa.Table:
-    """``manifest`` with a ``cluster_id`` int64 column joined by ``image_id`` (-1 where none, with a
-    warning naming the count); row order and schema metadata are kept, an existing column replaced."""
-    index = pc.index_in(manifest.column("image_id"), value_set=assignments.column("image_id"))
-    cluster = pc.take(assignments.column("cluster_id").cast(pa.int64()), index).fill_null(-1)
-    missing = index.null_count
-    if missing:
-        log.warning("%d of %d images have no cluster id; they get cluster -1", missing, manifest.num_rows)
-    if "cluster_id" in manifest.column_names:
-        manifest = manifest.drop_columns(["cluster_id"])
-    return manifest.append_column(pa.field("cluster_id", pa.int64()), cluster)
-
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -408,22 +383,13 @@ def _parse_ks(values: list[str] | None, encoder: str) -> list[int | None]:
 
 
 def _pool_manifest(args) -> pa.Table:
-    """The pretraining pool, found as :func:`raysys.distributed.trainer.resolve_data` finds it; hidden labels are read
-    whenever the simulator left them (for NMI/purity and the oracle)."""
-    if args.data is None:
-        from raysys.data.simulate import simulate
-
-        # The same folder and data seed as the trainer's built-in data (PretrainConfig.builtin_dir).
-        pool = Path(simulate(Path(args.builtin_root) / args.preset, preset=args.preset, seed=0)["rover"])
-    else:
-        if not Path(args.data).exists():
-            raise ClusterError(f"--data {args.data} does not exist; pass a folder of images")
-        roots = formats.discover(args.data)
-        if "rover" not in roots:
-            return formats.read_manifest(args.data)
-        pool = roots["rover"]
-    hidden = any((d / formats.HIDDEN_LABELS_FILE).is_file() for d in (pool, pool / formats.IMAGES_SUBDIR))
-    return formats.read_folder(pool, hidden_labels=hidden)
+    """Every image of the pool folder (held-out traverses included: a cluster table may cover more than the
+    trainer's pool), with hidden labels whenever the simulator left them (for NMI/purity and the oracle)."""
+    if args.data is not None and not Path(args.data).exists():
+        raise ClusterError(f"--data {args.data} does not exist; pass a folder of images")
+    roots = (builtin_roots(Path(args.builtin_root) / args.preset, args.preset, PretrainConfig.sim_seed)
+             if args.data is None else formats.discover(args.data))
+    return read_pool(roots["rover"]) if "rover" in roots else formats.read_manifest(args.data)
 
 
 def _out_file(out: str, k: int, several: bool) -> Path:
@@ -431,57 +397,56 @@ def _out_file(out: str, k: int, several: bool) -> Path:
     return path.with_name(f"{path.stem}-k{k}{path.suffix}") if several else path
 
 
+def _checked_args(args) -> tuple[list, pa.Table, dict]:
+    """``(ks, pool manifest, encoder settings)``, every bad argument refused before Ray starts."""
+    ks = _parse_ks(args.k, args.encoder)
+    if args.encoder not in ENCODERS and not Path(args.encoder).exists():
+        raise ClusterError(f"--encoder {args.encoder}: no such file or folder; pass texture, oracle or a saved model")
+    if args.image_size < 8:
+        raise ClusterError(f"--image-size must be at least 8, got {args.image_size}")
+    manifest = _pool_manifest(args)
+    n_images = len(set(manifest.column("image_id").to_pylist()))
+    if args.encoder == "oracle":
+        if not (_labels(manifest) >= 0).any():
+            raise ClusterError("--encoder oracle needs labels; this pool has none (only simulated data does)")
+        ks = ks[:1]
+    else:
+        for k in ks:
+            _check_k(k, n_images)
+    encoder_kw = {} if args.texture_epochs is None else {"epochs": args.texture_epochs}
+    if args.encoder == "texture":
+        texture.TextureConfig.from_dict(encoder_kw)
+    elif encoder_kw:
+        raise ClusterError("--texture-epochs applies only to --encoder texture")
+    return ks, manifest, encoder_kw
+
+
+def _print_assignments(table: pa.Table, encoder: str) -> None:
+    meta = table.schema.metadata
+    sizes = np.bincount(table.column("cluster_id").to_numpy())
+    sizes = sizes[sizes > 0]
+    label = "oracle (USES TRUE LABELS)" if meta[META_USES_LABELS] == b"true" else encoder
+    print(f"{label} K={meta[META_K].decode()}: {meta[META_CACHE_FILE].decode()}")
+    print(f"  {len(sizes)} clusters over {table.num_rows} images; size min {sizes.min()}, "
+          f"median {np.median(sizes):g}, max {sizes.max()}")
+    quality = json.loads(meta[META_QUALITY])
+    if quality:
+        print(f"  NMI {quality['nmi']:.3f}, purity {quality['purity']:.3f} ({quality['n_labeled']} labeled images)")
+
+
 def run(args: argparse.Namespace) -> int:
     """``raysys cluster``: cluster the pool for each ``--k``; prints the Parquet path, cluster sizes and,
-    when labels exist, NMI and purity. Bad arguments: one line on stderr, exit code 2."""
-    try:
-        ks = _parse_ks(args.k, args.encoder)
-        if args.encoder not in ENCODERS and not Path(args.encoder).exists():
-            raise ClusterError(f"--encoder {args.encoder}: no such file or folder; pass texture, oracle or a saved model")
-        if args.image_size < 8:
-            raise ClusterError(f"--image-size must be at least 8, got {args.image_size}")
-        manifest = _pool_manifest(args)
-        n_images = len(set(manifest.column("image_id").to_pylist()))
-        if args.encoder == "oracle":
-            if not (_labels(manifest) >= 0).any():
-                raise ClusterError("--encoder oracle needs labels; this pool has none (only simulated data does)")
-            ks = ks[:1]
-        else:
-            for k in ks:
-                _check_k(k, n_images)
-        encoder_kw = {} if args.texture_epochs is None else {"epochs": args.texture_epochs}
-        if args.encoder == "texture":
-            texture.TextureConfig.from_dict(encoder_kw)
-        elif encoder_kw:
-            raise ClusterError("--texture-epochs applies only to --encoder texture")
-    except ValueError as exc:  # ClusterError, DataError, TextureConfigError
-        print(f"raysys cluster: error: {exc}", file=sys.stderr)
-        return 2
-    if not ray.is_initialized():
-        from raysys.distributed.trainer import init_ray
-
-        init_ray()
+    when labels exist, NMI and purity."""
+    ks, manifest, encoder_kw = _checked_args(args)
+    init_ray()
     for k in ks:
-        try:
-            table = cluster_assignments(manifest, args.encoder, k, seed=args.seed, cache_dir=args.cache_dir,
-                                        image_size=args.image_size, **encoder_kw)
-        except ClusterError as exc:  # e.g. no image could be decoded
-            print(f"raysys cluster: error: {exc}", file=sys.stderr)
-            return 2
-        meta = table.schema.metadata
-        file = Path(meta[META_CACHE_FILE].decode())
-        sizes = np.bincount(table.column("cluster_id").to_numpy())
-        sizes = sizes[sizes > 0]
-        label = "oracle (USES TRUE LABELS)" if meta[META_USES_LABELS] == b"true" else args.encoder
-        print(f"{label} K={meta[META_K].decode()}: {file}")
-        print(f"  {len(sizes)} clusters over {table.num_rows} images; size min {sizes.min()}, "
-              f"median {np.median(sizes):g}, max {sizes.max()}")
-        quality = json.loads(meta[META_QUALITY])
-        if quality:
-            print(f"  NMI {quality['nmi']:.3f}, purity {quality['purity']:.3f} ({quality['n_labeled']} labeled images)")
+        table = cluster_assignments(manifest, args.encoder, k, seed=args.seed, cache_dir=args.cache_dir,
+                                    image_size=args.image_size, **encoder_kw)
+        _print_assignments(table, args.encoder)
         if args.out:
+            meta = table.schema.metadata
             target = _out_file(args.out, int(meta[META_K]), len(ks) > 1)
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(file, target)
+            shutil.copyfile(meta[META_CACHE_FILE].decode(), target)
             print(f"  copied to {target}")
     return 0

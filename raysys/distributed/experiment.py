@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 
 from raysys.config import PretrainConfig
-from raysys.eval.linear import evaluate, load_model
-from raysys.reporting.html import write_report
-from raysys.models import ContrastiveModel
 from raysys.distributed.trainer import pretrain
+from raysys.eval.linear import evaluate
+from raysys.models import ContrastiveModel
+from raysys.models.io import load_model
+from raysys.reporting.html import write_report
 
 
 def evaluate_run(run: dict, cfg: PretrainConfig) -> list[dict]:

@@ -13,6 +13,7 @@ checkpoint, and a trial that already finished (``final.json``) is reported again
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -26,21 +27,35 @@ import numpy as np
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
 
-from raysys.reporting import results as report
-from raysys.config import ConfigError, PretrainConfig, make_config
-from raysys.data import formats
 from raysys import storage
-from raysys.distributed.trainer import check_cluster, heldout_manifest, init_ray, pretrain, publish_run, resolve_data
+from raysys.config import PretrainConfig, make_config
+from raysys.data.sources import attach_clusters, heldout_manifest, resolve_data
+from raysys.distributed.clustering import cluster_assignments, cluster_quality
+from raysys.distributed.runtime import check_cluster, init_ray, publish_run
+from raysys.distributed.trainer import pretrain
+from raysys.errors import ConfigError, run_command
+from raysys.eval.knn import evaluate_knn
+from raysys.eval.linear import evaluate
+from raysys.eval.place_recognition import evaluate_place_recognition
+from raysys.eval.supervised import fine_tune, train_supervised
+from raysys.methods.pairs import RULES
+from raysys.models.io import load_model
+from raysys.reporting import results as report
+from raysys.reporting.html import write_report
 
 log = logging.getLogger(__name__)
 
-# Method -> its pair rule; every method runs in the base config's framework (SimCLR or MoCo v2).
-METHOD_RULES = {"baseline": "instance", "mixed": "instance", "cluster": "cluster", "ess-mb": "ess-mb",
-                "ess-mw": "ess-mw", "supervised": None}
+# Method -> its pair rule: every registered rule is a method under its own name, beside the SimCLR baseline,
+# mixed-domain pretraining (a pool, not a rule) and the supervised reference. Every method runs in the base
+# config's framework (SimCLR or MoCo v2).
+METHOD_RULES = {"baseline": "instance", "mixed": "instance", **{name: name for name in RULES if name != "instance"},
+                "supervised": None}
 METHODS = tuple(METHOD_RULES)
 # What a variant may set (PretrainConfig fields, K as "k"); the rest comes from the base config.
 PARAMS = ("k", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma")
+SWEEP_VERSION = 1  # bump when a SweepSpec field changes meaning or goes; from_dict then reads the old form
 FINAL_FILE = "final.json"  # a finished trial's result, in its run folder
 TRIAL_DRIVER_CPUS = 0.1  # a trial's own process mostly waits on its TorchTrainer
 BENCHMARKS = ("msl", "hirise")
@@ -81,6 +96,22 @@ class SweepSpec:
     asha: bool = False  # stop unpromising trials early on the per-epoch kNN monitor (validation split)
     fine_tune_epochs: int = 0  # also fine-tune every pretrained encoder on each benchmark (0: off)
     command: str = ""
+    version: int = SWEEP_VERSION  # of this schema, saved with the sweep (sweep.json, Tune's trial configs)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SweepSpec":
+        """A saved spec; a newer version or an unknown key is an error naming it. Files without a version are
+        version 1. The base config is checked the same way (:meth:`PretrainConfig.from_dict`)."""
+        version = d.get("version", 1)
+        if version > SWEEP_VERSION:
+            raise ConfigError(f"this sweep was saved by a newer raysys (sweep version {version}, this one reads up to "
+                              f"{SWEEP_VERSION}); upgrade raysys to resume it")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"saved sweep has unknown keys {unknown}; it was written by another raysys version: "
+                              f"start a new sweep (a new --out)")
+        PretrainConfig.from_dict(d["base"])
+        return cls(**{**d, "version": SWEEP_VERSION})
 
     @property
     def storage_root(self) -> str:
@@ -111,14 +142,12 @@ def _trial_params(config: dict) -> dict:
 
 def trial_name(params: dict) -> str:
     """``cluster-k10-t0.5-s1``, ``mixed-r0.25-t0.5-s0``, ``baseline-t0.1-s0``."""
-    parts = [params["method"]]
-    if params["method"] == "cluster":
-        parts.append(f"k{params['k']}")
-    if params["method"] == "mixed":
+    method = params["method"]
+    parts = [method]
+    if method == "mixed":
         parts.append(f"r{params['mix_ratio']:g}")
-    if params["method"].startswith("ess-"):
-        parts += [f"{tag}{params[p]:g}" for tag, p in (("rad", "ess_radius"), ("sig", "ess_sigma"))
-                  if params.get(p) is not None and (p != "ess_sigma" or params["method"] == "ess-mw")]
+    if METHOD_RULES.get(method):
+        parts += [f"{tag}{params[p]:g}" for tag, p in RULES[METHOD_RULES[method]].trial_tags if params.get(p) is not None]
     if params.get("lr") is not None:
         parts.append(f"lr{params['lr']:g}")
     return "-".join(parts + [f"t{params['temperature']:g}", f"s{params['seed']}"])
@@ -148,23 +177,22 @@ def _accuracies(name: str, metrics: dict) -> dict:
 
 
 def _evaluate(model_dir: Path, benchmarks: dict, cfg: PretrainConfig) -> dict:
-    """Linear evaluation of the trial's encoder on every benchmark."""
-    from raysys.eval.linear import evaluate, load_model
-
+    """Linear evaluation and kNN (k = 20, T = 0.07, train split as the bank, test split as the queries) of
+    the trial's encoder on every benchmark; both read the same cached features."""
     model = load_model(model_dir)
     metrics = {}
     for name, root in benchmarks.items():
+        cache = model_dir / "feature-cache"
         result = evaluate(model, root, model_dir, name, cfg.image_size, hidden=cfg.eval_hidden,
-                          epochs=cfg.eval_epochs, seed=cfg.seed, cache_dir=model_dir / "feature-cache",
-                          progress=False)
+                          epochs=cfg.eval_epochs, seed=cfg.seed, cache_dir=cache, progress=False)
         metrics.update(_accuracies(name, result["metrics"]))
+        knn = evaluate_knn(model, root, cfg.image_size, cache_dir=cache, progress=False)
+        metrics.update(_accuracies(f"{name}_knn", knn["metrics"]))
     return metrics
 
 
 def _fine_tune(model_dir: Path, benchmarks: dict, cfg: PretrainConfig, epochs: int) -> dict:
     """Fine-tuning evaluation: the encoder unfrozen (backbone at a tenth of the head's lr) on each benchmark."""
-    from raysys.eval.supervised import fine_tune
-
     metrics = {}
     for name, root in benchmarks.items():
         result = fine_tune(model_dir, root, model_dir / f"fine-tune-{name}", epochs, seed=cfg.seed, progress=False)
@@ -174,9 +202,6 @@ def _fine_tune(model_dir: Path, benchmarks: dict, cfg: PretrainConfig, epochs: i
 
 def _place_recognition(model_dir: Path, cfg: PretrainConfig) -> dict:
     """Place recognition of the trial's encoder on the held-out traverses (never pretrained on)."""
-    from raysys.eval.linear import load_model
-    from raysys.eval.place_recognition import evaluate_place_recognition
-
     held = heldout_manifest(cfg)
     if held is None or held.num_rows == 0:
         return {}
@@ -194,8 +219,6 @@ def trial_config(spec: SweepSpec, params: dict) -> PretrainConfig:
 
 def _supervised(cfg: PretrainConfig, benchmarks: dict, out: Path, epochs: int) -> dict:
     """The supervised reference: the same backbone trained from scratch on each benchmark's labels."""
-    from raysys.eval.supervised import train_supervised
-
     metrics = {}
     for name, root in benchmarks.items():
         result = train_supervised(root, out / name, backbone=cfg.backbone, width=cfg.width,
@@ -207,16 +230,15 @@ def _supervised(cfg: PretrainConfig, benchmarks: dict, out: Path, epochs: int) -
 
 def run_trial(config: dict) -> None:
     """One Tune trial: cluster (for cluster-aware runs) -> pretrain -> evaluate -> one final report."""
-    spec = SweepSpec(**config["spec"])
+    spec = SweepSpec.from_dict(config["spec"])
     params = _trial_params(config)
     method, k = params["method"], params["k"]
-    cfg = trial_config(spec, params)
     name = trial_name(params)
-    cfg.out = str(Path(spec.out) / "trials" / name)
+    cfg = trial_config(spec, params)
+    cfg = cfg.replace(out=str(Path(spec.out) / "trials" / name),
+                      storage=storage.join(spec.storage, "trials", name) if spec.storage else cfg.storage)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    if spec.storage:
-        cfg.storage = storage.join(spec.storage, "trials", name)
     durable = storage.join(spec.storage_root, "trials", name, FINAL_FILE)
     if storage.exists(durable):
         # Finished before the driver died, but Tune's state was saved too early to know: report, don't rerun.
@@ -234,8 +256,6 @@ def run_trial(config: dict) -> None:
         _finish(out, cfg.storage, final)
         return
     if method == "cluster":
-        from raysys.distributed.clustering import attach_clusters, cluster_assignments, cluster_quality
-
         assignments = cluster_assignments(manifest, spec.encoder, k, seed=cfg.seed, cache_dir=Path(spec.out) / "cache",
                                           image_size=cfg.image_size, progress=False)
         manifest = attach_clusters(manifest, assignments)
@@ -243,7 +263,7 @@ def run_trial(config: dict) -> None:
         final.update({f"cluster_{key}": value for key, value in quality.items()})
     run = pretrain(cfg, manifest, benchmarks, callbacks=[TuneReportCallback()],
                    reserved_cpus=TRIAL_DRIVER_CPUS, concurrent=config["concurrent"])
-    metrics = run["metrics"] or {}
+    metrics, cfg = run["metrics"] or {}, run["config"]
     final.update(
         fn_fraction=metrics.get("false_negative_fraction"),
         removed_precision=metrics.get("removed_pair_precision"),
@@ -332,8 +352,6 @@ def _scheduler(spec: SweepSpec, base: PretrainConfig):
     """ASHA on the kNN monitor's validation accuracy, one rung per epoch from epoch 1 (or Tune's FIFO)."""
     if not spec.asha:
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
     return ASHAScheduler(metric="knn_acc", mode="max", time_attr="training_iteration", grace_period=1,
                          reduction_factor=2, max_t=base.epochs + 1)  # + 1: the trial's final report
 
@@ -341,7 +359,7 @@ def _scheduler(spec: SweepSpec, base: PretrainConfig):
 def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
     """Run (or resume) the sweep; write results.csv, summary.md and plots; return the result rows."""
     out = Path(spec.out).resolve()
-    spec.out = str(out)
+    spec = dataclasses.replace(spec, out=str(out))
     experiment = storage.join(spec.storage_root, spec.name)
     if storage.exists(experiment) and not resume:
         raise ConfigError(f"{experiment} already holds a sweep; pass --resume to continue it or a new --out/--storage")
@@ -383,8 +401,6 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
     errors = [str(r.error).splitlines()[0] for r in grid if r.error]
     report.write_results_csv(rows, out / "results.csv")
     files = write_summary(spec, rows, errors)
-    from raysys.reporting.html import write_report
-
     print(f"report: {write_report(out)}")
     publish_files(out, spec.storage, ["sweep.json", "results.csv", "report.html", *files])
     return rows
@@ -507,12 +523,11 @@ def main(name: str, description: str, configure, argv=None) -> int:
     add_sweep_arguments(parser)
     build = configure(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def sweep() -> int:
         if args.preset not in SWEEP_PRESETS:
             raise ConfigError(f"--preset {args.preset!r} is unknown; choose one of {list(SWEEP_PRESETS)}")
-        spec = spec_from_args(name, args, **build(args, SWEEP_PRESETS[args.preset]))
-        run_sweep(spec, resume=args.resume)
-    except (ConfigError, formats.DataError) as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        run_sweep(spec_from_args(name, args, **build(args, SWEEP_PRESETS[args.preset])), resume=args.resume)
+        return 0
+
+    return run_command(name, sweep)

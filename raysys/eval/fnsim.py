@@ -32,6 +32,9 @@ What reproduces (B = 128, this definition, not tuned to the paper):
   distribution goes below 0.0996 % under this definition.
 - 50/50 mix of the two, classes disjoint: ``q = (0.1533 + 0.001) / 4``, 3.84 %; paper 0.30 %. Not
   reproduced: the Curiosity half alone contributes ``0.5^2 x 15.3 % = 3.8 %`` whatever the other half is.
+
+``raysys fn-sim`` is :func:`configure_parser` and :func:`run`. The grid of ``experiments/fn_simulation.py``
+(the Fig. 6 panels and Table 2 column 2, their plots and summary) is :func:`fig6_main` at the end.
 """
 
 from __future__ import annotations
@@ -46,13 +49,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from raysys.config import ConfigError
-from raysys.data.formats import DataError, read_manifest
+from raysys.data.formats import read_manifest
 from raysys.data.simulate import MSL_TRAIN_COUNTS
+from raysys.errors import ConfigError, run_command
 from raysys.methods.pairs import false_negative_fraction_all_pairs
 
-NAMED_DISTRIBUTIONS = ("msl-v2.1", "uniform-1000")
 MAX_CLASSES = 10_000_000  # a probability vector of this many float64 is 80 MB
 _CHUNK_LABELS = 1 << 21  # labels per call of the vectorized counter (bounds its memory)
 _SPEC_HELP = "msl-v2.1, uniform-1000 (or uniform-C), a class,count CSV file or a dataset folder"
@@ -338,17 +341,18 @@ def _human(r: FNResult) -> str:
                 else f"without replacement from {r.dataset_size:,} images")
     return "\n".join([
         f"distribution   {r.distribution}: {r.n_classes} classes, sum p^2 = {r.sum_p2:.4f}",
-        f"batches        {r.batches} x {r.batch_size} images ({r.n_view_pairs:,} ordered view pairs each), "
-        f"{sampling}, seed {r.seed}",
-        f"false-negative view pairs: {100 * r.simulated_mean:.3f} % (std {100 * r.simulated_std:.3f} %, "
-        f"s.e. {100 * r.simulated_sem:.3f} %)",
+        (f"batches        {r.batches} x {r.batch_size} images ({r.n_view_pairs:,} ordered view pairs each), "
+         f"{sampling}, seed {r.seed}"),
+        (f"false-negative view pairs: {100 * r.simulated_mean:.3f} % (std {100 * r.simulated_std:.3f} %, "
+         f"s.e. {100 * r.simulated_sem:.3f} %)"),
         f"exact expectation:         {100 * r.analytic:.3f} %",
     ])
 
 
 def run(args: argparse.Namespace) -> int:
     """``raysys fn-sim``: simulate and print the result (``--json``: one JSON object). Bad input raises
-    :class:`ConfigError` (or :class:`DataError` for an unreadable dataset folder) before sampling."""
+    :class:`ConfigError` (or :class:`raysys.errors.DataError` for an unreadable dataset folder) before
+    sampling; :func:`raysys.errors.run_command` turns either into one line and exit code 2."""
     check_params(args.batch_size, args.batches, args.dataset_size)
     result = simulate(distribution_from_args(args), args.batch_size, args.batches, args.seed, args.dataset_size)
     print(json.dumps(result.to_dict()) if args.json else _human(result))
@@ -356,14 +360,74 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m raysys.eval.fnsim ...``: the same as ``raysys fn-sim``; errors print one line, exit code 2."""
+    """``python -m raysys.eval.fnsim ...``: the same as ``raysys fn-sim``; bad input prints one line, exit code 2."""
     parser = configure_parser(argparse.ArgumentParser(prog="raysys fn-sim", description=__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ConfigError, DataError) as exc:
-        print(f"raysys fn-sim: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("raysys fn-sim", run, parser.parse_args(argv))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the Fig. 6 grid and Table 2 column 2 (``experiments/fn_simulation.py``)
+
+FIG6_DESCRIPTION = ("False-negative view pairs vs classes, batch size and dataset size (paper Appendix B, "
+                    "Fig. 6), and Table 2's column 2.")
+# Points per panel and batches per point (the panels "batch size" and "dataset size" draw one line per
+# entry of panel_classes).
+FIG6_PRESETS = {
+    "smoke": {"batches": 100, "classes": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
+              "batch_sizes": [2, 8, 32, 128, 512], "dataset_sizes": [128, 256, 1024, 10_000, 100_000],
+              "panel_classes": [10, 100]},
+    "default": {"batches": 1000,
+                "classes": sorted({int(c) for c in np.geomspace(1, 1000, 31).round()}),
+                "batch_sizes": [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048],
+                "dataset_sizes": sorted({int(n) for n in np.geomspace(128, 1_000_000, 14).round()}),
+                "panel_classes": [10, 100, 1000]},
+}
+PAPER_BATCH_SIZE = 128  # the paper's (Appendix A); the batch size of every point that does not sweep it
+TABLE2_DATASET_SIZE = 100_000  # "100K Curiosity", "100K ImageNet", "50K + 50K"
+# (training set, distribution, mixed-in distribution and ratio, the paper's FN per batch in %)
+TABLE2_ROWS = [
+    ("100K Curiosity", "msl-v2.1", None, 15.0),
+    ("100K ImageNet", "uniform-1000", None, 0.08),
+    ("50K Curiosity + 50K ImageNet", "msl-v2.1", ("uniform-1000", 0.5), 0.30),
+]
+REPRODUCES_WITHIN = 0.05  # relative difference to the paper's value that we call "reproduces"
+_SEED_STRIDE = 100_000  # seeds of one run's points: seed * stride + point index (Table 2: + 90,000 + row)
+
+
+def _row(result: FNResult, **extra) -> dict:
+    return {**extra, **result.to_dict()}
+
+
+def fig6_points(preset: dict) -> list[tuple[str, int, int, int | None]]:
+    """The Fig. 6 points of a preset, in seed order: (panel, classes, batch size, dataset size or None)."""
+    points = [("classes", c, PAPER_BATCH_SIZE, None) for c in preset["classes"]]
+    points += [("batch_size", c, b, None) for c in preset["panel_classes"] for b in preset["batch_sizes"]]
+    points += [("dataset_size", c, PAPER_BATCH_SIZE, d)
+               for c in preset["panel_classes"] for d in preset["dataset_sizes"]]
+    return points
+
+
+def simulate_fig6(preset: dict, seed: int) -> dict[str, list[dict]]:
+    """The three Fig. 6 panels (balanced datasets); every point has its own seed so their noise is independent."""
+    panels: dict[str, list[dict]] = {"classes": [], "batch_size": [], "dataset_size": []}
+    points = fig6_points(preset)
+    for i, (panel, classes, batch_size, dataset_size) in enumerate(tqdm(points, desc="Fig. 6 points", unit="point")):
+        result = simulate(uniform(classes), batch_size, preset["batches"], seed * _SEED_STRIDE + i, dataset_size)
+        panels[panel].append(_row(result, classes=classes))
+    return panels
+
+
+def simulate_table2(batches: int, seed: int) -> list[dict]:
+    """Table 2, column 2, each row drawn without replacement from a 100K-image training set."""
+    rows = []
+    for i, (label, spec, mixed, paper) in enumerate(tqdm(TABLE2_ROWS, desc="Table 2 rows", unit="row")):
+        dist = parse_distribution(spec)
+        if mixed:
+            dist = mix(dist, parse_distribution(mixed[0]), mixed[1])
+        result = simulate(dist, PAPER_BATCH_SIZE, batches, seed * _SEED_STRIDE + 90_000 + i, TABLE2_DATASET_SIZE)
+        rows.append(_row(result, training_set=label, paper_percent=paper,
+                         analytic_iid=expected_fn_fraction(dist, PAPER_BATCH_SIZE)))
+    return rows
 
 
 if __name__ == "__main__":

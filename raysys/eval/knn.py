@@ -26,9 +26,15 @@ import pyarrow as pa
 import torch
 
 from raysys.data.decode import load_images
+from raysys.data.sampling import sample_groups
 from raysys.data.simulate import apportion
-from raysys.eval.linear import benchmark_features, classification_metrics, extract_features, load_benchmark
-from raysys.eval.label_fraction import sample_groups
+from raysys.errors import DataError
+from raysys.eval.linear import (
+    benchmark_features,
+    classification_metrics,
+    extract_features,
+    load_benchmark,
+)
 
 DEFAULT_K, DEFAULT_TEMPERATURE = 20, 0.07
 TIE_RTOL = 1e-9  # votes this close (relative) are tied: summation order must not decide a prediction
@@ -112,7 +118,7 @@ def evaluate_knn(model, benchmark_root, image_size: int, k: int = DEFAULT_K, tem
     manifest, names = load_benchmark(benchmark_root)
     data = benchmark_features(model, manifest, image_size, cache_dir=cache_dir, device=device, progress=progress)
     if len(data["train"]["y"]) == 0 or len(data["test"]["y"]) == 0:
-        raise ValueError(f"benchmark {benchmark_root}: no train or no test image could be decoded")
+        raise DataError(f"benchmark {benchmark_root}: no train or no test image could be decoded")
     train = data["train"]
     result = {"benchmark": str(Path(benchmark_root).resolve()), "model_digest": data["model_digest"],
               "metrics": knn_metrics(train["x"], train["y"], data["test"]["x"], data["test"]["y"], len(names), k,

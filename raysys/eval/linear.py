@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,72 +29,15 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 from torch import nn
 from tqdm.auto import tqdm
 
-from raysys.data.augment import to_float
+from raysys import storage
 from raysys.data.decode import load_images
 from raysys.data.formats import class_names, read_manifest
-from raysys.models import ContrastiveModel
+from raysys.errors import ConfigError, DataError
+from raysys.models.backbones import embed
+from raysys.models.io import load_saved, model_digest, resolve_model_file, run_folder
 
 LABELED_SPLITS = ("train", "val", "test")
-MODEL_FILE, CHECKPOINT_FILE = "model.pt", "state.pt"
 DEFAULT_IMAGE_SIZE = 32
-
-
-# ----------------------------------------------------------------------------- saved models
-
-
-def resolve_model_file(path: str | Path) -> Path:
-    """The saved-model file behind ``path``: a run folder's ``model.pt``, a checkpoint's ``state.pt``, or
-    the file itself. Raises a one-line :class:`ValueError` when there is none."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for name in (MODEL_FILE, CHECKPOINT_FILE):
-            if (path / name).is_file():
-                return path / name
-        raise ValueError(
-            f"{path} holds neither {MODEL_FILE} (a finished run) nor {CHECKPOINT_FILE} (a checkpoint); "
-            "pass a run folder, a checkpoint directory or the saved file"
-        )
-    raise ValueError(f"model path {path} does not exist; pass a run folder, a checkpoint directory or a .pt file")
-
-
-def _load_saved(path: str | Path) -> tuple[ContrastiveModel, dict]:
-    """Rebuild the saved model (eval mode, on CPU) and return it with the run's saved config."""
-    file = resolve_model_file(path)
-    try:
-        saved = torch.load(file, weights_only=True, map_location="cpu")
-    except Exception as exc:  # pickle, zip and weights-only errors all mean "not a saved raysys model"
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise ValueError(f"{file} is not a readable torch file ({reason})") from None
-    if not isinstance(saved, dict) or "model" not in saved or "model_spec" not in saved:
-        raise ValueError(f"{file} is not a raysys model file: expected a dict with 'model' and 'model_spec' keys")
-    model = ContrastiveModel.from_spec(saved["model_spec"])
-    try:
-        model.load_state_dict(saved["model"])
-    except RuntimeError as exc:
-        raise ValueError(f"{file}: weights do not fit its model_spec ({str(exc).splitlines()[0]})") from None
-    return model.eval(), dict(saved.get("config") or {})
-
-
-def load_model(path: str | Path) -> ContrastiveModel:
-    """Load a saved :class:`ContrastiveModel` (eval mode, CPU) from a run folder, checkpoint dir or file."""
-    return _load_saved(path)[0]
-
-
-def model_digest(model: nn.Module) -> str:
-    """Short hash of every parameter and buffer of ``model`` (the backbone and its heads) and its spec.
-
-    A superset of the backbone, so any change to what :meth:`features` computes changes the digest: it
-    keys the feature cache and proves the backbone was left untouched by evaluation.
-    """
-    h = hashlib.blake2b(digest_size=8)
-    h.update(json.dumps(getattr(model, "spec", None), sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- features
@@ -122,20 +64,6 @@ def _frozen(model: nn.Module, device: torch.device):
             module.training = training
 
 
-def _embed(model, images: np.ndarray, batch_size: int, device: torch.device, bar=None) -> np.ndarray:
-    """Features of uint8 ``[N, S, S, 3]`` images; the model must already be inside :func:`_frozen`."""
-    if len(images) == 0:  # still learn the feature width, so empty parts concatenate cleanly
-        return _embed(model, np.zeros((1, *images.shape[1:]), np.uint8), 1, device)[:0]
-    size = images.shape[1]
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start : start + batch_size]).to(device)  # uint8 moves 4x fewer bytes
-        out.append(model.features(to_float(x, size)).flatten(1).float().cpu().numpy())
-        if bar is not None:
-            bar.update(len(x))
-    return np.concatenate(out)
-
-
 def _check_images(images) -> None:
     ok = isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3
     if not ok:
@@ -156,7 +84,7 @@ def extract_features(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = _default_device(device)
     with _frozen(model, device), tqdm(total=len(images), unit="img", desc="features", disable=not progress) as bar:
-        return _embed(model, images, batch_size, device, bar)
+        return embed(model, images, batch_size, device, bar.update)
 
 
 def manifest_digest(manifest) -> str:
@@ -191,7 +119,7 @@ def _split_features(model, manifest, split, image_size, batch_size, device, work
     feats, kept_rows, skipped = [], [], []
     with tqdm(total=len(paths), unit="img", desc=f"{split} features", disable=not progress) as bar:
         for start, images, kept, bad in _decoded_chunks(paths, image_size, batch_size, workers):
-            feats.append(_embed(model, images, batch_size, device))
+            feats.append(embed(model, images, batch_size, device))
             kept_rows.append(start + kept)
             skipped += [{"split": split, "path": p, "reason": r} for p, r in bad]
             bar.update(len(kept) + len(bad))
@@ -203,10 +131,8 @@ def _save_cache(file: Path, result: dict) -> None:
     arrays = {f"{s}_{k}": v for s in LABELED_SPLITS if s in result for k, v in result[s].items()}
     for key in ("split", "path", "reason"):
         arrays[f"skipped_{key}"] = np.asarray([row[key] for row in result["skipped"]], dtype=str)
-    tmp = file.with_name(file.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with storage.atomic_local_path(file) as tmp, open(tmp, "wb") as f:  # a concurrent reader never sees half a file
         np.savez(f, **arrays)
-    os.replace(tmp, file)  # atomic: a concurrent reader never sees half a file
 
 
 def _load_cache(file: Path) -> dict:
@@ -386,14 +312,14 @@ def load_benchmark(root: str | Path):
     manifest = read_manifest(root)
     names = class_names(manifest)
     if not names:
-        raise ValueError(f"{root} has no class map, so it is not a labeled benchmark; pass an MSL or HiRISE folder")
+        raise DataError(f"{root} has no class map, so it is not a labeled benchmark; pass an MSL or HiRISE folder")
     splits = manifest.column("split").to_pylist()
     for split in ("train", "test"):
         if split not in splits:
-            raise ValueError(f"benchmark {root} has no {split!r} rows; linear evaluation needs a labeled train and test split")
+            raise DataError(f"benchmark {root} has no {split!r} rows; linear evaluation needs a labeled train and test split")
     labels = np.asarray(manifest.column("label").to_pylist())[np.isin(splits, LABELED_SPLITS)]
     if labels.min() < 0 or labels.max() >= len(names):
-        raise ValueError(f"benchmark {root} has labels outside 0..{len(names) - 1} (its class map has {len(names)} classes)")
+        raise DataError(f"benchmark {root} has labels outside 0..{len(names) - 1} (its class map has {len(names)} classes)")
     return manifest, names
 
 
@@ -415,7 +341,7 @@ def evaluate(
                               device=device, progress=progress)
     for split in ("train", "test"):
         if len(data[split]["y"]) == 0:
-            raise ValueError(f"benchmark {benchmark_root}: no {split} image could be decoded ({len(data['skipped'])} skipped)")
+            raise DataError(f"benchmark {benchmark_root}: no {split} image could be decoded ({len(data['skipped'])} skipped)")
     if model_digest(model) != data["model_digest"]:
         raise RuntimeError("the model changed during feature extraction; the evaluation is void")
     settings = dict(hidden=hidden, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed)
@@ -467,11 +393,6 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _run_folder(model_file: Path) -> Path:
-    # A checkpoint's state.pt lives in a checkpoint directory inside the run folder.
-    return model_file.parent.parent if model_file.name == CHECKPOINT_FILE else model_file.parent
-
-
 def _benchmark_names(roots: list[str]) -> list[str]:
     names, seen = [], collections.Counter()
     for root in roots:
@@ -483,22 +404,18 @@ def _benchmark_names(roots: list[str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """``raysys linear-eval``: evaluate one saved model on each ``--benchmark``; prints a table."""
-    try:
-        if args.epochs < 1:
-            raise ValueError(f"--epochs must be at least 1 (got {args.epochs})")
-        if args.image_size is not None and args.image_size < 8:
-            raise ValueError(f"--image-size must be at least 8 (got {args.image_size})")
-        missing = [b for b in args.benchmark if not Path(b).is_dir()]
-        if missing:
-            raise ValueError(f"--benchmark {missing[0]} is not a folder; pass the unpacked dataset folder")
-        model_file = resolve_model_file(args.model)
-        for root in args.benchmark:  # read every manifest first: fail on a bad one before any heavy work
-            load_benchmark(root)
-        model, config = _load_saved(model_file)
-    except ValueError as exc:
-        print(f"raysys linear-eval: error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else _run_folder(model_file)
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1 (got {args.epochs})")
+    if args.image_size is not None and args.image_size < 8:
+        raise ConfigError(f"--image-size must be at least 8 (got {args.image_size})")
+    missing = [b for b in args.benchmark if not Path(b).is_dir()]
+    if missing:
+        raise ConfigError(f"--benchmark {missing[0]} is not a folder; pass the unpacked dataset folder")
+    model_file = resolve_model_file(args.model)
+    for root in args.benchmark:  # read every manifest first: fail on a bad one before any heavy work
+        load_benchmark(root)
+    model, config = load_saved(model_file)
+    out = Path(args.out) if args.out else run_folder(model_file)
     image_size = args.image_size or int(config.get("image_size") or DEFAULT_IMAGE_SIZE)
     cache_dir = None if args.no_cache else (args.cache_dir or out / "feature-cache")
     rows = []

@@ -2,7 +2,7 @@
 
 The spatial evaluation of the ESS paper (localization from features), on rover traverses that pretraining
 never saw. The simulated pool lists its held-out traverse ids in ``holdout-traverses.txt``;
-:func:`holdout_split` keeps them out of pretraining and gives them to :func:`evaluate_place_recognition`.
+:func:`raysys.data.sources.holdout_split` keeps them out of pretraining and gives them to :func:`evaluate_place_recognition`.
 
 Protocol (:func:`place_recognition`):
 
@@ -32,66 +32,28 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from sklearn.preprocessing import normalize
 from tqdm.auto import tqdm
 
+from raysys import storage
 from raysys.data.decode import load_images
-from raysys.eval.linear import extract_features, model_digest
+from raysys.data.sources import HOLDOUT_FILE, holdout_split
+from raysys.errors import DataError
+from raysys.eval.linear import extract_features
 from raysys.methods.pairs import default_radius
+from raysys.models.io import model_digest
 
 log = logging.getLogger(__name__)
 
-HOLDOUT_FILE = "holdout-traverses.txt"
 RESULT_FILE = "eval-place.json"
 DEFAULT_EXCLUDE = 2
 DEFAULT_KS = (1, 5)
 QUERY_CHUNK = 1024  # query rows per similarity block: bounds memory at QUERY_CHUNK x n floats
 DECODE_CHUNK = 512
-
-
-# ----------------------------------------------------------------------------- held-out traverses
-
-
-def read_holdout(folder) -> list[int]:
-    """Held-out traverse ids from ``<folder>/holdout-traverses.txt`` (also looked for in ``images/``):
-    one integer per line, blank lines and ``#`` comments ignored. ``[]`` when the folder has no such file;
-    a malformed line raises a one-line ``ValueError`` naming file and line."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder; pass the rover image folder that holds {HOLDOUT_FILE}")
-    path = next((p for p in (folder / HOLDOUT_FILE, folder / "images" / HOLDOUT_FILE) if p.is_file()), None)
-    if path is None:
-        return []
-    ids = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
-        try:
-            ids.append(int(text))
-        except ValueError:
-            raise ValueError(f"{path}:{lineno}: {text!r} is not a traverse id; write one integer per line") from None
-    return sorted(set(ids))
-
-
-def holdout_split(manifest: pa.Table, holdout_traverses) -> tuple[pa.Table, pa.Table]:
-    """``(pretrain, heldout)``: rows whose ``traverse`` is in ``holdout_traverses`` go to ``heldout``, all
-    others (including rows of unknown traverse, -1) to ``pretrain``; row order is kept in both. Held-out
-    ids absent from the manifest are logged, not an error (pretraining cannot leak what is not there)."""
-    ids = sorted({int(t) for t in holdout_traverses})
-    if any(t < 0 for t in ids):
-        raise ValueError(f"held-out traverse ids must be >= 0 (-1 means unknown), got {ids}")
-    held = pc.is_in(manifest.column("traverse"), value_set=pa.array(ids, pa.int32()))
-    absent = sorted(set(ids) - set(pc.unique(manifest.column("traverse")).to_pylist()))
-    if absent:
-        log.warning("held-out traverses %s have no rows in this manifest", absent)
-    return manifest.filter(pc.invert(held)), manifest.filter(held)
 
 
 # ----------------------------------------------------------------------------- the metric
@@ -250,7 +212,7 @@ def evaluate_place_recognition(
         manifest = holdout_split(manifest, holdout_traverses)[1]
     rows, dropped = _usable_rows(manifest)
     if rows.num_rows < 2:
-        raise ValueError(f"place recognition needs at least 2 held-out frames with positions, found {rows.num_rows} "
+        raise DataError(f"place recognition needs at least 2 held-out frames with positions, found {rows.num_rows} "
                          f"({dropped} without position/traverse/frame); does the pool have {HOLDOUT_FILE} and "
                          f"positions.csv?")
     columns = {c: rows.column(c).to_numpy(zero_copy_only=False) for c in ("x", "y", "traverse", "frame")}
@@ -269,9 +231,5 @@ def evaluate_place_recognition(
     result.update(model_digest=digest, image_size=int(image_size), default_radius=derived, dropped_rows=dropped,
                   skipped=skipped, traverses=sorted(int(t) for t in np.unique(columns["traverse"][kept])))
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{RESULT_FILE}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out / RESULT_FILE)
+        storage.write_text_atomic(str(Path(out_dir) / RESULT_FILE), json.dumps(result, indent=2))
     return result

@@ -47,19 +47,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from raysys.config import BACKBONES
-from raysys.data.augment import AugmentConfig, augment as augment_batch, to_float
+from raysys.data.augment import AugmentConfig, to_float
+from raysys.data.augment import augment as augment_batch
 from raysys.data.decode import load_images
+from raysys.errors import ConfigError, DataError
 from raysys.eval.linear import (
     DEFAULT_IMAGE_SIZE,
     LABELED_SPLITS,
-    MODEL_FILE,
-    _load_saved,
     classification_metrics,
     load_benchmark,
     majority_baseline,
-    model_digest,
 )
 from raysys.models import ContrastiveModel
+from raysys.models.io import MODEL_FILE, load_saved, model_digest, save_model
 
 RESULT_FILE = "supervised.json"
 FINE_TUNE_FILE = "fine-tune.json"
@@ -85,7 +85,7 @@ def _check_settings(backbone, width, image_size, epochs, batch_size, lr, backbon
     ]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise ConfigError(message)
     defaults = AugmentConfig(**SUPERVISED_AUGMENT).to_dict()
     return AugmentConfig.from_dict({**defaults, **(augment or {}), "size": image_size})
 
@@ -130,7 +130,7 @@ def _initial_model(init_model) -> tuple[ContrastiveModel, str]:
     if isinstance(init_model, ContrastiveModel):
         return copy.deepcopy(init_model).cpu().train(), "ContrastiveModel object"
     if isinstance(init_model, (str, Path)):
-        return _load_saved(init_model)[0].train(), str(Path(init_model).resolve())
+        return load_saved(init_model)[0].train(), str(Path(init_model).resolve())
     raise ValueError(f"init_model must be a ContrastiveModel or a saved-model path, got {type(init_model).__name__}")
 
 
@@ -167,6 +167,118 @@ def _train_epoch(model, head, optimizer, scheduler, images, labels, cfg, batch_s
     return total_loss / seen, correct / seen
 
 
+def _run_kind(init_model, lr: float, backbone_lr: float | None) -> tuple:
+    """From scratch or fine-tuning: (pretrained copy, its name) -- both None from scratch -- the method name,
+    and the backbone lr, which defaults to ``lr`` from scratch and to ``lr / 10`` when fine-tuning."""
+    init, init_name = _initial_model(init_model) if init_model is not None else (None, None)
+    method = "supervised" if init is None else "fine-tune"
+    if backbone_lr is None:
+        backbone_lr = lr if init is None else lr * FINE_TUNE_BACKBONE_LR_FACTOR
+    return init, init_name, method, backbone_lr
+
+
+def _check_decoded(benchmark_root, data: dict, skipped: list[dict]) -> None:
+    """Fail in one line before any training when too few images decoded: train and test need at least one
+    each, and train needs two, since BatchNorm cannot train on a batch of one."""
+    for split in ("train", "test"):
+        if len(data[split][1]) == 0:
+            raise DataError(f"benchmark {benchmark_root}: no {split} image could be decoded "
+                             f"({len(skipped)} skipped, first: {skipped[0]['reason']}); check the image files")
+    if len(data["train"][1]) < 2:
+        raise DataError(f"benchmark {benchmark_root} has a single decodable train image; supervised training needs at least 2")
+
+
+def _prepare_model(init, backbone: str, width: float, small_stem: bool, num_classes: int, seed: int, device):
+    """The model to train and a new seeded head, both moved to ``device``: a fresh seeded model, or the
+    pretrained copy ``init``, whose own architecture then replaces the arguments in the results. Returns
+    (model, head, (backbone, width, small_stem), digest of the initial weights when fine-tuning, else None)."""
+    if init is None:
+        model, head = _seeded_model(backbone, width, small_stem, num_classes, seed)
+        arch, init_digest = (backbone, width, small_stem), None
+    else:
+        model, head = init, _seeded_head(init.feature_dim, num_classes, seed)
+        arch = (init.spec["backbone_name"], init.spec["width"], init.spec["small_stem"])
+        init_digest = model_digest(model)
+    return model.to(device), head.to(device), arch, init_digest
+
+
+def _optimizer(model: ContrastiveModel, head: nn.Module, lr: float, backbone_lr: float, weight_decay: float,
+               total_steps: int):
+    """Adam over the backbone (at ``backbone_lr``) and the head (at ``lr``) -- the projector is not used here,
+    so it stays as it was -- with a cosine decay of the learning rate to zero over ``total_steps``."""
+    optimizer = torch.optim.Adam([{"params": model.backbone.parameters(), "lr": backbone_lr},
+                                  {"params": head.parameters(), "lr": lr}], weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step / total_steps, 1.0))))
+    return optimizer, scheduler
+
+
+def _fit(model, head, on_device: dict, data: dict, cfg: AugmentConfig, *, epochs: int, batch_size: int, lr: float,
+         backbone_lr: float, weight_decay: float, seed: int, image_size: int, desc: str,
+         progress: bool) -> tuple[list[dict], int]:
+    """Train for ``epochs``; val accuracy after each epoch goes into the history only (the final model is
+    reported, never the best). Returns (history, optimizer steps per epoch)."""
+    train_x, train_y = on_device["train"]
+    steps_per_epoch = 1 if len(train_y) <= batch_size else len(train_y) // batch_size
+    optimizer, scheduler = _optimizer(model, head, lr, backbone_lr, weight_decay, epochs * steps_per_epoch)
+    shuffle_gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator().manual_seed(seed + 1)  # own stream: shuffling and augmentation draws stay apart
+
+    history = []
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress)
+    for epoch in bar:
+        loss, train_acc = _train_epoch(model, head, optimizer, scheduler, train_x, train_y, cfg, batch_size,
+                                       shuffle_gen, aug_gen)
+        row = {"epoch": epoch + 1, "loss": loss, "train_accuracy_augmented": train_acc}
+        if "val" in on_device and len(on_device["val"][1]):
+            val_pred = _predict(model, head, on_device["val"][0], image_size)
+            row["val_accuracy"] = float(np.mean(val_pred == data["val"][1]))
+        history.append(row)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})
+    return history, steps_per_epoch
+
+
+def _scores(model, head, data: dict, on_device: dict, num_classes: int, image_size: int) -> tuple[dict, dict]:
+    """The trained classifier's own scores on unaugmented images: test metrics, train accuracy and the
+    majority baseline; and, apart since they come last in the results, the val metrics when val has images."""
+    train_y, test_y = data["train"][1], data["test"][1]
+    scores = {
+        "metrics": classification_metrics(test_y, _predict(model, head, on_device["test"][0], image_size), num_classes),
+        "train_accuracy": float(np.mean(_predict(model, head, on_device["train"][0], image_size) == train_y)),
+        "majority": majority_baseline(train_y, test_y, num_classes),
+    }
+    val = {}
+    if "val" in data and len(data["val"][1]):
+        val["val_metrics"] = classification_metrics(
+            data["val"][1], _predict(model, head, on_device["val"][0], image_size), num_classes)
+    return scores, val
+
+
+def _counts(manifest, data: dict, num_classes: int) -> dict:
+    """Per split: the manifest's rows, the decoded images used and their count per class."""
+    split_of = manifest.column("split").to_pylist()
+    return {s: {"rows": int(split_of.count(s)), "used": int(len(y)),
+                "per_class": np.bincount(y, minlength=num_classes).tolist()} for s, (_, y) in data.items()}
+
+
+def _write_results(model, head, result: dict, out_dir, result_file: str, times: tuple[float, float, float],
+                   images_trained: int) -> dict:
+    """Save ``model.pt``, add the model digest and timings (``times``: start, decoded, trained) and write the
+    JSON; the model is saved before the JSON so the JSON never names a model that is not there."""
+    t_start, t_decoded, t_trained = times
+    model_path = _save(model, head, result["config"], Path(out_dir))
+    result["model_digest"] = model_digest(model.cpu())
+    t_end = time.perf_counter()
+    result["timing"] = {
+        "decode_s": t_decoded - t_start,
+        "train_s": t_trained - t_decoded,
+        "train_images_per_s": images_trained / max(t_trained - t_decoded, 1e-9),
+        "total_s": t_end - t_start,
+    }
+    (Path(out_dir) / result_file).write_text(json.dumps(result, indent=2))
+    return {**result, "model_path": str(model_path)}
+
+
 def train_supervised(
     benchmark_root,
     out_dir,
@@ -196,92 +308,36 @@ def train_supervised(
     :func:`raysys.eval.linear.load_model`) and ``out_dir/supervised.json`` or ``fine-tune.json`` (test
     metrics of the trained classifier via :func:`raysys.eval.linear.classification_metrics`, val metrics,
     majority baseline, history, timing). Returns that dict plus ``model_path``. Bad arguments or a
-    benchmark without train/test rows raise a one-line :class:`ValueError` before any image is decoded.
+    benchmark without train/test rows raise a one-line :class:`~raysys.errors.RaysysError` (a
+    :class:`ValueError`) before any image is decoded.
     """
     t_start = time.perf_counter()
     aug_cfg = _check_settings(backbone, width, image_size, epochs, batch_size, lr, backbone_lr, weight_decay, augment)
     manifest, names = load_benchmark(benchmark_root)
-    init, init_name = _initial_model(init_model) if init_model is not None else (None, None)
-    method = "supervised" if init is None else "fine-tune"
-    if backbone_lr is None:
-        backbone_lr = lr if init is None else lr * FINE_TUNE_BACKBONE_LR_FACTOR
+    init, init_name, method, backbone_lr = _run_kind(init_model, lr, backbone_lr)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-
     data, skipped = _decode_splits(manifest, image_size)
-    for split in ("train", "test"):
-        if len(data[split][1]) == 0:
-            raise ValueError(f"benchmark {benchmark_root}: no {split} image could be decoded "
-                             f"({len(skipped)} skipped, first: {skipped[0]['reason']}); check the image files")
-    if len(data["train"][1]) < 2:
-        raise ValueError(f"benchmark {benchmark_root} has a single decodable train image; supervised training needs at least 2")
+    _check_decoded(benchmark_root, data, skipped)
     t_decoded = time.perf_counter()
 
-    if init is None:
-        model, head = _seeded_model(backbone, width, small_stem, len(names), seed)
-    else:
-        model, head = init, _seeded_head(init.feature_dim, len(names), seed)
-        backbone, width, small_stem = init.spec["backbone_name"], init.spec["width"], init.spec["small_stem"]
-    init_digest = None if init is None else model_digest(model)
-    model.to(device)
-    head.to(device)
+    model, head, (backbone, width, small_stem), init_digest = _prepare_model(init, backbone, width, small_stem,
+                                                                             len(names), seed, device)
     on_device = {s: (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)) for s, (x, y) in data.items()}
-    train_x, train_y = on_device["train"]
-    steps_per_epoch = 1 if len(train_y) <= batch_size else len(train_y) // batch_size
-    # only the backbone and the head learn; the projector stays as it was (it is not used here)
-    optimizer = torch.optim.Adam([{"params": model.backbone.parameters(), "lr": backbone_lr},
-                                  {"params": head.parameters(), "lr": lr}], weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step / (epochs * steps_per_epoch), 1.0))))
-    shuffle_gen = torch.Generator().manual_seed(seed)
-    aug_gen = torch.Generator().manual_seed(seed + 1)  # own stream: shuffling and augmentation draws stay apart
-
-    history = []
-    bar = tqdm(range(epochs), desc=method, unit="epoch", disable=not progress)
-    for epoch in bar:
-        loss, train_acc = _train_epoch(model, head, optimizer, scheduler, train_x, train_y, aug_cfg, batch_size,
-                                       shuffle_gen, aug_gen)
-        row = {"epoch": epoch + 1, "loss": loss, "train_accuracy_augmented": train_acc}
-        if "val" in on_device and len(on_device["val"][1]):
-            val_pred = _predict(model, head, on_device["val"][0], image_size)
-            row["val_accuracy"] = float(np.mean(val_pred == data["val"][1]))
-        history.append(row)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})
+    history, steps_per_epoch = _fit(model, head, on_device, data, aug_cfg, epochs=epochs, batch_size=batch_size, lr=lr,
+                                    backbone_lr=backbone_lr, weight_decay=weight_decay, seed=seed,
+                                    image_size=image_size, desc=method, progress=progress)
     t_trained = time.perf_counter()
 
-    train_y_np, test_y_np = data["train"][1], data["test"][1]
-    result = {
-        "method": method,
-        "benchmark": str(Path(benchmark_root).resolve()),
-        "class_names": names,
-        "config": {**_settings(backbone, width, small_stem, image_size, epochs, batch_size, lr, weight_decay, seed,
-                               aug_cfg), "method": method, "backbone_lr": backbone_lr,
-                   **({} if init is None else {"init_model": init_name, "init_model_digest": init_digest})},
-        "metrics": classification_metrics(test_y_np, _predict(model, head, on_device["test"][0], image_size),
-                                          len(names)),
-        "train_accuracy": float(np.mean(_predict(model, head, train_x, image_size) == train_y_np)),
-        "majority": majority_baseline(train_y_np, test_y_np, len(names)),
-        "counts": {s: {"rows": int(manifest.column("split").to_pylist().count(s)), "used": int(len(y)),
-                       "per_class": np.bincount(y, minlength=len(names)).tolist()} for s, (_, y) in data.items()},
-        "skipped": skipped,
-        "epochs": epochs,
-        "history": history,
-        "device": str(device),
-    }
-    if "val" in data and len(data["val"][1]):
-        result["val_metrics"] = classification_metrics(
-            data["val"][1], _predict(model, head, on_device["val"][0], image_size), len(names))
-
-    model_path = _save(model, head, result["config"], Path(out_dir))
-    result["model_digest"] = model_digest(model.cpu())
-    t_end = time.perf_counter()
-    result["timing"] = {
-        "decode_s": t_decoded - t_start,
-        "train_s": t_trained - t_decoded,
-        "train_images_per_s": epochs * steps_per_epoch * min(batch_size, len(train_y)) / max(t_trained - t_decoded, 1e-9),
-        "total_s": t_end - t_start,
-    }
-    (Path(out_dir) / (RESULT_FILE if init is None else FINE_TUNE_FILE)).write_text(json.dumps(result, indent=2))
-    return {**result, "model_path": str(model_path)}
+    config = {**_settings(backbone, width, small_stem, image_size, epochs, batch_size, lr, weight_decay, seed, aug_cfg),
+              "method": method, "backbone_lr": backbone_lr,
+              **({} if init is None else {"init_model": init_name, "init_model_digest": init_digest})}
+    scores, val_scores = _scores(model, head, data, on_device, len(names), image_size)
+    result = {"method": method, "benchmark": str(Path(benchmark_root).resolve()), "class_names": names,
+              "config": config, **scores, "counts": _counts(manifest, data, len(names)), "skipped": skipped,
+              "epochs": epochs, "history": history, "device": str(device), **val_scores}
+    images_trained = epochs * steps_per_epoch * min(batch_size, len(data["train"][1]))
+    return _write_results(model, head, result, out_dir, RESULT_FILE if init is None else FINE_TUNE_FILE,
+                          (t_start, t_decoded, t_trained), images_trained)
 
 
 def fine_tune(
@@ -294,7 +350,7 @@ def fine_tune(
     ``backbone_lr`` (default ``lr / 10``), new head at ``lr``. ``image_size`` defaults to the saved run's,
     else to :data:`raysys.eval.linear.DEFAULT_IMAGE_SIZE`. Writes ``model.pt`` and ``fine-tune.json``."""
     if image_size is None:
-        config = {} if isinstance(model_or_path, ContrastiveModel) else _load_saved(model_or_path)[1]
+        config = {} if isinstance(model_or_path, ContrastiveModel) else load_saved(model_or_path)[1]
         image_size = int(config.get("image_size") or DEFAULT_IMAGE_SIZE)
     return train_supervised(benchmark_root, out_dir, image_size=image_size, epochs=epochs, batch_size=batch_size,
                             lr=lr, weight_decay=weight_decay, seed=seed, augment=augment, device=device,
@@ -312,11 +368,6 @@ def _settings(backbone, width, small_stem, image_size, epochs, batch_size, lr, w
 
 
 def _save(model: ContrastiveModel, head: nn.Module, config: dict, out: Path) -> Path:
-    """Write ``model.pt`` as the trainer does (plus the trained head under ``classifier``); atomic rename."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / MODEL_FILE
-    tmp = out / f".{MODEL_FILE}.tmp"
-    torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "model_spec": model.spec,
-                "config": config, "classifier": {k: v.cpu() for k, v in head.state_dict().items()}}, tmp)
-    tmp.replace(path)
-    return path
+    """Write ``model.pt`` as the trainer does, plus the trained head under ``classifier``."""
+    return save_model(out / MODEL_FILE, model.state_dict(), model.spec, config,
+                      classifier={k: v.detach().cpu() for k, v in head.state_dict().items()})

@@ -45,8 +45,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raysys.methods.losses import check_ranks_agree, gather_meta, gather_no_grad, info_nce_qk
-from raysys.methods.pairs import InstanceRule, PairMatrix, Rule, false_negative_stats, make_rule
+from raysys.methods.losses import (
+    check_ranks_agree,
+    gather_meta,
+    gather_no_grad,
+    info_nce_qk,
+)
+from raysys.methods.pairs import (
+    InstanceRule,
+    PairMatrix,
+    Rule,
+    false_negative_stats,
+    make_rule,
+)
 
 # Metadata a queue can store (names and dtypes of the training batch, raysys.data.schema) and the
 # "unknown" value of each dtype.

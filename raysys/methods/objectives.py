@@ -16,9 +16,22 @@ import torch
 from torch import Tensor, nn
 
 from raysys.methods.losses import contrastive_loss
-from raysys.methods.moco import (KeyQueue, clamp_queue_size, forward_keys, make_key_encoder, moco_false_negative_stats,
-                         moco_loss, momentum_update, queue_columns)
-from raysys.methods.pairs import Rule, false_negative_stats, make_rule, positives_per_anchor
+from raysys.methods.moco import (
+    KeyQueue,
+    clamp_queue_size,
+    forward_keys,
+    make_key_encoder,
+    moco_false_negative_stats,
+    moco_loss,
+    momentum_update,
+    queue_columns,
+)
+from raysys.methods.pairs import (
+    Rule,
+    false_negative_stats,
+    make_rule,
+    positives_per_anchor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +44,6 @@ DIAGNOSTICS = {
     "positives_min": "positives_per_anchor_min",
     "positives_max": "positives_per_anchor_max",
 }
-
-
-def _spatial(rule: Rule) -> bool:
-    return rule.name.startswith("ess-")
 
 
 class SimCLRObjective:
@@ -50,7 +59,7 @@ class SimCLRObjective:
             _, z = self.model(torch.cat([view1, view2]))
         z1, z2 = z.float().chunk(2)
         loss, pairs, global_meta = contrastive_loss(z1, z2, meta, self.rule, self.temperature)
-        stats = positives_per_anchor(pairs) if _spatial(self.rule) else {}
+        stats = positives_per_anchor(pairs) if self.rule.spatial else {}
         if "label" in global_meta:  # hidden labels: a diagnostic, never used by the loss
             baseline = self.baseline(global_meta) if self.rule.name != "instance" else None
             stats |= false_negative_stats(pairs, global_meta["label"], baseline)
@@ -90,7 +99,7 @@ class MoCoObjective:
             _, q = self.model(view1)
             k = forward_keys(lambda v: self.key_model(v)[1], view2, sub_batches=min(self.bn_splits, len(view2)))
         loss, pairs, global_meta = moco_loss(q.float(), k.float(), meta, self.queue, self.rule, self.temperature)
-        stats = positives_per_anchor(pairs) if _spatial(self.rule) else {}
+        stats = positives_per_anchor(pairs) if self.rule.spatial else {}
         if "label" in self.queue.meta_keys:  # before the enqueue: the queue must hold what the loss saw
             stats |= moco_false_negative_stats(pairs, global_meta, self.queue)
         self._pending = (k.detach().float(), {c: meta[c] for c in self.queue.meta_keys})

@@ -88,12 +88,21 @@ class Rule:
     """Base of the registered pair rules: subclasses define the rectangular :meth:`pairs`;
     the square view-layout matrix is derived from it.
 
-    ``requires``: metadata columns the rule reads besides ``image_id`` (what a MoCo queue must store).
+    A rule is one class plus its entry in :data:`RULES`; everything else follows from these attributes:
+
+    - ``name``: its ``--pair-rule`` value and sweep method name;
+    - ``requires``: metadata columns it reads besides ``image_id`` (what a MoCo queue must store);
+    - ``options``: constructor argument -> the :class:`raysys.config.PretrainConfig` field that sets it;
+    - ``trial_tags``: (tag, sweep parameter) pairs that name a sweep trial (``cluster-k10-...``);
+    - ``spatial``: positives come from capture positions (ESS), so a missing radius is derived from the pool.
     """
 
     name = ""
     uses_labels = False
     requires: tuple[str, ...] = ()
+    options: dict[str, str] = {}
+    trial_tags: tuple[tuple[str, str], ...] = ()
+    spatial = False
 
     def pairs(self, anchors: dict, candidates: dict) -> PairMatrix:
         """``[Na, Nc]`` pair matrix of anchor images against candidate images (both need ``image_id``)."""
@@ -150,6 +159,8 @@ class ClusterRule(Rule):
 
     name = "cluster"
     requires = ("cluster_id",)
+    options = {"mode": "cluster_mode"}
+    trial_tags = (("k", "k"),)
     MODES = ("eliminate", "attract")
 
     def __init__(self, mode: str = "eliminate"):
@@ -188,6 +199,9 @@ class _SpatialRule(Rule):
     """
 
     requires = ("x", "y")
+    options = {"r": "ess_radius", "theta": "ess_theta"}
+    trial_tags = (("rad", "ess_radius"),)
+    spatial = True
 
     def __init__(self, r: float | None = None, theta: float | None = None):
         if r is None or not (math.isfinite(r) and r >= 0):
@@ -229,6 +243,8 @@ class EssMWRule(_SpatialRule):
     negative."""
 
     name = "ess-mw"
+    options = {**_SpatialRule.options, "sigma": "ess_sigma"}
+    trial_tags = (*_SpatialRule.trial_tags, ("sig", "ess_sigma"))
 
     def __init__(self, r: float | None = None, theta: float | None = None, sigma: float | None = None):
         super().__init__(r, theta)
@@ -243,12 +259,13 @@ class EssMWRule(_SpatialRule):
         return w.masked_fill(same_image, 1.0), ~(near | same_image)
 
 
-RULES: dict[str, type] = {r.name: r for r in (InstanceRule, ClusterRule, LabelRule, EssMBRule, EssMWRule)}
+# The registry: a new method is a Rule subclass and its entry here.
+RULES: dict[str, type[Rule]] = {r.name: r for r in (InstanceRule, ClusterRule, LabelRule, EssMBRule, EssMWRule)}
 
 
 def make_rule(name: str, **kwargs) -> Rule:
-    """Build the pair rule registered under ``name`` (see :data:`RULES`) with its keyword options:
-    ``cluster``: mode; ``ess-mb``: r, theta; ``ess-mw``: r, theta, sigma."""
+    """Build the pair rule registered under ``name`` (see :data:`RULES`) with its keyword options
+    (the class's ``options``: ``cluster``: mode; ``ess-mb``: r, theta; ``ess-mw``: r, theta, sigma)."""
     if name not in RULES:
         raise ValueError(f"unknown pair rule {name!r}; valid rules: {sorted(RULES)}")
     try:

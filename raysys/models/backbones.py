@@ -8,9 +8,13 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from raysys.data.augment import to_float
+from raysys.errors import ModelFileError
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +133,7 @@ class ContrastiveModel(nn.Module):
         """Rebuild a model from its ``spec`` (e.g. stored in a checkpoint)."""
         unknown = set(spec) - {"backbone_name", "width", "small_stem", "proj_dim", "proj_layers"}
         if unknown:
-            raise ValueError(f"model spec has unknown keys {sorted(unknown)}; was it written by another version?")
+            raise ModelFileError(f"model spec has unknown keys {sorted(unknown)}; was it written by another version?")
         return cls(**spec)
 
     def features(self, x: Tensor) -> Tensor:
@@ -153,7 +157,7 @@ def _unwrap_state_dict(obj, path) -> dict:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors (or a dict with a 'model'/'state_dict' entry)")
+        raise ModelFileError(f"{path}: expected a state dict of tensors (or a dict with a 'model'/'state_dict' entry)")
     return obj
 
 
@@ -186,7 +190,7 @@ def load_init_weights(model: nn.Module, path) -> LoadReport:
     mismatched = sorted(k for k, v in matched.items() if v.shape != own[k].shape)
     loadable = {k: v for k, v in matched.items() if k not in mismatched}
     if not loadable:
-        raise ValueError(f"{path}: none of its {len(state)} entries match the model "
+        raise ModelFileError(f"{path}: none of its {len(state)} entries match the model "
                          f"(file has e.g. {list(state)[:2]}, model expects e.g. {list(own)[:2]}); "
                          f"pass weights saved from the same architecture and width")
     model.load_state_dict(loadable, strict=False)
@@ -200,6 +204,15 @@ def load_init_weights(model: nn.Module, path) -> LoadReport:
     return report
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameter elements of ``module`` (only those requiring grad if ``trainable_only``)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+def embed(model: nn.Module, images: np.ndarray, batch_size: int, device, on_batch=None) -> np.ndarray:
+    """``model.features`` of uint8 ``[N, S, S, 3]`` images, batch by batch: ``float32 [N, D]``. The one
+    embedding loop of the linear probe, the texture encoder and the clustering step's actors; the caller
+    sets eval and inference mode. ``on_batch(n)`` is told each batch's size (a progress bar)."""
+    size = images.shape[1]
+    out = []
+    for start in range(0, max(len(images), 1), batch_size):  # N = 0: one empty batch still gives the width
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device)  # uint8: 4x fewer bytes
+        out.append(model.features(to_float(x, size)).flatten(1).float().cpu().numpy())
+        if on_batch is not None:
+            on_batch(len(x))
+    return np.concatenate(out)

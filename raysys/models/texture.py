@@ -33,8 +33,9 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from raysys.data.augment import AugmentConfig, augment, to_float
-from raysys.models import Normalize, build_backbone
+from raysys.data.augment import AugmentConfig, augment
+from raysys.errors import DataError, ModelFileError, TextureConfigError
+from raysys.models.backbones import Normalize, build_backbone, embed
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,6 @@ MINIBATCH_ROWS = 20_000
 # Whitened PCA components whose variance is below this fraction of the largest are dropped: dividing
 # by a near-zero standard deviation would blow numerical noise up to unit variance.
 _MIN_RELATIVE_VARIANCE = 1e-6
-
-
-class TextureConfigError(ValueError):
-    """A :class:`TextureConfig` field has an invalid value."""
 
 
 # ----------------------------------------------------------------------------- features -> clusters
@@ -338,11 +335,7 @@ def embed_images(model: nn.Module, images: np.ndarray, batch_size: int = 256, de
     """Features ``float32 [N, D]`` of uint8 ``[N, S, S, 3]`` images (``model.features``, eval mode).
     Leaves the model in eval mode on ``device``."""
     device = torch.device(device or next(model.parameters()).device)
-    model.eval().to(device)
-    size = images.shape[1]
-    out = [model.features(to_float(torch.from_numpy(images[i:i + batch_size]).to(device), size)).float().cpu()
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out).numpy()
+    return embed(model.eval().to(device), images, batch_size, device)
 
 
 def train_texture_encoder(
@@ -365,7 +358,7 @@ def train_texture_encoder(
     n, size = len(images), images.shape[1]
     k_pseudo = cfg.pseudo_clusters(n)
     if n < 2 * cfg.per_cluster or n < k_pseudo:
-        raise ValueError(f"{n} images are too few to train the texture encoder; need at least "
+        raise DataError(f"{n} images are too few to train the texture encoder; need at least "
                          f"{max(2 * cfg.per_cluster, k_pseudo)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
@@ -412,7 +405,7 @@ def load_texture_encoder(path: str | Path) -> TextureEncoder:
     """Rebuild a :class:`TextureEncoder` (eval mode, CPU) saved by :func:`save_texture_encoder`."""
     saved = torch.load(path, weights_only=True, map_location="cpu")
     if not isinstance(saved, dict) or "texture_spec" not in saved:
-        raise ValueError(f"{path} is not a texture-encoder file (no 'texture_spec' entry)")
+        raise ModelFileError(f"{path} is not a texture-encoder file (no 'texture_spec' entry)")
     model = TextureEncoder.from_spec(saved["texture_spec"])
     model.load_state_dict(saved["texture_model"])
     return model.eval()

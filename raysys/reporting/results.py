@@ -15,12 +15,14 @@ from raysys import storage
 RESULT_COLUMNS = [
     "trial", "method", "k", "temperature", "lr", "mix_ratio", "seed",
     "msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
+    "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc",
     "fn_fraction", "removed_precision", "removed_recall", "cluster_nmi", "cluster_purity",
     "ess_radius", "ess_sigma", "positives_per_anchor", "place_recall1", "place_recall5", "place_median_error",
     "place_chance_recall1", "knn_acc", "stopped_at_epoch", "pretrain_seconds",
 ]
 GROUP_KEYS = ("method", "k", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma")  # what tells configurations apart (not the seed)
-METRICS = ["msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc", "fn_fraction", "place_recall1",
+METRICS = ["msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
+           "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc", "fn_fraction", "place_recall1",
            "place_recall5", "place_median_error", "positives_per_anchor"]
 
 
@@ -84,14 +86,16 @@ def _pct(mean, std=None) -> str:
 def results_table(groups: list[dict], param: str = "k", swept=("cluster",)) -> str:
     """A markdown table of the grouped results (accuracies in %, mean ± std over seeds); ``param`` is shown
     for the ``swept`` methods only (the others are references)."""
-    head = f"| method | {param} | seeds | MSL acc | MSL bal. acc | HiRISE acc | HiRISE bal. acc | FN pairs % |"
-    lines = [head, "|" + " --- |" * 8]
+    head = (f"| method | {param} | seeds | MSL acc | MSL bal. acc | HiRISE acc | HiRISE bal. acc "
+            f"| MSL kNN acc | HiRISE kNN acc | FN pairs % |")
+    lines = [head, "|" + " --- |" * 10]
     for g in groups:
         value = g.get(param) if g["method"] in swept else None
         lines.append(
             f"| {g['method']} | {'–' if value is None else f'{value:g}'} "
             f"| {g['n']} | {_pct(g['msl_acc'], g['msl_acc_std'])} | {_pct(g['msl_balanced_acc'], g['msl_balanced_acc_std'])} "
             f"| {_pct(g['hirise_acc'], g['hirise_acc_std'])} | {_pct(g['hirise_balanced_acc'], g['hirise_balanced_acc_std'])} "
+            f"| {_pct(g['msl_knn_acc'], g['msl_knn_acc_std'])} | {_pct(g['hirise_knn_acc'], g['hirise_knn_acc_std'])} "
             f"| {_pct(g['fn_fraction'])} |"
         )
     return "\n".join(lines)

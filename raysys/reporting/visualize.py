@@ -28,13 +28,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raysys.config import ConfigError
 from raysys.data import formats
 from raysys.data.decode import load_images
 from raysys.data.schema import SPLITS, UNLABELED
 from raysys.data.simulate import apportion
-from raysys.eval.linear import (DEFAULT_IMAGE_SIZE, _load_saved, _run_folder, extract_features,
-                             resolve_model_file)
+from raysys.errors import ConfigError, ModelFileError
+from raysys.eval.linear import DEFAULT_IMAGE_SIZE, extract_features
+from raysys.models.io import load_saved, resolve_model_file, run_folder
 
 COLOR_MODES = ("label", "cluster")
 DEFAULT_N = 500
@@ -261,34 +261,21 @@ def _write_csv(path: Path, metadata: list[list], paths: list[str], coords: np.nd
             writer.writerow([*row, p, f"{x:.5f}", f"{y:.5f}"])
 
 
-def visualize(
-    run: str | Path, out: str | Path | None = None, data: str | Path | None = None, n: int = DEFAULT_N,
-    seed: int = 0, color: str = "label", clusters: str | Path | None = None, split: str | None = None,
-    image_size: int | None = None, thumb_size: int = DEFAULT_THUMB, perplexity: float = DEFAULT_PERPLEXITY,
-    device=None, progress: bool = True,
-) -> dict:
-    """t-SNE thumbnail map and TensorBoard projector of ``n`` images of ``data`` embedded by ``run``.
-
-    Returns ``{"png", "csv", "projector", "n", "feature_dim", "perplexity", "data", "skipped"}``. Bad
-    arguments raise a one-line :class:`~raysys.config.ConfigError` before any image is decoded.
-    """
-    _check_options(n, color, perplexity, image_size, thumb_size, clusters)
-    if split is not None and split not in SPLITS:
-        raise ConfigError(f"--split {split!r} is unknown; choose one of {list(SPLITS)}")
+def _load_run(run: str | Path) -> tuple:
+    """The run's saved-model file, model and config. A missing or unreadable model is an error in the RUN
+    argument, so it is reported as a :class:`~raysys.errors.ConfigError` that names it."""
     try:
         model_file = resolve_model_file(run)
-        model, config = _load_saved(model_file)
-    except ValueError as exc:  # no saved model there, or not a readable one
+        model, config = load_saved(model_file)
+    except ModelFileError as exc:  # no saved model there, or not a readable one
         raise ConfigError(f"RUN: {exc}") from None
-    cluster_of = read_clusters(clusters) if clusters is not None else {}
-    run_dir = _run_folder(model_file)
-    if data is None:
-        data = default_dataset(run_dir, config)
-        print(f"dataset: {data} (the run's MSL benchmark; pass --data for another)")
-    data = Path(data)
-    out = Path(out) if out is not None else run_dir / "visualize"
-    image_size = image_size or int(config.get("image_size") or DEFAULT_IMAGE_SIZE)
+    return model_file, model, config
 
+
+def _sample_rows(data: Path, split: str | None, cluster_of: dict[str, int], color: str, clusters, n: int,
+                 seed: int) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
+    """The eligible manifest (``split`` only, one image per group), its labels and cluster ids, and the
+    sampled row indices; fails before any decoding when there is nothing to colour by or too few images."""
     manifest = read_dataset(data)
     if split is not None:
         manifest = manifest.filter(pc.equal(manifest.column("split"), split))
@@ -307,7 +294,12 @@ def visualize(
     if n > manifest.num_rows:
         print(f"{data} has {manifest.num_rows} distinct images; using all of them (asked for {n})")
     rows = stratified_sample(labels if color == "label" else cluster_ids, n, seed)
+    return manifest, labels, cluster_ids, rows
 
+
+def _decode_sample(manifest: pa.Table, rows: np.ndarray, data: Path, image_size: int, thumb_size: int):
+    """Decode the sampled images at ``image_size`` (for the model) and ``thumb_size`` (for the map); an
+    undecodable file is reported on stderr and dropped. Returns (rows, paths, images, thumbs, skipped)."""
     paths = [manifest.column("path")[int(r)].as_py() for r in rows]
     print(f"decoding {len(rows)} images of {data} at {image_size} px")
     images, kept, bad = load_images(paths, image_size)
@@ -315,18 +307,52 @@ def visualize(
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if len(kept) < MIN_IMAGES:
         raise ConfigError(f"only {len(kept)} of {len(rows)} sampled images could be decoded; t-SNE needs {MIN_IMAGES}")
-    rows = rows[kept]
     paths = [paths[k] for k in kept]
     thumbs = images if thumb_size == image_size else load_images(paths, thumb_size)[0]
+    return rows[kept], paths, images, thumbs, bad
 
+
+def _metadata(manifest: pa.Table, rows: np.ndarray, labels: np.ndarray, cluster_ids: np.ndarray,
+              classes: list[str]) -> list[list]:
+    """One row per drawn image under :data:`METADATA_HEADER`, shared by tsne.csv and the projector."""
+    ids = manifest.column("image_id").to_pylist()
+    domains = manifest.column("domain").to_pylist()
+    class_of = _names(labels[rows], "label", classes)
+    return [[ids[r], labels[r], class_of[int(labels[r])], cluster_ids[r], domains[r]] for r in rows]
+
+
+def visualize(
+    run: str | Path, out: str | Path | None = None, data: str | Path | None = None, n: int = DEFAULT_N,
+    seed: int = 0, color: str = "label", clusters: str | Path | None = None, split: str | None = None,
+    image_size: int | None = None, thumb_size: int = DEFAULT_THUMB, perplexity: float = DEFAULT_PERPLEXITY,
+    device=None, progress: bool = True,
+) -> dict:
+    """t-SNE thumbnail map and TensorBoard projector of ``n`` images of ``data`` embedded by ``run``.
+
+    Returns ``{"png", "csv", "projector", "n", "feature_dim", "perplexity", "data", "skipped"}``. Bad
+    arguments raise a one-line :class:`~raysys.errors.ConfigError` before any image is decoded.
+    """
+    _check_options(n, color, perplexity, image_size, thumb_size, clusters)
+    if split is not None and split not in SPLITS:
+        raise ConfigError(f"--split {split!r} is unknown; choose one of {list(SPLITS)}")
+    model_file, model, config = _load_run(run)
+    cluster_of = read_clusters(clusters) if clusters is not None else {}
+    run_dir = run_folder(model_file)
+    if data is None:
+        data = default_dataset(run_dir, config)
+        print(f"dataset: {data} (the run's MSL benchmark; pass --data for another)")
+    data = Path(data)
+    out = Path(out) if out is not None else run_dir / "visualize"
+    image_size = image_size or int(config.get("image_size") or DEFAULT_IMAGE_SIZE)
+
+    manifest, labels, cluster_ids, rows = _sample_rows(data, split, cluster_of, color, clusters, n, seed)
+    rows, paths, images, thumbs, bad = _decode_sample(manifest, rows, data, image_size, thumb_size)
     features = extract_features(model, images, device=device, progress=progress)
     coords, used = tsne_2d(features, perplexity, seed, verbose=progress)
 
     classes = formats.class_names(manifest)
     groups = labels[rows] if color == "label" else cluster_ids[rows]
-    domains = manifest.column("domain").to_pylist()
-    class_of = _names(labels[rows], "label", classes)
-    metadata = [[ids[r], labels[r], class_of[int(labels[r])], cluster_ids[r], domains[r]] for r in rows]
+    metadata = _metadata(manifest, rows, labels, cluster_ids, classes)
     out.mkdir(parents=True, exist_ok=True)
     what = "label" if color == "label" else f"cluster ({Path(clusters).name})"
     title = f"t-SNE of {run_dir.name} features: {len(rows)} images of {data.name}, framed by {what}"
@@ -360,14 +386,11 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``raysys visualize``: write tsne.png, tsne.csv and the projector entry; bad input: one line, exit 2."""
-    try:
-        result = visualize(args.run, out=args.out, data=args.data, n=args.n, seed=args.seed, color=args.color,
-                           clusters=args.clusters, split=args.split, image_size=args.image_size,
-                           thumb_size=args.thumb_size, perplexity=args.perplexity, device=args.device)
-    except ValueError as exc:  # ConfigError, DataError, a bad model file
-        print(f"raysys visualize: error: {exc}", file=sys.stderr)
-        return 2
+    """``raysys visualize``: write tsne.png, tsne.csv and the projector entry. Bad input raises a
+    :class:`~raysys.errors.RaysysError`, which the ``raysys`` command prints as one line and exits 2."""
+    result = visualize(args.run, out=args.out, data=args.data, n=args.n, seed=args.seed, color=args.color,
+                       clusters=args.clusters, split=args.split, image_size=args.image_size,
+                       thumb_size=args.thumb_size, perplexity=args.perplexity, device=args.device)
     print(f"t-SNE map: {result['png']}\ncoordinates: {result['csv']}\n"
           f"projector: tensorboard --logdir {result['projector']}")
     return 0

@@ -15,8 +15,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from helpers import REPO
 from packaging.requirements import Requirement
-
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 try:
@@ -24,8 +24,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER_YAML = ROOT / "cluster.yaml"
+CLUSTER_YAML = REPO / "cluster.yaml"
 GPU_WORKER = "gpu_worker"
 
 # Shapes of credentials that must never be committed (AWS key ids, secret keys, session tokens,
@@ -49,7 +48,7 @@ def config():
 
 def ray_check(cfg, monkeypatch):
     """Ray's offline validation, with boto3/botocore made unimportable to prove no AWS call is needed."""
-    monkeypatch.chdir(ROOT)  # file_mounts are relative to the repository root, as for `ray up`
+    monkeypatch.chdir(REPO)  # file_mounts are relative to the repository root, as for `ray up`
     for name in ("boto3", "botocore"):
         monkeypatch.setitem(sys.modules, name, None)
     prepared = prepare_config(copy.deepcopy(cfg))
@@ -126,7 +125,7 @@ def test_secret_patterns_catch_planted_secrets(planted):
 
 
 def test_setup_installs_the_pinned_ray_and_the_project(config):
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     wanted = next(r for r in map(Requirement, pyproject["project"]["dependencies"]) if r.name == "ray")
     pins = ray_pin(config["setup_commands"])
     assert len(pins) == 1, pins
@@ -145,9 +144,9 @@ def test_setup_installs_the_pinned_ray_and_the_project(config):
 def test_file_mounts_are_code_only(config):
     for remote, local in config["file_mounts"].items():
         assert remote.startswith("~/raysys/")
-        assert (ROOT / local).exists(), f"{local} missing: run `ray up` from the repository root"
+        assert (REPO / local).exists(), f"{local} missing: run `ray up` from the repository root"
         assert Path(local).parts[-1] not in (".", ".venv", "data", "runs")  # never upload GBs
-    readme = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("readme")
+    readme = tomllib.loads((REPO / "pyproject.toml").read_text())["project"].get("readme")
     if readme:  # pip install -e needs the readme pyproject names
         assert f"~/raysys/{readme}" in config["file_mounts"]
 

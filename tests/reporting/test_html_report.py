@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raysys.reporting import html as hr
-from raysys.reporting import results as report
 from raysys.config import ConfigError
 from raysys.distributed.sweep import SweepSpec
+from raysys.errors import run_command
+from raysys.reporting import html as hr
+from raysys.reporting import results as report
 
 EVIL = "<script>alert(1)</script>"
 COMMAND = "python experiments/sweep_k.py --out 'runs/a b' --seeds 2 && echo \"<done>\""
@@ -147,7 +148,7 @@ def test_missing_folder_is_a_config_error(tmp_path, capsys):
     with pytest.raises(ConfigError):
         hr.write_report(tmp_path / "file.txt")
     args = hr.configure_parser(argparse.ArgumentParser()).parse_args([str(tmp_path / "nope")])
-    assert hr.run(args) == 2
+    assert run_command("raysys report", hr.run, args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("raysys report: error:") and "\n" not in err
 

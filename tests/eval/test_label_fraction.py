@@ -12,15 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 
-from raysys.eval import linear as ev
-from raysys.eval import label_fraction as lf
 from raysys.config import ConfigError
+from raysys.data import sampling
+from raysys.distributed import label_fraction as lf_experiment
+from raysys.eval import label_fraction as lf
+from raysys.eval import linear as ev
 from raysys.models import ContrastiveModel
+from raysys.models.io import load_model, model_digest
+from raysys.reporting import label_fraction as lf_files
 
 torch.set_num_threads(1)
 
-BUILTIN_SMOKE = Path(__file__).resolve().parents[1] / "data" / "builtin" / "smoke"
+BUILTIN_SMOKE = REPO / "data" / "builtin" / "smoke"
 GRID = [round(0.05 * i, 2) for i in range(1, 21)]
 
 
@@ -45,7 +50,7 @@ def mixed_groups():
 def test_singleton_subsets_hold_the_fraction_per_class_within_one_image(fraction):
     counts = [40, 17, 3, 1]
     labels, groups = singleton_groups(counts)
-    rows = lf.stratified_subset(labels, groups, fraction, seed=7)
+    rows = sampling.stratified_subset(labels, groups, fraction, seed=7)
     assert len(set(rows.tolist())) == len(rows) and np.all(np.diff(rows) > 0)
     got = np.bincount(labels[rows], minlength=4)
     for c, n in enumerate(counts):
@@ -59,7 +64,7 @@ def test_singleton_subsets_hold_the_fraction_per_class_within_one_image(fraction
 @pytest.mark.parametrize("seed", [0, 1])
 def test_groups_are_never_split_and_counts_are_the_nearest_the_sizes_allow(fraction, seed):
     labels, groups = mixed_groups()
-    rows = lf.stratified_subset(labels, groups, fraction, seed)
+    rows = sampling.stratified_subset(labels, groups, fraction, seed)
     chosen = set(rows.tolist())
     for g in set(groups.tolist()):
         members = set(np.flatnonzero(groups == g).tolist())
@@ -84,31 +89,31 @@ def test_count_is_the_nearest_any_choice_of_whole_groups_can_make(fraction):
     reachable = {3 * a + 5 * b for a, b in itertools.product(range(5), range(4))} - {0}
     target = fraction * 27
     expected = min(sorted(reachable), key=lambda t: abs(t - target))  # sorted: the smaller total on a tie
-    assert len(lf.stratified_subset(labels, groups, fraction, seed=2)) == expected
+    assert len(sampling.stratified_subset(labels, groups, fraction, seed=2)) == expected
 
 
 def test_subsets_depend_on_the_seed_only_and_full_fraction_is_everything():
     labels, groups = mixed_groups()
-    a = lf.stratified_subset(labels, groups, 0.5, seed=3)
-    assert np.array_equal(a, lf.stratified_subset(labels, groups, 0.5, seed=3))
-    assert not np.array_equal(a, lf.stratified_subset(labels, groups, 0.5, seed=4))
-    assert lf.stratified_subset(labels, groups, 1.0, seed=3).tolist() == list(range(len(labels)))
+    a = sampling.stratified_subset(labels, groups, 0.5, seed=3)
+    assert np.array_equal(a, sampling.stratified_subset(labels, groups, 0.5, seed=3))
+    assert not np.array_equal(a, sampling.stratified_subset(labels, groups, 0.5, seed=4))
+    assert sampling.stratified_subset(labels, groups, 1.0, seed=3).tolist() == list(range(len(labels)))
 
 
 def test_a_group_with_two_classes_is_refused():
     with pytest.raises(ValueError, match="several classes"):
-        lf.stratified_subset(np.array([0, 1, 1]), np.array(["a", "a", "b"]), 0.5, 0)
+        sampling.stratified_subset(np.array([0, 1, 1]), np.array(["a", "a", "b"]), 0.5, 0)
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
 def test_fractions_outside_zero_one_and_missing_seeds_are_config_errors(bad):
     with pytest.raises(ConfigError, match="outside"):
-        lf.check_fractions([0.5, bad])
+        sampling.check_fractions([0.5, bad])
     with pytest.raises(ConfigError, match="at least 1 seed"):
-        lf.check_seeds(0)
+        sampling.check_seeds(0)
     with pytest.raises(ConfigError, match="at least 1 seed"):
-        lf.check_seeds([])
-    assert lf.check_fractions([1, 0.5, 0.5]) == [0.5, 1.0]
+        sampling.check_seeds([])
+    assert sampling.check_fractions([1, 0.5, 0.5]) == [0.5, 1.0]
 
 
 def test_full_fraction_equals_a_directly_trained_probe_and_rows_count_subsets():
@@ -122,7 +127,7 @@ def test_full_fraction_equals_a_directly_trained_probe_and_rows_count_subsets():
                              probe_epochs=15, progress=False)
     assert [(r["fraction"], r["seed"]) for r in rows] == [(0.2, 0), (0.2, 5), (1.0, 0), (1.0, 5)]
     for r in rows:
-        assert r["n_train"] == len(lf.stratified_subset(labels, groups, r["fraction"], r["seed"]))
+        assert r["n_train"] == len(sampling.stratified_subset(labels, groups, r["fraction"], r["seed"]))
     direct = ev.linear_probe(train_x, labels, test_x, test_y, 3, epochs=15, seed=5)
     assert rows[3]["accuracy"] == direct["accuracy"]
     assert rows[3]["balanced_accuracy"] == direct["balanced_accuracy"]
@@ -130,10 +135,10 @@ def test_full_fraction_equals_a_directly_trained_probe_and_rows_count_subsets():
 
 def test_plateau_is_where_the_mean_stays_within_one_point_of_full():
     curve = lambda accs: [{"fraction": f, "accuracy": a} for f, a in zip([0.2, 0.4, 0.6, 0.8, 1.0], accs)]
-    assert lf.plateau_fraction(curve([0.5, 0.78, 0.795, 0.79, 0.80])) == 0.6
-    assert lf.plateau_fraction(curve([0.80, 0.70, 0.80, 0.81, 0.80])) == 0.6  # the dip at 40 % counts
-    assert lf.plateau_fraction(curve([0.9, 0.9, 0.9, 0.9, 0.8])) == 0.2  # above full counts as within
-    assert lf.plateau_fraction(curve([0.1, 0.2, 0.3, 0.4, 0.8])) == 1.0
+    assert lf_files.plateau_fraction(curve([0.5, 0.78, 0.795, 0.79, 0.80])) == 0.6
+    assert lf_files.plateau_fraction(curve([0.80, 0.70, 0.80, 0.81, 0.80])) == 0.6  # the dip at 40 % counts
+    assert lf_files.plateau_fraction(curve([0.9, 0.9, 0.9, 0.9, 0.8])) == 0.2  # above full counts as within
+    assert lf_files.plateau_fraction(curve([0.1, 0.2, 0.3, 0.4, 0.8])) == 1.0
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -167,27 +172,27 @@ def test_smoke_experiment_extracts_once_and_writes_results_that_match_recomputed
     real = lf.benchmark_features
 
     def counting(model, manifest, image_size, **kw):
-        calls.append((ev.model_digest(model), ev.manifest_digest(manifest), image_size))
+        calls.append((model_digest(model), ev.manifest_digest(manifest), image_size))
         return real(model, manifest, image_size, **kw)
 
     monkeypatch.setattr(lf, "benchmark_features", counting)
     out = tmp_path / "out"
-    assert lf.main(["--model", str(run_dir), "--preset", "smoke", "--data", str(smoke_root), "--out", str(out),
+    assert lf_experiment.main(["--model", str(run_dir), "--preset", "smoke", "--data", str(smoke_root), "--out", str(out),
                     "--probe-epochs", "5"]) == 0
     assert "within 1 point from" in capsys.readouterr().out
     # two encoders (the model and its random-init twin) x two benchmarks, each embedded exactly once
     assert len(calls) == 4 and len(set(calls)) == 4
     assert len({c[0] for c in calls}) == 2 and {c[2] for c in calls} == {16}
 
-    with open(out / lf.CSV_FILE, newline="") as f:
+    with open(out / lf_files.CSV_FILE, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == lf.CSV_COLUMNS
+    assert list(rows[0]) == lf_files.CSV_COLUMNS
     keys = {(r["encoder"], r["benchmark"], float(r["fraction"]), int(r["seed"])) for r in rows}
     assert keys == {(e, b, f, s) for e in ("tiny-run", "random-init") for b in ("msl", "hirise")
                     for f in (0.1, 0.5, 1.0) for s in (0, 1)}
 
     # the 100 % rows equal a probe trained directly on the cached features of the whole train split
-    model = ev.load_model(run_dir)
+    model = load_model(run_dir)
     for benchmark, folder in (("msl", "msl-labeled-data-set-v2.1"), ("hirise", "hirise-map-proj-v3_2")):
         manifest, names = ev.load_benchmark(smoke_root / folder)
         data = real(model, manifest, 16, cache_dir=out / "feature-cache", progress=False)
@@ -199,7 +204,7 @@ def test_smoke_experiment_extracts_once_and_writes_results_that_match_recomputed
         assert float(row["accuracy"]) == pytest.approx(direct["accuracy"])
         assert int(row["n_train"]) == len(data["train"]["y"])
         assert (out / f"label-fraction-{benchmark}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = (out / lf.TABLE_FILE).read_text()
+    table = (out / lf_files.TABLE_FILE).read_text()
     assert "| msl | tiny-run | 10 % |" in table and "| hirise | majority class |" in table
 
 
@@ -210,7 +215,7 @@ def test_smoke_experiment_extracts_once_and_writes_results_that_match_recomputed
     (["--model", "/nowhere/run"], "--model"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, word, tmp_path, capsys):
-    assert lf.main([*argv, "--preset", "smoke", "--out", str(tmp_path / "out"), "--data", str(tmp_path)]) == 2
+    assert lf_experiment.main([*argv, "--preset", "smoke", "--out", str(tmp_path / "out"), "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert word in err and "\n" not in err
     assert not (tmp_path / "out").exists()
@@ -218,4 +223,4 @@ def test_bad_input_exits_2_with_one_line(argv, word, tmp_path, capsys):
 
 def test_missing_model_is_a_config_error_naming_the_path(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        lf.run_experiment([str(tmp_path / "missing")], preset="smoke", data=str(tmp_path))
+        lf_experiment.run_experiment([str(tmp_path / "missing")], preset="smoke", data=str(tmp_path))

@@ -16,11 +16,13 @@ import torch
 from PIL import Image
 
 from raysys import models
-from raysys.reporting import visualize as vis
 from raysys.config import ConfigError
 from raysys.data import formats
 from raysys.data.decode import load_images
-from raysys.eval.linear import extract_features, load_model
+from raysys.errors import run_command
+from raysys.eval.linear import extract_features
+from raysys.models.io import load_model
+from raysys.reporting import visualize as vis
 
 torch.set_num_threads(1)
 
@@ -256,6 +258,6 @@ def test_bad_input_raises_config_error_before_work(msl_run, tmp_path):
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):
     args = vis.configure_parser(argparse.ArgumentParser()).parse_args([str(tmp_path), "-n", "3"])
-    assert vis.run(args) == 2
+    assert run_command("raysys visualize", vis.run, args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("raysys visualize: error:") and "\n" not in err

@@ -11,13 +11,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers import REPO, batch_mean_tolerance, free_port, same_class_share
 
-from helpers import batch_mean_tolerance, free_port, same_class_share
 from raysys.reporting import results as report
 
-REPO = Path(__file__).resolve().parents[1]
 SWEEP_K = str(REPO / "experiments" / "sweep_k.py")
 
 
@@ -49,6 +47,8 @@ def test_sweep_writes_results_summary_and_plots(smoke_sweep):
     for r in rows:
         for key in ("msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "pretrain_seconds"):
             assert r[key] is not None and r[key] >= 0, (r["trial"], key)
+        for key in ("msl_knn_acc", "hirise_knn_acc") if r["method"] != "supervised" else ():
+            assert r[key] is not None and r[key] >= 0, (r["trial"], key)
     summary = (smoke_sweep / "summary.md").read_text()
     assert "| cluster |" in summary and "Reproduce:" in summary
     for bench in ("msl", "hirise"):
@@ -65,7 +65,7 @@ def test_oracle_clusters_remove_false_negatives(smoke_sweep):
     # (held-out traverses removed, capped) share a hidden class; the reported fraction is the mean over the
     # last epoch's batches, so the tolerance is four standard errors of a mean over that many batches.
     from raysys.config import PretrainConfig
-    from raysys.distributed.trainer import resolve_data
+    from raysys.data.sources import resolve_data
 
     cfg = PretrainConfig.from_dict(json.loads((smoke_sweep / "trials" / rows["baseline"]["trial"] / "config.json").read_text()))
     labels = resolve_data(cfg)[0].column("label").to_numpy()

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FIXTURES
 from PIL import Image
 
-from raysys.data import positions as pos
 from raysys.config import ConfigError
 from raysys.data import formats
+from raysys.data import positions as pos
+from raysys.errors import run_command
 
-SAMPLE = Path(__file__).parent / "data" / "raw-image-metadata-sample.jsonl"
+SAMPLE = FIXTURES / "raw-image-metadata-sample.jsonl"
 CELL = pos.SITE_SPACING  # 5 km; sites 4 and 5 sit in grid cells (4, 0) and (5, 0)
 
 # Hand-computed from the sample: x = xyz.x + site * 5 km (sites < 32: first grid row), y = xyz.y; frames ordered by (site, drive, sclk);
@@ -222,10 +224,10 @@ def test_cli_writes_the_sidecar_and_lists_skipped_records(tmp_path, capsys):
 
 
 def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
-    assert pos.run(cli_args(str(SAMPLE))) == 2  # neither --out nor --images
-    assert pos.run(cli_args(str(tmp_path / "nope.json"), "--out", str(tmp_path / "p.csv"))) == 2
-    assert pos.run(cli_args(str(SAMPLE), "--images", str(tmp_path / "nodir"))) == 2
-    assert pos.run(cli_args(str(SAMPLE), "--out", str(tmp_path / "p.csv"), "--site-spacing", "-1")) == 2
+    assert run_command("raysys positions", pos.run, cli_args(str(SAMPLE))) == 2  # neither --out nor --images
+    assert run_command("raysys positions", pos.run, cli_args(str(tmp_path / "nope.json"), "--out", str(tmp_path / "p.csv"))) == 2
+    assert run_command("raysys positions", pos.run, cli_args(str(SAMPLE), "--images", str(tmp_path / "nodir"))) == 2
+    assert run_command("raysys positions", pos.run, cli_args(str(SAMPLE), "--out", str(tmp_path / "p.csv"), "--site-spacing", "-1")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("raysys positions: error: ") for line in err)
     assert not (tmp_path / "p.csv").exists()

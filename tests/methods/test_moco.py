@@ -11,11 +11,21 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from helpers import run_ranks
 from torch import nn
 
-from helpers import run_ranks
-from raysys.methods.moco import (KeyQueue, batch_shuffle_ddp, batch_unshuffle_ddp, clamp_queue_size, forward_keys,
-                         make_key_encoder, moco_false_negative_stats, moco_loss, momentum_update, queue_columns)
+from raysys.methods.moco import (
+    KeyQueue,
+    batch_shuffle_ddp,
+    batch_unshuffle_ddp,
+    clamp_queue_size,
+    forward_keys,
+    make_key_encoder,
+    moco_false_negative_stats,
+    moco_loss,
+    momentum_update,
+    queue_columns,
+)
 from raysys.methods.pairs import make_rule
 
 torch.set_num_threads(1)

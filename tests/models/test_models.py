@@ -5,8 +5,12 @@ import torch
 import torchvision
 from torch import nn
 
-from raysys.models import (ContrastiveModel, ProjectionHead, build_backbone, count_parameters,
-                           load_init_weights)
+from raysys.models import (
+    ContrastiveModel,
+    ProjectionHead,
+    build_backbone,
+    load_init_weights,
+)
 
 torch.set_num_threads(1)
 
@@ -156,3 +160,7 @@ def test_load_init_weights_errors(tmp_path):
     torch.save([torch.zeros(3)], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="state dict"):
         load_init_weights(model, tmp_path / "list.pt")
+
+
+def count_parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())

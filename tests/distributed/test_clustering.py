@@ -12,12 +12,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-from raysys.distributed import clustering as cl
-from raysys.models import texture as tx
 from raysys.data import formats, simulate
 from raysys.data.schema import make_manifest
+from raysys.data.sources import attach_clusters
+from raysys.distributed import clustering as cl
+from raysys.errors import run_command
 from raysys.eval.linear import extract_features as reference_features
 from raysys.models import ContrastiveModel
+from raysys.models import texture as tx
 
 torch.set_num_threads(1)
 
@@ -209,7 +211,7 @@ def test_saved_model_encoder_via_ray_data_and_cache(ray_session, small_pool, mod
 
     # The features came through Ray Data equal the in-process reference extraction (row for row).
     from raysys.data.decode import load_images
-    from raysys.eval.linear import load_model
+    from raysys.models.io import load_model
 
     order = {i: r for r, i in enumerate(small_pool.column("image_id").to_pylist())}
     cached_ids, cached = cl._load_features(next((tmp_path / "features").glob("*.npz")))
@@ -244,7 +246,7 @@ def test_oracle_uses_labels_and_says_so(small_pool, tmp_path, caplog):
         table = cl.cluster_assignments(small_pool, "oracle", 99, cache_dir=tmp_path)
     assert "USES THE TRUE LABELS" in caplog.text
     assert table.schema.metadata[b"raysys.uses_labels"] == b"true"
-    joined = cl.attach_clusters(small_pool, table)
+    joined = attach_clusters(small_pool, table)
     labels = np.asarray(joined.column("label").to_pylist())
     assert np.array_equal(joined.column("cluster_id").to_numpy(), labels)
     assert tx.cluster_quality(table.column("cluster_id").to_numpy(), labels)["nmi"] == pytest.approx(1.0)
@@ -271,12 +273,12 @@ def test_attach_clusters_joins_by_id_and_fills_missing(caplog):
                               "domain": ["rover"] * 3})
     assignments = pa.table({"image_id": ["c", "a", "zz"], "cluster_id": pa.array([7, 2, 1], pa.int32())})
     with caplog.at_level(logging.WARNING):
-        joined = cl.attach_clusters(manifest, assignments)
+        joined = attach_clusters(manifest, assignments)
     assert joined.column("cluster_id").to_pylist() == [2, -1, 7]
     assert joined.schema.field("cluster_id").type == pa.int64()
     assert joined.column("image_id").to_pylist() == ["a", "b", "c"]
     assert "1 of 3 images have no cluster id" in caplog.text
-    assert cl.attach_clusters(joined, assignments).column_names.count("cluster_id") == 1
+    assert attach_clusters(joined, assignments).column_names.count("cluster_id") == 1
 
 
 # ----------------------------------------------------------------------------- command line
@@ -316,6 +318,6 @@ def test_cli_errors_are_one_line(tmp_path, capsys, kw, message):
 
     for i in range(4):
         Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / f"img{i}.png")
-    assert cl.run(cli_args(data=folder, cache_dir=tmp_path / "cache", **kw)) == 2
+    assert run_command("raysys cluster", cl.run, cli_args(data=folder, cache_dir=tmp_path / "cache", **kw)) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err

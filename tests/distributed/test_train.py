@@ -72,7 +72,8 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_killed_worker_resumes_from_checkpoint(ray_session, builtin_root, tmp_path):
-    from raysys.distributed.trainer import pretrain, resolve_data
+    from raysys.data.sources import resolve_data
+    from raysys.distributed.trainer import pretrain
 
     cfg = make_config("smoke", out=str(tmp_path / "run"), builtin_root=builtin_root, epochs=20).validate()
     result = {}
@@ -107,7 +108,8 @@ def _latest_state(out: Path) -> dict:
 def test_rerun_with_same_folder_resumes_moco_with_its_queue(ray_session, builtin_root, tmp_path):
     """MoCo v2 + ESS-MB, 1 epoch, then rerun in the same folder for 2: training continues from the checkpoint
     and so does the key queue (its pointer advances from where it stopped instead of from 0)."""
-    from raysys.distributed.trainer import pretrain, resolve_data
+    from raysys.data.sources import resolve_data
+    from raysys.distributed.trainer import pretrain
 
     out = tmp_path / "run"
     options = dict(out=str(out), builtin_root=builtin_root, framework="moco", pair_rule="ess-mb", queue_size=1000)

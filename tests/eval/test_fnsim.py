@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 from PIL import Image
 
+from raysys.errors import ConfigError, run_command
 from raysys.eval import fnsim
-from raysys.config import ConfigError
 from raysys.methods.pairs import InstanceRule
 
 # MSL v2.1 train column of /work/shared/facts/mars-datasets.md, copied here as an independent reference.
 MSL_TRAIN_FACTS = [10, 190, 680, 1554, 1422, 8, 214, 342, 252, 40, 152, 182, 42, 122, 228, 182, 212, 62, 26]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _brute_count(labels) -> int:
@@ -258,21 +258,41 @@ def test_bad_csv_raises_config_error(tmp_path, text, capsys):
 # ------------------------------------------------------------------------------ experiment script
 
 
-def test_experiment_smoke_preset_writes_its_files(tmp_path):
-    spec = importlib.util.spec_from_file_location("fn_simulation", ROOT / "experiments" / "fn_simulation.py")
+def _experiment_script():
+    """experiments/fn_simulation.py as a module (its ``main`` is :func:`fnsim.fig6_main`)."""
+    spec = importlib.util.spec_from_file_location("fn_simulation", REPO / "experiments" / "fn_simulation.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_experiment_smoke_preset_writes_its_files(tmp_path):
+    module = _experiment_script()
     assert module.main(["--preset", "smoke", "--out", str(tmp_path)]) == 0
     for name in ("fn_vs_classes.png", "fn_vs_batch_size.png", "fn_vs_dataset_size.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((tmp_path / "results.json").read_text())
-    smoke = module.PRESETS["smoke"]
+    smoke = fnsim.FIG6_PRESETS["smoke"]
     assert [r["classes"] for r in results["panels"]["classes"]] == smoke["classes"]
     assert len(results["panels"]["batch_size"]) == len(smoke["batch_sizes"]) * len(smoke["panel_classes"])
     assert len(results["panels"]["dataset_size"]) == len(smoke["dataset_sizes"]) * len(smoke["panel_classes"])
-    msl, imnet, mixed = results["table2"]
+    msl, _imnet, mixed = results["table2"]
     assert msl["analytic_iid"] == pytest.approx(0.1527, abs=1e-4)
     assert mixed["analytic_iid"] == pytest.approx(0.0384, abs=1e-4)
     md = (tmp_path / "fn-simulation.md").read_text()
     assert "Table 2, column 2" in md and "What reproduces" in md
     assert f"{100 * msl['simulated_mean']:.3f}" in md and f"{100 * mixed['simulated_mean']:.3f}" in md
+
+
+def test_experiment_bad_batches_is_one_line_before_any_file(tmp_path, capsys):
+    module = _experiment_script()
+    assert module.main(["--preset", "smoke", "--batches", "1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "error: --batches must be at least 2" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_entry_turns_config_error_into_one_line(capsys):
+    assert run_command("raysys fn-sim", fnsim.run, _args("--classes", "0")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raysys fn-sim: error: number of classes") and err.count("\n") == 1

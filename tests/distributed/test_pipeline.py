@@ -4,9 +4,8 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from helpers import batch_mean_tolerance, same_class_share
+from PIL import Image
 
 from raysys.config import make_config
 from raysys.data.decode import DecodeError, decode, decode_image
@@ -61,7 +60,12 @@ def test_decode_converts_unusual_modes(messy_folder):
 
 def test_pipeline_skips_and_reports_bad_files(ray_session, messy_folder, tmp_path):
     from raysys.data.augment import AugmentConfig
-    from raysys.distributed.pipeline import FileReport, decoded_dataset, two_view_dataset, write_file_report
+    from raysys.distributed.pipeline import (
+        FileReport,
+        decoded_dataset,
+        two_view_dataset,
+        write_file_report,
+    )
 
     root, good, odd, bad = messy_folder
     manifest = read_folder(root)
@@ -98,9 +102,9 @@ def test_training_batches_mix_traverses_like_iid_draws(ray_session, tmp_path, mo
     scaled down (a handful of blocks, a shuffle buffer of one block): over many batches, the share of
     same-class pairs matches draws without replacement from the pool, within four standard errors.
     Under-mixed batches would sit far above it."""
-    from raysys.data import pipeline
+    from raysys.data.sources import resolve_data
+    from raysys.distributed import pipeline
     from raysys.distributed.pipeline import pretrain_dataset, train_batches
-    from raysys.distributed.trainer import resolve_data
 
     cfg = make_config("smoke", builtin_root=str(tmp_path / "builtin"), image_size=8, max_images=None)
     # Worst case: frames in capture order, as a rover archive sorted by sol would list them.

@@ -6,11 +6,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-from raysys.reporting import results as report
 from raysys.distributed.sweep import main
-
-REPO = Path(__file__).resolve().parents[1]
+from raysys.reporting import results as report
 
 
 def _run_script(name: str, out: Path, *args: str) -> int:

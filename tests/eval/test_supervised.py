@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from raysys.eval import linear as ev
-from raysys.models import ContrastiveModel
 from raysys.eval import supervised
 from raysys.eval.supervised import RESULT_FILE, fine_tune, train_supervised
+from raysys.models import ContrastiveModel
+from raysys.models.io import load_model, model_digest
 
 torch.set_num_threads(1)
 
@@ -81,7 +82,7 @@ def test_learns_easy_benchmark_and_json_matches_predictions_recomputed_from_the_
 
     # recompute the classifier's test predictions from model.pt, reading the images with PIL directly
     saved = torch.load(out / "model.pt", weights_only=True)
-    model = ev.load_model(out)
+    model = load_model(out)
     head = torch.nn.Linear(model.feature_dim, len(CLASSES))
     head.load_state_dict(saved["classifier"])
     images = np.stack([np.asarray(Image.open(bench / "images" / name).convert("RGB")) for name, _ in test_rows])
@@ -116,7 +117,7 @@ def test_same_seed_gives_identical_weights_and_leaves_global_rng_alone(bench, ru
 
 def test_model_file_works_with_load_model_and_linear_evaluation(bench, run, tmp_path):
     result, out = run
-    model = ev.load_model(out)
+    model = load_model(out)
     saved = torch.load(out / "model.pt", weights_only=True)
     assert saved["config"]["image_size"] == SIZE and saved["config"]["method"] == "supervised"
     assert saved["model_spec"] == model.spec
@@ -209,24 +210,24 @@ def test_fine_tune_starts_from_the_pretrained_weights_and_trains_the_backbone(be
     saved = torch.load(out / "model.pt", weights_only=True)
     assert saved["config"]["method"] == "fine-tune" and saved["config"]["backbone_lr"] == pytest.approx(3e-4)
     assert saved["config"]["image_size"] == SIZE  # taken from the pretrained run's config
-    assert saved["config"]["init_model_digest"] == ev.model_digest(pretrained)
+    assert saved["config"]["init_model_digest"] == model_digest(pretrained)
     assert not torch.equal(saved["model"]["backbone.conv1.weight"], before["backbone.conv1.weight"])
     assert all(torch.equal(saved["model"][k], before[k]) for k in before if k.startswith("projector."))
     assert (out / supervised.FINE_TUNE_FILE).is_file() and not (out / RESULT_FILE).exists()
     assert result["method"] == "fine-tune" and result["metrics"]["n_test"] == sum(SPLITS["test"])
 
     # unlike fine-tuning, the linear probe leaves the same pretrained backbone untouched
-    report = ev.evaluate(ev.load_model(tmp_path / "pretrained"), bench, tmp_path, "probe", SIZE, epochs=5,
+    report = ev.evaluate(load_model(tmp_path / "pretrained"), bench, tmp_path, "probe", SIZE, epochs=5,
                          progress=False)
-    assert report["model_digest"] == ev.model_digest(pretrained)
+    assert report["model_digest"] == model_digest(pretrained)
 
 
 def test_fine_tune_from_a_model_object_leaves_it_unchanged_and_equals_the_file_route(bench, tmp_path):
     pretrained = pretrained_model(tmp_path / "pretrained")
-    digest = ev.model_digest(pretrained)
+    digest = model_digest(pretrained)
     settings = dict(epochs=2, lr=3e-3, batch_size=8, image_size=SIZE, progress=False)
     fine_tune(pretrained, bench, tmp_path / "from-object", **settings)
-    assert ev.model_digest(pretrained) == digest and not pretrained.training
+    assert model_digest(pretrained) == digest and not pretrained.training
     fine_tune(tmp_path / "pretrained", bench, tmp_path / "from-file", **settings)
     a = torch.load(tmp_path / "from-object" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "from-file" / "model.pt", weights_only=True)

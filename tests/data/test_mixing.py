@@ -55,7 +55,7 @@ def test_config_rejects_ratio_outside_unit_interval(ratio):
 
 
 def test_mix_without_an_out_of_domain_dataset_names_the_fix(tmp_path):
-    from raysys.distributed.trainer import resolve_data
+    from raysys.data.sources import resolve_data
 
     roots = simulate(tmp_path / "data", preset="smoke", count=200, progress=False)
     data = tmp_path / "only-rover"
@@ -73,8 +73,8 @@ def test_mix_without_an_out_of_domain_dataset_names_the_fix(tmp_path):
 def test_realised_ratio_over_an_epoch(ray_session, tmp_path):
     """Iterate one epoch of the real two-view pipeline: the out-of-domain share is the configured ratio
     (within 2 points) and the epoch holds exactly the configured total."""
+    from raysys.data.sources import resolve_data
     from raysys.distributed.pipeline import pretrain_dataset
-    from raysys.distributed.trainer import resolve_data
 
     cfg = make_config("smoke", builtin_root=str(tmp_path / "builtin"), mix_ratio=0.25, max_images=400, image_size=8)
     manifest, _ = resolve_data(cfg)

@@ -9,10 +9,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from helpers import run_ranks
 from torch import nn
 
-from raysys.methods.losses import contrastive_loss, gather_no_grad, gather_with_grad, info_nce_qk, multi_positive_info_nce
-from helpers import run_ranks
+from raysys.methods.losses import (
+    contrastive_loss,
+    gather_no_grad,
+    gather_with_grad,
+    info_nce_qk,
+    multi_positive_info_nce,
+)
 from raysys.methods.pairs import ClusterRule, InstanceRule, PairMatrix, make_rule
 
 torch.set_num_threads(1)

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from raysys import models
-from raysys.eval import place_recognition as pr
-from raysys.data import formats
+from raysys.data import formats, sources
 from raysys.data.decode import load_images
 from raysys.data.schema import make_manifest
 from raysys.data.simulate import plan_rover, write_rover
-from raysys.eval.linear import extract_features, model_digest
+from raysys.eval import place_recognition as pr
+from raysys.eval.linear import extract_features
+from raysys.models.io import model_digest
 
 torch.set_num_threads(1)
 
@@ -178,7 +179,7 @@ def test_holdout_split_never_leaks_a_held_out_traverse():
     # Rows of another dataset (traverse -1) always stay in pretraining.
     other = make_manifest({"path": ["/msl/a.jpg", "/msl/b.jpg"], "image_id": ["a", "b"], "domain": ["msl"] * 2})
     manifest = pa.concat_tables([manifest, other])
-    pre, held = pr.holdout_split(manifest, plan.holdout)
+    pre, held = sources.holdout_split(manifest, plan.holdout)
     assert plan.holdout and set(held.column("traverse").to_pylist()) == set(plan.holdout)
     assert not set(pre.column("traverse").to_pylist()) & set(plan.holdout)
     assert pre.num_rows + held.num_rows == manifest.num_rows
@@ -190,21 +191,21 @@ def test_holdout_split_never_leaks_a_held_out_traverse():
 
 def test_holdout_split_absent_ids_and_bad_ids(caplog):
     _, manifest = pool_manifest(count=300)
-    pre, held = pr.holdout_split(manifest, [999])
+    pre, held = sources.holdout_split(manifest, [999])
     assert held.num_rows == 0 and pre.num_rows == manifest.num_rows and "999" in caplog.text
     with pytest.raises(ValueError, match=">= 0"):
-        pr.holdout_split(manifest, [-1])
+        sources.holdout_split(manifest, [-1])
 
 
 def test_read_holdout(tmp_path):
-    assert pr.read_holdout(tmp_path) == []
-    (tmp_path / pr.HOLDOUT_FILE).write_text("# held out\n7\n\n2  # second\n7\n")
-    assert pr.read_holdout(tmp_path) == [2, 7]
-    (tmp_path / pr.HOLDOUT_FILE).write_text("1\n\nthree\n")
-    with pytest.raises(ValueError, match=f"{pr.HOLDOUT_FILE}:3: 'three'"):
-        pr.read_holdout(tmp_path)
+    assert sources.read_holdout(tmp_path) == []
+    (tmp_path / sources.HOLDOUT_FILE).write_text("# held out\n7\n\n2  # second\n7\n")
+    assert sources.read_holdout(tmp_path) == [2, 7]
+    (tmp_path / sources.HOLDOUT_FILE).write_text("1\n\nthree\n")
+    with pytest.raises(ValueError, match=f"{sources.HOLDOUT_FILE}:3: 'three'"):
+        sources.read_holdout(tmp_path)
     with pytest.raises(ValueError, match="not a folder"):
-        pr.read_holdout(tmp_path / "missing")
+        sources.read_holdout(tmp_path / "missing")
 
 
 # ----------------------------------------------------------------------------- the whole evaluation
@@ -214,8 +215,8 @@ def test_evaluate_on_a_simulated_pool(tmp_path, capsys):
     root = tmp_path / "rover"
     write_rover(root, count=240, size=16, seed=1)
     manifest = formats.read_folder(root)
-    holdout = pr.read_holdout(root)
-    _, held = pr.holdout_split(manifest, holdout)
+    holdout = sources.read_holdout(root)
+    _, held = sources.holdout_split(manifest, holdout)
     torch.manual_seed(0)
     model = models.ContrastiveModel("resnet18", width=0.125, small_stem=True)
     before = model_digest(model)

@@ -11,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from raysys.eval import linear as ev
 from raysys import models
+from raysys.errors import run_command
+from raysys.eval import linear as ev
+from raysys.models.io import load_model, model_digest
 
 torch.set_num_threads(1)
 
@@ -192,10 +194,10 @@ def test_extract_features_leaves_the_model_unchanged_and_matches_a_direct_forwar
     model.projector.eval()  # a mixed-mode model: each module's own mode must come back
     images = np.random.default_rng(0).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
     before = snapshot(model)
-    digest = ev.model_digest(model)
+    digest = model_digest(model)
     feats = ev.extract_features(model, images, batch_size=3, device="cpu", progress=False)
     assert_same(before, snapshot(model))
-    assert ev.model_digest(model) == digest
+    assert model_digest(model) == digest
     assert all(p.grad is None for p in model.parameters())
     assert feats.dtype == np.float32 and feats.shape == (7, model.feature_dim)
     # independent reference: one eval-mode forward over all images at once (batching must not matter)
@@ -208,11 +210,11 @@ def test_extract_features_leaves_the_model_unchanged_and_matches_a_direct_forwar
 
 def test_model_digest_sees_a_running_stat_change():
     model = tiny_model()
-    digest = ev.model_digest(model)
-    assert ev.model_digest(tiny_model()) == digest  # same weights, same digest
+    digest = model_digest(model)
+    assert model_digest(tiny_model()) == digest  # same weights, same digest
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     bn.running_mean[0] += 1e-3
-    assert ev.model_digest(model) != digest
+    assert model_digest(model) != digest
 
 
 def test_extract_features_rejects_non_uint8_images():
@@ -271,7 +273,7 @@ def test_evaluate_writes_the_report_and_leaves_the_backbone_unchanged(tmp_path):
     assert saved == json.loads(json.dumps(result))
     assert {"metrics", "majority", "class_names", "counts", "model_digest", "probe", "skipped", "val_metrics"} <= saved.keys()
     assert saved["class_names"] == CLASSES
-    assert saved["model_digest"] == ev.model_digest(model) and saved["backbone_unchanged"]
+    assert saved["model_digest"] == model_digest(model) and saved["backbone_unchanged"]
     assert saved["probe"]["hidden"] == 0 and saved["probe"]["epochs"] == 50 and saved["image_size"] == 16
     assert saved["counts"]["train"] == {"rows": 11, "used": 10, "per_class": SPLITS["train"]}
     assert saved["counts"]["test"] == {"rows": 6, "used": 6, "per_class": SPLITS["test"]}
@@ -304,17 +306,17 @@ def test_load_model_from_run_folder_checkpoint_dir_or_file(tmp_path):
     ckpt = tmp_path / "run" / "checkpoint_000001"
     ckpt.mkdir()
     torch.save({"model": model.state_dict(), "model_spec": model.spec, "config": {}}, ckpt / "state.pt")
-    digest = ev.model_digest(model)
+    digest = model_digest(model)
     for path in (tmp_path / "run", ckpt, tmp_path / "run" / "model.pt"):
-        loaded = ev.load_model(path)
-        assert ev.model_digest(loaded) == digest and not loaded.training
+        loaded = load_model(path)
+        assert model_digest(loaded) == digest and not loaded.training
     with pytest.raises(ValueError, match=r"neither model\.pt .* nor state\.pt"):
-        ev.load_model(tmp_path)
+        load_model(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
-        ev.load_model(tmp_path / "nowhere")
+        load_model(tmp_path / "nowhere")
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="'model' and 'model_spec'"):
-        ev.load_model(tmp_path / "other.pt")
+        load_model(tmp_path / "other.pt")
 
 
 def cli_args(*argv):
@@ -330,7 +332,7 @@ def test_cli_rejects_bad_paths_with_exit_code_2(tmp_path, capsys):
         ("--model", str(tmp_path / "run"), "--benchmark", str(tmp_path / "run")),  # a folder, but no dataset
     ]
     for argv in cases:
-        assert ev.run(cli_args(*argv)) == 2
+        assert run_command("raysys linear-eval", ev.run, cli_args(*argv)) == 2
         err = capsys.readouterr().err
         assert err.startswith("raysys linear-eval: error:") and err.count("\n") == 1
     assert not list((tmp_path / "run").glob("eval-*.json"))

@@ -7,9 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from raysys.methods.pairs import (ClusterRule, InstanceRule, LabelRule, PairMatrix, count_false_negative_view_pairs,
-                          default_radius, false_negative_fraction_all_pairs, false_negative_stats, make_rule,
-                          positives_per_anchor)
+from raysys.methods.pairs import (
+    ClusterRule,
+    InstanceRule,
+    LabelRule,
+    PairMatrix,
+    count_false_negative_view_pairs,
+    default_radius,
+    false_negative_fraction_all_pairs,
+    false_negative_stats,
+    make_rule,
+    positives_per_anchor,
+)
 
 T = torch.tensor
 

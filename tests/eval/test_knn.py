@@ -5,21 +5,21 @@ equals kNN accuracy on features recomputed by hand."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 
-from raysys.eval import knn
 from raysys.data.augment import to_float
 from raysys.data.schema import make_manifest
+from raysys.eval import knn
 from raysys.eval.linear import classification_metrics, load_benchmark
 from raysys.models import ContrastiveModel
 
 torch.set_num_threads(1)
 
-BUILTIN_SMOKE = Path(__file__).resolve().parents[1] / "data" / "builtin" / "smoke"
+BUILTIN_SMOKE = REPO / "data" / "builtin" / "smoke"
 
 
 def brute_force_knn(train_x, train_y, query_x, num_classes, k, temperature):

@@ -1,0 +1,80 @@
+"""Command-line flags of a pretraining run (``raysys pretrain``, ``experiments/pretrain.py``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from raysys.config.presets import PRESETS, make_config
+from raysys.config.schema import (
+    AMP_MODES,
+    BACKBONES,
+    CLUSTER_MODES,
+    FRAMEWORKS,
+    PAIR_RULES,
+    PLACEMENTS,
+    SCHEDULES,
+    PretrainConfig,
+)
+
+
+def add_pretrain_arguments(p) -> None:
+    """The option names shared by ``raysys pretrain`` and ``experiments/pretrain.py``.
+
+    Defaults are None so the preset decides; an option given on the command line wins.
+    """
+    p.add_argument("--data", help="folder of pretraining images, or a folder holding datasets side by side "
+                   "(rover pool + MSL/HiRISE benchmarks); default: built-in simulated data")
+    p.add_argument("--out", default="runs/pretrain", help="run folder: config, TensorBoard, checkpoints, "
+                   "model.pt, eval-*.json; rerunning with the same folder resumes (default: %(default)s)")
+    p.add_argument("--storage", help="where checkpoints go: a folder or a URI every node can reach "
+                   "(s3://bucket/prefix, gs://..., file://...); default: inside --out")
+    p.add_argument("--preset", default="demo",
+                   help=f"one of {', '.join(sorted(PRESETS))}: smoke (tests, ~2 min CPU), demo (laptop, ~15 min CPU), paper (Appendix A, GPUs) "
+                   "(default: %(default)s)")
+    p.add_argument("--backbone", help=f"one of {', '.join(BACKBONES)}")
+    p.add_argument("--width", type=float, help="channel width multiplier of the backbone")
+    p.add_argument("--image-size", type=int, help="training image side in pixels")
+    p.add_argument("--epochs", type=int, help="pretraining epochs")
+    p.add_argument("--batch-size", type=int, help="global batch size (split across workers)")
+    p.add_argument("--temperature", type=float, help="InfoNCE temperature (paper: 0.5)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (paper: 3e-4)")
+    p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule after warm-up")
+    p.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs")
+    p.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0: CPU with gloo)")
+    p.add_argument("--placement", choices=PLACEMENTS, help="spread the workers over nodes (SPREAD) or pack them "
+                   "(PACK, default: fastest when one node holds them all)")
+    p.add_argument("--amp", choices=AMP_MODES, help="mixed precision on GPU")
+    p.add_argument("--max-images", type=int, help="use at most this many pretraining images")
+    p.add_argument("--mix-ratio", type=float, help="mixed-domain pretraining: fraction of the pool drawn from "
+                   "--mix-data (0: Mars only, 1: out-of-domain only); the pool size stays the same")
+    p.add_argument("--mix-data", help="out-of-domain ImageFolder for --mix-ratio (e.g. ImageNet); default: "
+                   "the built-in diverse/ dataset, or a diverse/ folder beside --data")
+    p.add_argument("--init-weights", help="initialise the backbone from this weights file (torch.save'd state dict)")
+    p.add_argument("--pair-rule", choices=PAIR_RULES, help="instance (SimCLR, default), cluster (cluster-aware: "
+                   "needs --cluster-ids), label (oracle: uses true labels, a diagnostic upper bound), ess-mb / "
+                   "ess-mw (spatial positives from capture positions: needs a positions sidecar)")
+    p.add_argument("--cluster-mode", choices=CLUSTER_MODES, help="cluster rule: eliminate same-cluster negatives "
+                   "(paper Eq. 2, default) or attract them as positives")
+    p.add_argument("--cluster-ids", help="cluster table of the pool (image_id,cluster_id; Parquet or CSV), e.g. "
+                   "from `raysys cluster --out FILE`")
+    p.add_argument("--framework", choices=FRAMEWORKS, help="simclr (in-batch negatives, default) or moco "
+                   "(MoCo v2: momentum key encoder, queue of negatives; use with --temperature 0.2)")
+    p.add_argument("--queue-size", type=int, help="MoCo queue length (default 65536, clamped below the pool size)")
+    p.add_argument("--ess-radius", type=float, help="ESS rules: positives within this distance in metres "
+                   "(default: 2 x the median step between frames)")
+    p.add_argument("--ess-sigma", type=float, help="ESS-MW: weight exp(-d^2/2 sigma^2) (default: the median step)")
+    p.add_argument("--ess-theta", type=float, help="ESS rules: also require headings within this many degrees")
+    p.add_argument("--seed", type=int, help="random seed of the initial weights and the pretraining subset (the built-in data has its own, fixed seed)")
+    p.add_argument("--knn-monitor", help="benchmark whose train/val splits feed the per-epoch kNN monitor "
+                   "(default msl; 'none' turns it off)")
+    p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation after pretraining")
+
+
+def config_from_args(args) -> PretrainConfig:
+    """Build and validate the config from parsed :func:`add_pretrain_arguments` options."""
+    names = {f.name for f in dataclasses.fields(PretrainConfig)} - {"preset"}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    if overrides.get("knn_monitor") == "none":
+        overrides["knn_monitor"] = ""
+    return make_config(args.preset, **overrides).validate()

@@ -1,0 +1,235 @@
+"""One Ray Train worker: the contrastive training loop, in named steps.
+
+:func:`train_loop` = :func:`set_up` (model, optimizer, schedule, objective; resume from the latest
+checkpoint) -> per epoch :func:`run_epoch` (each batch through :func:`train_step`) -> :func:`epoch_metrics`
+-> :func:`checkpoint_state` + :func:`report`. A new objective plugs in through
+:func:`raysys.methods.objectives.make_objective`; gradient accumulation would go in :func:`train_step`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from raysys.config import PretrainConfig
+from raysys.data.schema import BATCH_META, VIEW1, VIEW2
+from raysys.distributed.pipeline import train_batches
+from raysys.distributed.runtime import torch_threads
+from raysys.eval.knn import knn_monitor_score
+from raysys.methods.objectives import DIAGNOSTICS, make_objective
+from raysys.models import ContrastiveModel, load_init_weights
+
+STATE_FILE = "state.pt"
+
+
+def lr_lambda(cfg: PretrainConfig, steps_per_epoch: int):
+    """Multiplier of the base lr at a given step: linear warm-up, then constant or cosine to zero."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return factor
+
+
+def _autocast(cfg: PretrainConfig, device: torch.device):
+    enabled = cfg.amp != "none" and device.type == "cuda"
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+@dataclass
+class Worker:
+    """What one rank carries from step to step."""
+
+    cfg: PretrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module  # DDP-wrapped when world > 1
+    raw_model: ContrastiveModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    objective: object = None
+    start_epoch: int = 0
+    step: int = 0
+    placements: list = field(default_factory=list)
+
+    @property
+    def local_batch(self) -> int:
+        return self.cfg.batch_size // self.world
+
+
+def _load_state(w: Worker) -> dict:
+    """Model, optimizer, schedule and scaler from the latest checkpoint; its data position (or epoch 0)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {"epoch": 0, "step": 0}
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    w.raw_model.load_state_dict(state["model"])
+    w.optimizer.load_state_dict(state["optimizer"])
+    w.scheduler.load_state_dict(state["scheduler"])
+    w.scaler.load_state_dict(state["scaler"])
+    return {**state["data_position"], "objective": state.get("objective")}
+
+
+def _worker_placements(rank: int, world: int) -> list[dict]:
+    """Where every rank runs (node id, host, pid), gathered to all ranks; saved with the checkpoint so
+    the driver can list it even when the workers ran on other machines."""
+    mine = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+            "pid": os.getpid()}
+    if world == 1:
+        return [mine]
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone
+
+
+def set_up(config: dict) -> Worker:
+    """Build this rank's model, optimizer, schedule and objective, resumed from the latest checkpoint."""
+    cfg = PretrainConfig.from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    torch.set_num_threads(torch_threads(ctx.get_local_world_size()))
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    raw_model = ContrastiveModel(cfg.backbone, cfg.width, cfg.small_stem, cfg.proj_dim, cfg.proj_layers)
+    if cfg.init_weights:
+        load_init_weights(raw_model.backbone, cfg.init_weights)
+    model = ray.train.torch.prepare_model(raw_model)
+    raw_model = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max(1, config["num_images"] // cfg.batch_size)))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16" and device.type == "cuda")
+    w = Worker(cfg, rank, world, device, model, raw_model, optimizer, scheduler, scaler)
+    position = _load_state(w)
+    w.start_epoch, w.step = position["epoch"], position["step"]
+    if w.start_epoch:
+        print(f"[raysys] rank {rank}: resuming from checkpoint at epoch {w.start_epoch} (step {w.step})")
+    w.placements = _worker_placements(rank, world)
+    w.objective = make_objective(cfg, model, config["num_images"], world, config["labels"], device,
+                                 autocast=lambda: _autocast(cfg, device))
+    if position.get("objective"):
+        w.objective.load_state_dict(position["objective"])
+    return w
+
+
+def train_step(w: Worker, batch: dict) -> tuple[float, dict]:
+    """One optimisation step on one batch: the objective's loss, backward, optimizer and schedule."""
+    meta = {k: batch[k].to(w.device) for k in BATCH_META if k in batch}
+    loss, stats = w.objective.loss(batch[VIEW1].to(w.device, non_blocking=True),
+                                   batch[VIEW2].to(w.device, non_blocking=True), meta)
+    w.optimizer.zero_grad(set_to_none=True)
+    w.scaler.scale(loss).backward()
+    w.scaler.step(w.optimizer)
+    w.scaler.update()
+    w.scheduler.step()
+    w.objective.after_step()
+    w.step += 1
+    return loss.item(), stats
+
+
+def run_epoch(w: Worker, shard, writer: SummaryWriter | None) -> dict:
+    """One pass over this rank's shard: loss and step totals, data-wait time, per-batch diagnostic means."""
+    w.model.train()
+    totals = {"loss": 0.0, "steps": 0, "images": 0, "wait": 0.0}
+    sums, counts = {}, {}
+    start = t_ready = time.perf_counter()
+    for batch in train_batches(shard, w.local_batch, w.cfg.shuffle_buffer):
+        totals["wait"] += time.perf_counter() - t_ready
+        loss, stats = train_step(w, batch)
+        totals["loss"] += loss
+        totals["steps"] += 1
+        totals["images"] += w.local_batch
+        for key, value in stats.items():
+            if key in DIAGNOSTICS and not math.isnan(value):
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+        if writer is not None:
+            writer.add_scalar("train/loss_step", loss, w.step)
+        t_ready = time.perf_counter()
+    totals["elapsed"] = time.perf_counter() - start
+    totals["diagnostics"] = {DIAGNOSTICS[k]: sums[k] / counts[k] for k in sums}
+    return totals
+
+
+def epoch_metrics(w: Worker, epoch: int, totals: dict, monitor) -> dict:
+    """What every rank reports after ``epoch``: loss, lr, throughput, diagnostics, the kNN monitor."""
+    elapsed = max(totals["elapsed"], 1e-9)
+    metrics = {
+        "epoch": epoch + 1,
+        "start_epoch": w.start_epoch,
+        "step": w.step,
+        "loss": totals["loss"] / max(1, totals["steps"]),
+        "lr": w.scheduler.get_last_lr()[0],
+        "images_per_s": totals["images"] * w.world / elapsed,
+        "data_wait_fraction": totals["wait"] / elapsed,
+        **totals["diagnostics"],
+    }
+    if monitor is not None:  # every rank, so all report the same keys; the images are few
+        metrics["knn_acc"] = knn_monitor_score(w.raw_model, monitor, w.device)
+    return metrics
+
+
+def checkpoint_state(w: Worker, epoch: int) -> dict:
+    """Everything a resume needs after ``epoch`` (rank 0 only writes it)."""
+    return {
+        "model": w.raw_model.state_dict(),
+        "model_spec": w.raw_model.spec,
+        "optimizer": w.optimizer.state_dict(),
+        "scheduler": w.scheduler.state_dict(),
+        "scaler": w.scaler.state_dict(),
+        "data_position": {"epoch": epoch + 1, "step": w.step},
+        "objective": w.objective.state_dict(),  # MoCo: key encoder and queue, so a resume continues them
+        "config": w.cfg.to_dict(),
+        "workers": w.placements,
+    }
+
+
+def report(metrics: dict, state: dict | None) -> None:
+    """Every rank reports; only rank 0 attaches the checkpoint (Train V2's rule)."""
+    if state is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def train_loop(config: dict) -> dict:
+    """One Ray Train worker: the contrastive training loop with per-epoch checkpoints."""
+    w = set_up(config)
+    monitor = ray.get(config["knn_monitor"]) if config.get("knn_monitor") is not None else None
+    writer = SummaryWriter(config["tb_dir"], purge_step=w.step) if w.rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    metrics: dict = {"epoch": w.start_epoch, "start_epoch": w.start_epoch}
+    for epoch in range(w.start_epoch, w.cfg.epochs):
+        metrics = epoch_metrics(w, epoch, run_epoch(w, shard, writer), monitor)
+        if writer is not None:
+            for key, value in metrics.items():
+                if key not in ("epoch", "start_epoch", "step"):
+                    writer.add_scalar(f"train/{key}", value, w.step)
+            writer.flush()
+        report(metrics, checkpoint_state(w, epoch) if w.rank == 0 else None)
+    if writer is not None:
+        writer.close()
+    return metrics
