@@ -1,8 +1,15 @@
-"""Preset values of a pretraining run: ``smoke`` (tests, about 2 minutes on 2 CPU cores), ``demo`` (the
-default; a 2-core laptop) and ``paper`` (Appendix A: ResNet-50, 224 px, 400 epochs, batch 128 -- for GPU
-clusters). On a CPU the model is the bottleneck, so the laptop presets use a narrow ResNet-18 on 32 px."""
+"""Every preset table in one place: a pretraining run's (:data:`PRESETS`), a sweep's grids
+(:data:`SWEEP_PRESETS`), the label-fraction experiment's (:data:`LABEL_FRACTION_PRESETS`) and the Appendix B
+simulation grid's (:data:`FN_SIMULATION_PRESETS`). (The simulator's dataset sizes stay with it in
+:mod:`raysys.data.simulate`: the data layer sits below this one.)
+
+``smoke`` is for tests (about 2 minutes on 2 CPU cores), ``demo`` (the default) for a 2-core laptop and
+``paper`` for GPU clusters (Appendix A: ResNet-50, 224 px, 400 epochs, batch 128). On a CPU the model is
+the bottleneck, so the laptop presets use a narrow ResNet-18 on 32 px."""
 
 from __future__ import annotations
+
+import numpy as np
 
 from raysys.config.schema import PRESET_NAMES, PretrainConfig
 from raysys.data.augment import AugmentConfig
@@ -37,3 +44,35 @@ def make_config(preset: str = "demo", **overrides) -> PretrainConfig:
 
 
 assert tuple(PRESETS) == PRESET_NAMES, "the schema's preset names and this table must agree"
+
+
+# Sweep presets: the pretraining preset plus the grids. The demo grids fit a 2-core laptop in ~30 min.
+SWEEP_PRESETS = {
+    "smoke": dict(pretrain={}, ks=[4], seeds=1, supervised_epochs=3, temperatures=[0.1, 0.5],
+                  mix_ratios=[0.0, 1.0], mix_images=384),
+    "demo": dict(pretrain=dict(epochs=8), ks=[10, 40], seeds=2, supervised_epochs=5, temperatures=[0.1, 0.2, 0.5, 1.0],
+                 mix_ratios=[0.0, 0.5, 1.0], mix_images=2000),
+    "paper": dict(pretrain={}, ks=list(range(10, 281, 30)), seeds=3, supervised_epochs=100,
+                  temperatures=[0.05, 0.1, 0.2, 0.5, 1.0], mix_ratios=[0.0, 0.25, 0.5, 0.75, 1.0], mix_images=100_000),
+}
+
+DEFAULT_FRACTIONS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 5 %, 10 %, ..., 100 %
+# Probe epochs default to the pretraining preset's ``eval_epochs`` (smoke 30, demo 100), so the 100 % point
+# is the pipeline's own linear evaluation.
+LABEL_FRACTION_PRESETS = {
+    "smoke": dict(fractions=(0.1, 0.5, 1.0), seeds=2),
+    "demo": dict(fractions=DEFAULT_FRACTIONS, seeds=3),
+}
+
+# Points per panel and batches per point (the panels "batch size" and "dataset size" draw one line per
+# entry of panel_classes).
+FN_SIMULATION_PRESETS = {
+    "smoke": {"batches": 100, "classes": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
+              "batch_sizes": [2, 8, 32, 128, 512], "dataset_sizes": [128, 256, 1024, 10_000, 100_000],
+              "panel_classes": [10, 100]},
+    "default": {"batches": 1000,
+                "classes": sorted({int(c) for c in np.geomspace(1, 1000, 31).round()}),
+                "batch_sizes": [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048],
+                "dataset_sizes": sorted({int(n) for n in np.geomspace(128, 1_000_000, 14).round()}),
+                "panel_classes": [10, 100, 1000]},
+}

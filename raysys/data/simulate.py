@@ -1,7 +1,7 @@
 """The built-in Mars-like data generator: four datasets in the exact real on-disk formats.
 
 Used on a machine with no data (``raysys simulate --out DIR``). Everything is a deterministic function
-of ``--seed``; see ``/work/shared/facts/mars-datasets.md`` for the formats reproduced here.
+of ``--seed``; the formats reproduced here are those of the README's Data section.
 
 Written under ``out``:
 

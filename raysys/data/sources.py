@@ -39,12 +39,16 @@ def data_roots(cfg) -> dict[str, Path]:
     return {k: Path(v) for k, v in formats.discover(cfg.data).items()}
 
 
+def has_hidden_labels(root) -> bool:
+    """Whether the simulator left its hidden labels in this folder (diagnostics only, never trained on)."""
+    root = Path(root)
+    return any((d / formats.HIDDEN_LABELS_FILE).is_file() for d in (root, root / formats.IMAGES_SUBDIR))
+
+
 def read_pool(root) -> pa.Table:
     """A rover pool folder's manifest, with the simulator's hidden labels whenever it left them (for
-    diagnostics: false-negative counts, NMI, the oracle; never trained on)."""
-    root = Path(root)
-    hidden = any((d / formats.HIDDEN_LABELS_FILE).is_file() for d in (root, root / formats.IMAGES_SUBDIR))
-    return formats.read_folder(root, hidden_labels=hidden)
+    diagnostics: false-negative counts, NMI, the oracle)."""
+    return formats.read_folder(root, hidden_labels=has_hidden_labels(root))
 
 
 def resolve_data(cfg) -> tuple[pa.Table, dict[str, Path]]:

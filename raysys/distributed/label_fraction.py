@@ -10,12 +10,12 @@ import argparse
 from pathlib import Path
 
 from raysys.config import make_config
+from raysys.config.presets import LABEL_FRACTION_PRESETS
 from raysys.data.sampling import check_fractions, check_seeds
 from raysys.data.sources import data_roots
 from raysys.distributed.trainer import pretrain
 from raysys.errors import ConfigError, ModelFileError, run_command
 from raysys.eval.label_fraction import (
-    DEFAULT_FRACTIONS,
     evaluate_label_fractions,
     load_encoders,
 )
@@ -23,12 +23,6 @@ from raysys.models.io import MODEL_FILE, resolve_model_file
 from raysys.reporting.html import write_report
 from raysys.reporting.label_fraction import write_results
 
-# Probe epochs default to the pretraining preset's ``eval_epochs`` (smoke 30, demo 100), so the 100 % point
-# is the pipeline's own linear evaluation.
-PRESETS = {
-    "smoke": dict(fractions=(0.1, 0.5, 1.0), seeds=2),
-    "demo": dict(fractions=DEFAULT_FRACTIONS, seeds=3),
-}
 BENCHMARKS = ("msl", "hirise")
 
 
@@ -54,9 +48,9 @@ def run_experiment(
     """Label-fraction curves of each saved encoder and of a random-init one of the same spec on the MSL
     and HiRISE benchmarks (built-in data of ``preset`` unless ``data``); without ``models`` an encoder is
     pretrained first. Writes :func:`write_results` into ``out``; returns their paths, the rows and summary."""
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
-    settings = PRESETS[preset]
+    if preset not in LABEL_FRACTION_PRESETS:
+        raise ConfigError(f"--preset {preset!r} is unknown; choose one of {sorted(LABEL_FRACTION_PRESETS)}")
+    settings = LABEL_FRACTION_PRESETS[preset]
     fractions = check_fractions(settings["fractions"] if fractions is None else fractions)
     seeds = check_seeds(settings["seeds"] if seeds is None else seeds)
     probe_epochs = make_config(preset).eval_epochs if probe_epochs is None else probe_epochs
@@ -90,7 +84,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``experiments/label_fraction.py``."""
     p.add_argument("--model", action="append", help="run folder, checkpoint dir or model.pt of a pretrained "
                    "encoder; repeatable (default: pretrain one with --preset first)")
-    p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
+    p.add_argument("--preset", default="demo", choices=sorted(LABEL_FRACTION_PRESETS),
                    help="smoke: fractions 10/50/100 %%, 2 seeds; demo: 5..100 %% in steps of 5, 3 seeds "
                         "(default: %(default)s)")
     p.add_argument("--out", default="runs/label_fraction", help="output folder (default: %(default)s)")

@@ -31,6 +31,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from raysys import storage
 from raysys.config import PretrainConfig, make_config
+from raysys.config.presets import SWEEP_PRESETS
 from raysys.data.sources import attach_clusters, heldout_manifest, resolve_data
 from raysys.distributed.clustering import cluster_assignments, cluster_quality
 from raysys.distributed.runtime import check_cluster, init_ray, publish_run
@@ -122,17 +123,6 @@ class SweepSpec:
         base = PretrainConfig.from_dict(self.base)
         defaults = {"k": 0, **{p: getattr(base, p) for p in PARAMS if p not in ("k", "lr")}}  # lr: only if swept
         return [{**defaults, **v} for v in self.variants]
-
-
-# Sweep presets: the pretraining preset plus the grids. The demo grids fit a 2-core laptop in ~30 min.
-SWEEP_PRESETS = {
-    "smoke": dict(pretrain={}, ks=[4], seeds=1, supervised_epochs=3, temperatures=[0.1, 0.5],
-                  mix_ratios=[0.0, 1.0], mix_images=384),
-    "demo": dict(pretrain=dict(epochs=8), ks=[10, 40], seeds=2, supervised_epochs=5, temperatures=[0.1, 0.2, 0.5, 1.0],
-                 mix_ratios=[0.0, 0.5, 1.0], mix_images=2000),
-    "paper": dict(pretrain={}, ks=list(range(10, 281, 30)), seeds=3, supervised_epochs=100,
-                  temperatures=[0.05, 0.1, 0.2, 0.5, 1.0], mix_ratios=[0.0, 0.25, 0.5, 0.75, 1.0], mix_images=100_000),
-}
 
 
 def _trial_params(config: dict) -> dict:

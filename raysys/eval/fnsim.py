@@ -370,18 +370,6 @@ def main(argv: list[str] | None = None) -> int:
 
 FIG6_DESCRIPTION = ("False-negative view pairs vs classes, batch size and dataset size (paper Appendix B, "
                     "Fig. 6), and Table 2's column 2.")
-# Points per panel and batches per point (the panels "batch size" and "dataset size" draw one line per
-# entry of panel_classes).
-FIG6_PRESETS = {
-    "smoke": {"batches": 100, "classes": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
-              "batch_sizes": [2, 8, 32, 128, 512], "dataset_sizes": [128, 256, 1024, 10_000, 100_000],
-              "panel_classes": [10, 100]},
-    "default": {"batches": 1000,
-                "classes": sorted({int(c) for c in np.geomspace(1, 1000, 31).round()}),
-                "batch_sizes": [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048],
-                "dataset_sizes": sorted({int(n) for n in np.geomspace(128, 1_000_000, 14).round()}),
-                "panel_classes": [10, 100, 1000]},
-}
 PAPER_BATCH_SIZE = 128  # the paper's (Appendix A); the batch size of every point that does not sweep it
 TABLE2_DATASET_SIZE = 100_000  # "100K Curiosity", "100K ImageNet", "50K + 50K"
 # (training set, distribution, mixed-in distribution and ratio, the paper's FN per batch in %)

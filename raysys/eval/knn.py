@@ -29,12 +29,8 @@ from raysys.data.decode import load_images
 from raysys.data.sampling import sample_groups
 from raysys.data.simulate import apportion
 from raysys.errors import DataError
-from raysys.eval.linear import (
-    benchmark_features,
-    classification_metrics,
-    extract_features,
-    load_benchmark,
-)
+from raysys.eval.features import benchmark_features, extract_features
+from raysys.eval.linear import classification_metrics, load_benchmark
 
 DEFAULT_K, DEFAULT_TEMPERATURE = 20, 0.07
 TIE_RTOL = 1e-9  # votes this close (relative) are tied: summation order must not decide a prediction
@@ -114,7 +110,7 @@ def evaluate_knn(model, benchmark_root, image_size: int, k: int = DEFAULT_K, tem
                  cache_dir=None, device=None, progress: bool = True) -> dict:
     """kNN evaluation of ``model``'s frozen features on a benchmark: bank = train split, queries = test
     (and val, when present, under ``val_metrics``). Features come from
-    :func:`raysys.eval.linear.benchmark_features`, so they are shared with the linear probe's cache."""
+    :func:`raysys.eval.features.benchmark_features`, so they are shared with the linear probe's cache."""
     manifest, names = load_benchmark(benchmark_root)
     data = benchmark_features(model, manifest, image_size, cache_dir=cache_dir, device=device, progress=progress)
     if len(data["train"]["y"]) == 0 or len(data["test"]["y"]) == 0:
@@ -216,7 +212,7 @@ def knn_monitor_score(model, monitor_data: MonitorData, device=None, k: int = DE
     """kNN accuracy of ``model``'s (a :class:`ContrastiveModel`, or anything with ``.features``) frozen
     features on the monitor queries, with the monitor bank as neighbours.
 
-    Runs like :func:`raysys.eval.linear.extract_features`: eval mode, no autograd, the model's modes and
+    Runs like :func:`raysys.eval.features.extract_features`: eval mode, no autograd, the model's modes and
     device restored afterwards -- safe to call between training epochs (on the unwrapped DDP module).
     """
     m = monitor_data

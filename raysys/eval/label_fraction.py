@@ -1,7 +1,7 @@
 """Label efficiency (the paper's Fig. 4): linear-probe accuracy vs the fraction of labeled train data used.
 
 For each encoder and benchmark the frozen features of every split are extracted once
-(:func:`raysys.eval.linear.benchmark_features`, cached) and reused for every fraction and seed; only the
+(:func:`raysys.eval.features.benchmark_features`, cached) and reused for every fraction and seed; only the
 probe is refitted, on a stratified subset of the train split, and scored on the full test split.
 
 How a subset is drawn: :mod:`raysys.data.sampling`.
@@ -25,19 +25,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from raysys.config.presets import DEFAULT_FRACTIONS
 from raysys.data.sampling import check_fractions, check_seeds, stratified_subset
 from raysys.errors import ConfigError, DataError, ModelFileError
-from raysys.eval.linear import (
-    benchmark_features,
-    linear_probe,
-    load_benchmark,
-    majority_baseline,
-)
+from raysys.eval.features import benchmark_features
+from raysys.eval.linear import linear_probe, load_benchmark, majority_baseline
 from raysys.models import ContrastiveModel
 from raysys.models.io import load_saved
-
-DEFAULT_FRACTIONS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 5 %, 10 %, ..., 100 %
-
 
 # ----------------------------------------------------------------------------- probes
 

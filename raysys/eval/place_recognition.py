@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +41,9 @@ from sklearn.preprocessing import normalize
 from tqdm.auto import tqdm
 
 from raysys import storage
-from raysys.data.decode import load_images
 from raysys.data.sources import HOLDOUT_FILE, holdout_split
 from raysys.errors import DataError
-from raysys.eval.linear import extract_features
+from raysys.eval.features import default_device, frozen, path_features
 from raysys.methods.pairs import default_radius
 from raysys.models.io import model_digest
 
@@ -53,7 +53,6 @@ RESULT_FILE = "eval-place.json"
 DEFAULT_EXCLUDE = 2
 DEFAULT_KS = (1, 5)
 QUERY_CHUNK = 1024  # query rows per similarity block: bounds memory at QUERY_CHUNK x n floats
-DECODE_CHUNK = 512
 
 
 # ----------------------------------------------------------------------------- the metric
@@ -181,17 +180,12 @@ def _usable_rows(manifest: pa.Table) -> tuple[pa.Table, int]:
 
 def _features(model, manifest: pa.Table, image_size: int, batch_size: int, device, progress: bool):
     """Frozen features of the manifest's images, decoded in chunks; ``(features, kept rows, skipped)``."""
-    paths = manifest.column("path").to_pylist()
-    parts, kept, skipped = [], [], []
-    with tqdm(total=len(paths), unit="img", desc="place features", disable=not progress) as bar:
-        for start in range(0, len(paths), DECODE_CHUNK):
-            images, ok, bad = load_images(paths[start : start + DECODE_CHUNK], image_size)
-            if len(images):
-                parts.append(extract_features(model, images, batch_size=batch_size, device=device, progress=False))
-            kept.append(start + ok)
-            skipped += [{"path": p, "reason": r} for p, r in bad]
-            bar.update(len(ok) + len(bad))
-    return (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)), np.concatenate(kept), skipped
+    device = default_device(device)
+    with frozen(model, device), tqdm(total=manifest.num_rows, unit="img", desc="place features",
+                                     disable=not progress) as bar:
+        x, kept, bad = path_features(model, manifest.column("path").to_pylist(), image_size, batch_size, device,
+                                     min(8, os.cpu_count() or 1), bar)
+    return x, kept, [{"path": p, "reason": r} for p, r in bad]
 
 
 def evaluate_place_recognition(

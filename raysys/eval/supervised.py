@@ -51,9 +51,9 @@ from raysys.data.augment import AugmentConfig, to_float
 from raysys.data.augment import augment as augment_batch
 from raysys.data.decode import load_images
 from raysys.errors import ConfigError, DataError
+from raysys.eval.features import LABELED_SPLITS
 from raysys.eval.linear import (
     DEFAULT_IMAGE_SIZE,
-    LABELED_SPLITS,
     classification_metrics,
     load_benchmark,
     majority_baseline,

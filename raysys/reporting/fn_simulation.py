@@ -10,10 +10,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from raysys.config.presets import FN_SIMULATION_PRESETS
 from raysys.errors import run_command
 from raysys.eval.fnsim import (
     FIG6_DESCRIPTION,
-    FIG6_PRESETS,
     PAPER_BATCH_SIZE,
     REPRODUCES_WITHIN,
     TABLE2_DATASET_SIZE,
@@ -179,7 +179,7 @@ def write_fig6(out: Path, panels: dict[str, list[dict]], rows2: list[dict], pres
 
 def configure_fig6_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``experiments/fn_simulation.py``."""
-    p.add_argument("--preset", choices=sorted(FIG6_PRESETS), default="default")
+    p.add_argument("--preset", choices=sorted(FN_SIMULATION_PRESETS), default="default")
     p.add_argument("--batches", type=int, help="batches per point (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/fn_simulation")
@@ -190,9 +190,9 @@ def run_fig6(args: argparse.Namespace) -> int:
     """Simulate the Fig. 6 grid and Table 2 column 2, write their plots, ``results.json``,
     ``fn-simulation.md`` and ``report.html`` into ``args.out``. Bad input raises :class:`ConfigError`
     before any simulation or file."""
-    batches = FIG6_PRESETS[args.preset]["batches"] if args.batches is None else args.batches
+    batches = FN_SIMULATION_PRESETS[args.preset]["batches"] if args.batches is None else args.batches
     check_params(PAPER_BATCH_SIZE, batches, None)
-    preset = {**FIG6_PRESETS[args.preset], "batches": batches}
+    preset = {**FN_SIMULATION_PRESETS[args.preset], "batches": batches}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     panels = simulate_fig6(preset, args.seed)

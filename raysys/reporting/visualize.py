@@ -32,8 +32,10 @@ from raysys.data import formats
 from raysys.data.decode import load_images
 from raysys.data.schema import SPLITS, UNLABELED
 from raysys.data.simulate import apportion
+from raysys.data.sources import builtin_roots, has_hidden_labels
 from raysys.errors import ConfigError, ModelFileError
-from raysys.eval.linear import DEFAULT_IMAGE_SIZE, extract_features
+from raysys.eval.features import extract_features
+from raysys.eval.linear import DEFAULT_IMAGE_SIZE
 from raysys.models.io import load_saved, resolve_model_file, run_folder
 
 COLOR_MODES = ("label", "cluster")
@@ -79,8 +81,7 @@ def read_dataset(root: str | Path) -> pa.Table:
     hidden labels (the simulator's pretraining pool) are read when present, for colouring only."""
     fmt = formats.detect_format(root)
     root = Path(root)
-    hidden = fmt == "folder" and any((d / formats.HIDDEN_LABELS_FILE).is_file()
-                                     for d in (root, root / formats.IMAGES_SUBDIR))
+    hidden = fmt == "folder" and has_hidden_labels(root)
     return formats.read_manifest(root, format=fmt, **({"hidden_labels": True} if hidden else {}))
 
 
@@ -96,11 +97,8 @@ def default_dataset(run_dir: Path, config: dict) -> Path:
     if config.get("data"):
         roots = formats.discover(config["data"])
     elif "sim_preset" in config:  # a pretraining run on the built-in data: the trainer's own folder and seed
-        from raysys.data.simulate import simulate
-
-        builtin = Path(config.get("builtin_root") or "data/builtin") / config["sim_preset"]
-        roots = {k: Path(v) for k, v in simulate(builtin, preset=config["sim_preset"],
-                                                   seed=config.get("sim_seed", 0)).items()}
+        roots = builtin_roots(Path(config.get("builtin_root") or "data/builtin") / config["sim_preset"],
+                              config["sim_preset"], config.get("sim_seed", 0))
     else:
         roots = {}
     if "msl" not in roots:

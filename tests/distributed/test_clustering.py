@@ -17,7 +17,7 @@ from raysys.data.schema import make_manifest
 from raysys.data.sources import attach_clusters
 from raysys.distributed import clustering as cl
 from raysys.errors import run_command
-from raysys.eval.linear import extract_features as reference_features
+from raysys.eval.features import extract_features as reference_features
 from raysys.models import ContrastiveModel
 from raysys.models import texture as tx
 

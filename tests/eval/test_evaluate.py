@@ -13,6 +13,7 @@ from PIL import Image
 
 from raysys import models
 from raysys.errors import run_command
+from raysys.eval import features
 from raysys.eval import linear as ev
 from raysys.models.io import load_model, model_digest
 
@@ -195,7 +196,7 @@ def test_extract_features_leaves_the_model_unchanged_and_matches_a_direct_forwar
     images = np.random.default_rng(0).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
     before = snapshot(model)
     digest = model_digest(model)
-    feats = ev.extract_features(model, images, batch_size=3, device="cpu", progress=False)
+    feats = features.extract_features(model, images, batch_size=3, device="cpu", progress=False)
     assert_same(before, snapshot(model))
     assert model_digest(model) == digest
     assert all(p.grad is None for p in model.parameters())
@@ -205,7 +206,7 @@ def test_extract_features_leaves_the_model_unchanged_and_matches_a_direct_forwar
     with torch.no_grad():
         expected = reference.features(to_float(torch.from_numpy(images), 16)).numpy()
     np.testing.assert_allclose(feats, expected, rtol=1e-4, atol=1e-5)
-    assert ev.extract_features(model, images[:0], device="cpu", progress=False).shape == (0, model.feature_dim)
+    assert features.extract_features(model, images[:0], device="cpu", progress=False).shape == (0, model.feature_dim)
 
 
 def test_model_digest_sees_a_running_stat_change():
@@ -219,7 +220,7 @@ def test_model_digest_sees_a_running_stat_change():
 
 def test_extract_features_rejects_non_uint8_images():
     with pytest.raises(ValueError, match="uint8"):
-        ev.extract_features(tiny_model(), np.zeros((2, 16, 16, 3), np.float32), progress=False)
+        features.extract_features(tiny_model(), np.zeros((2, 16, 16, 3), np.float32), progress=False)
 
 
 # ----------------------------------------------------------------------------- benchmark features + cache
@@ -234,7 +235,7 @@ def test_benchmark_features_are_cached_per_model_and_report_skipped_files(tmp_pa
     calls = count_forward(model)
     cache = tmp_path / "cache"
 
-    first = ev.benchmark_features(model, manifest, 16, cache_dir=cache, batch_size=4, device="cpu", progress=False)
+    first = features.benchmark_features(model, manifest, 16, cache_dir=cache, batch_size=4, device="cpu", progress=False)
     assert not first["cache_hit"] and calls["n"] > 0
     assert [p.name for p in cache.iterdir()] == [f"features-{first['model_digest']}-{first['manifest_digest']}-16px.npz"]
     assert [(s["split"], s["path"].rsplit("/", 1)[-1]) for s in first["skipped"]] == [("train", "broken0_DRCL.jpg")]
@@ -244,7 +245,7 @@ def test_benchmark_features_are_cached_per_model_and_report_skipped_files(tmp_pa
         assert first[split]["x"].shape == (len(expected), model.feature_dim)
 
     n = calls["n"]
-    second = ev.benchmark_features(model, manifest, 16, cache_dir=cache, batch_size=4, device="cpu", progress=False)
+    second = features.benchmark_features(model, manifest, 16, cache_dir=cache, batch_size=4, device="cpu", progress=False)
     assert second["cache_hit"] and calls["n"] == n  # no forward pass at all
     for split in ("train", "val", "test"):
         for key in ("x", "y", "image_id"):
@@ -252,10 +253,10 @@ def test_benchmark_features_are_cached_per_model_and_report_skipped_files(tmp_pa
     assert second["skipped"] == first["skipped"]
 
     # another image size or other weights are other features: a miss, not a stale hit
-    assert not ev.benchmark_features(model, manifest, 20, cache_dir=cache, device="cpu", progress=False)["cache_hit"]
+    assert not features.benchmark_features(model, manifest, 20, cache_dir=cache, device="cpu", progress=False)["cache_hit"]
     with torch.no_grad():
         next(model.parameters()).add_(0.01)
-    assert not ev.benchmark_features(model, manifest, 16, cache_dir=cache, device="cpu", progress=False)["cache_hit"]
+    assert not features.benchmark_features(model, manifest, 16, cache_dir=cache, device="cpu", progress=False)["cache_hit"]
     assert len(list(cache.iterdir())) == 3
 
 

@@ -15,6 +15,7 @@ import torch
 from helpers import REPO
 from PIL import Image
 
+from raysys.config.presets import FN_SIMULATION_PRESETS
 from raysys.errors import ConfigError, run_command
 from raysys.eval import fnsim
 from raysys.methods.pairs import InstanceRule
@@ -272,7 +273,7 @@ def test_experiment_smoke_preset_writes_its_files(tmp_path):
     for name in ("fn_vs_classes.png", "fn_vs_batch_size.png", "fn_vs_dataset_size.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((tmp_path / "results.json").read_text())
-    smoke = fnsim.FIG6_PRESETS["smoke"]
+    smoke = FN_SIMULATION_PRESETS["smoke"]
     assert [r["classes"] for r in results["panels"]["classes"]] == smoke["classes"]
     assert len(results["panels"]["batch_size"]) == len(smoke["batch_sizes"]) * len(smoke["panel_classes"])
     assert len(results["panels"]["dataset_size"]) == len(smoke["dataset_sizes"]) * len(smoke["panel_classes"])

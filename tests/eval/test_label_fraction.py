@@ -19,6 +19,7 @@ from raysys.data import sampling
 from raysys.distributed import label_fraction as lf_experiment
 from raysys.eval import label_fraction as lf
 from raysys.eval import linear as ev
+from raysys.eval.features import manifest_digest
 from raysys.models import ContrastiveModel
 from raysys.models.io import load_model, model_digest
 from raysys.reporting import label_fraction as lf_files
@@ -172,7 +173,7 @@ def test_smoke_experiment_extracts_once_and_writes_results_that_match_recomputed
     real = lf.benchmark_features
 
     def counting(model, manifest, image_size, **kw):
-        calls.append((model_digest(model), ev.manifest_digest(manifest), image_size))
+        calls.append((model_digest(model), manifest_digest(manifest), image_size))
         return real(model, manifest, image_size, **kw)
 
     monkeypatch.setattr(lf, "benchmark_features", counting)

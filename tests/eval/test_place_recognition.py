@@ -18,7 +18,7 @@ from raysys.data.decode import load_images
 from raysys.data.schema import make_manifest
 from raysys.data.simulate import plan_rover, write_rover
 from raysys.eval import place_recognition as pr
-from raysys.eval.linear import extract_features
+from raysys.eval.features import extract_features
 from raysys.models.io import model_digest
 
 torch.set_num_threads(1)

@@ -20,7 +20,7 @@ from raysys.config import ConfigError
 from raysys.data import formats
 from raysys.data.decode import load_images
 from raysys.errors import run_command
-from raysys.eval.linear import extract_features
+from raysys.eval.features import extract_features
 from raysys.models.io import load_model
 from raysys.reporting import visualize as vis
 
