@@ -30,6 +30,18 @@ CONFIG_VERSION = 1
 PRESET_NAMES = ("smoke", "demo", "paper")  # their values: raysys.config.presets
 
 
+def check_saved(cls, saved: dict, version: int, current: int, what: str, fix: str) -> None:
+    """Refuse a saved ``cls`` (a dataclass) written by a newer version or holding keys it does not know,
+    naming them: resuming with defaults in their place would silently change the run."""
+    if version > current:
+        raise ConfigError(f"this {what} was saved by a newer raysys ({what} version {version}, this one reads up to "
+                          f"{current}); upgrade raysys to resume it")
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"saved {what} has unknown keys {unknown}; it was written by another raysys version or "
+                          f"edited by hand: {fix}")
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """Everything one pretraining run needs. Defaults are the paper's Appendix A where it gives one."""
@@ -179,14 +191,7 @@ class PretrainConfig:
         """Read a saved config; a newer version or a key this version does not know is an error naming it
         (rather than a run that silently resumes with defaults). Files without a version are version 1."""
         d = dict(d)
-        version = d.pop("version", 1)
-        if version > CONFIG_VERSION:
-            raise ConfigError(f"this config was saved by a newer raysys (config version {version}, this one reads "
-                              f"up to {CONFIG_VERSION}); upgrade raysys to resume it")
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"saved config has unknown keys {unknown}; it was written by another raysys version "
-                              f"or edited by hand: remove them or start a new run")
+        check_saved(cls, d, d.pop("version", 1), CONFIG_VERSION, "config", "remove them or start a new run")
         return cls(**d)
 
     def save(self, path: str | Path) -> None:

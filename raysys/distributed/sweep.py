@@ -32,6 +32,7 @@ from ray.tune.schedulers import ASHAScheduler
 from raysys import storage
 from raysys.config import PretrainConfig, make_config
 from raysys.config.presets import SWEEP_PRESETS
+from raysys.config.schema import check_saved
 from raysys.data.sources import attach_clusters, heldout_manifest, resolve_data
 from raysys.distributed.clustering import cluster_assignments, cluster_quality
 from raysys.distributed.runtime import check_cluster, init_ray, publish_run
@@ -103,14 +104,7 @@ class SweepSpec:
     def from_dict(cls, d: dict) -> "SweepSpec":
         """A saved spec; a newer version or an unknown key is an error naming it. Files without a version are
         version 1. The base config is checked the same way (:meth:`PretrainConfig.from_dict`)."""
-        version = d.get("version", 1)
-        if version > SWEEP_VERSION:
-            raise ConfigError(f"this sweep was saved by a newer raysys (sweep version {version}, this one reads up to "
-                              f"{SWEEP_VERSION}); upgrade raysys to resume it")
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"saved sweep has unknown keys {unknown}; it was written by another raysys version: "
-                              f"start a new sweep (a new --out)")
+        check_saved(cls, d, d.get("version", 1), SWEEP_VERSION, "sweep", "start a new sweep (a new --out)")
         PretrainConfig.from_dict(d["base"])
         return cls(**{**d, "version": SWEEP_VERSION})
 

@@ -27,7 +27,7 @@ Recipe (documented choices):
   CUDA cuDNN may pick non-deterministic kernels.
 
 Outputs in ``out_dir``: ``model.pt`` in the trainer's format (``model``, ``model_spec``, ``config``; the
-projector stays at its initial weights, only the backbone was trained) so :func:`raysys.eval.linear.load_model`
+projector stays at its initial weights, only the backbone was trained) so :func:`raysys.models.io.load_model`
 and the linear evaluation work on it unchanged, plus the trained head under ``classifier``; and
 ``supervised.json`` (``fine-tune.json`` when fine-tuning) with the classifier's own test and val metrics,
 the majority baseline, the per-epoch history and timings.
@@ -305,7 +305,7 @@ def train_supervised(
     ignored), the caller's model is left unchanged, and the backbone learns at ``backbone_lr`` (default
     ``lr / 10``) while the new head learns at ``lr``; from scratch both use ``lr`` unless ``backbone_lr``
     is given. Writes ``out_dir/model.pt`` (the trainer's format, loadable by
-    :func:`raysys.eval.linear.load_model`) and ``out_dir/supervised.json`` or ``fine-tune.json`` (test
+    :func:`raysys.models.io.load_model`) and ``out_dir/supervised.json`` or ``fine-tune.json`` (test
     metrics of the trained classifier via :func:`raysys.eval.linear.classification_metrics`, val metrics,
     majority baseline, history, timing). Returns that dict plus ``model_path``. Bad arguments or a
     benchmark without train/test rows raise a one-line :class:`~raysys.errors.RaysysError` (a
