@@ -1,5 +1,5 @@
 """Ray Tune sweeps. One trial = (cluster-aware: cluster with K, cached) -> pretrain on Ray Train ->
-linear evaluation (optionally fine-tuning, place recognition) -> one final report.
+linear and kNN evaluation (optionally fine-tuning, place recognition) -> one final report.
 
 Experiment scripts declare the variants (a method and the parameters it sets: K, temperature, lr, mix
 ratio, ESS radius and sigma; see :func:`variant`) and call :func:`main`. Each trial is a Tune *function*

@@ -196,8 +196,8 @@ def evaluate_place_recognition(
     """Place recognition of ``model``'s frozen features on held-out traverses; writes ``eval-place.json``.
 
     ``holdout_traverses``: ids to select from ``manifest``; ``None`` uses every row of ``manifest`` (pass
-    the held-out part from :func:`holdout_split`). Rows without position, traverse or frame are dropped
-    and counted. ``radius`` defaults to the ESS radius (:func:`raysys.methods.pairs.default_radius`) of the
+    the held-out part from :func:`raysys.data.sources.holdout_split`). Rows without position, traverse or
+    frame are dropped and counted. ``radius`` defaults to the ESS radius (:func:`raysys.methods.pairs.default_radius`) of the
     selected frames, printed.
     Returns :func:`place_recognition`'s dict plus ``model_digest``, ``image_size``, ``default_radius``,
     ``dropped_rows``, ``skipped`` (undecodable files) and ``traverses``; ``out_dir``: where the JSON goes.
