@@ -172,7 +172,7 @@ class _Embedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            features = embed(self.model, batch["image"], len(batch["image"]) or 1, self.device)
+            features = embed(self.model, batch["image"], EMBED_BATCH, self.device)
         return {"image_id": batch["image_id"], "feature": features}
 
 

@@ -163,10 +163,9 @@ def _accuracies(name: str, metrics: dict) -> dict:
 def _evaluate(model_dir: Path, benchmarks: dict, cfg: PretrainConfig) -> dict:
     """Linear evaluation and kNN (k = 20, T = 0.07, train split as the bank, test split as the queries) of
     the trial's encoder on every benchmark; both read the same cached features."""
-    model = load_model(model_dir)
+    model, cache = load_model(model_dir), model_dir / "feature-cache"
     metrics = {}
     for name, root in benchmarks.items():
-        cache = model_dir / "feature-cache"
         result = evaluate(model, root, model_dir, name, cfg.image_size, hidden=cfg.eval_hidden,
                           epochs=cfg.eval_epochs, seed=cfg.seed, cache_dir=cache, progress=False)
         metrics.update(_accuracies(name, result["metrics"]))
