@@ -229,6 +229,7 @@ def run_trial(config: dict) -> None:
         return
     with open(out / "attempts.log", "a") as f:  # one line per start: shows what a resume reran
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} start\n")
+    began = time.perf_counter()
     manifest, benchmarks = resolve_data(cfg)
     final = {"trial": name, **params, "lr": cfg.lr}
 
@@ -264,7 +265,21 @@ def run_trial(config: dict) -> None:
         final.update(_fine_tune(out, benchmarks, cfg, spec.fine_tune_epochs))
     if spec.place_recognition:
         final.update(_place_recognition(out, cfg))
+    final.update(trial_timing(name, time.perf_counter() - began, run["timing"]))
     _finish(out, cfg.storage, final)
+
+
+def trial_timing(name: str, total: float, timing: dict) -> dict:
+    """Say where a pretraining trial's time went -- train steps vs the fixed cost around them (clustering
+    and data before the fit, Ray Train start and checkpoints inside it, evaluation after) -- and return it."""
+    fixed = total - timing["steps"]
+    outside = total - sum(timing.values())  # clustering, data, evaluation: the trial's own work around pretrain
+    print(f"[raysys] {name}: {total:.0f} s, train steps {timing['steps']:.0f} s, fixed cost {fixed:.0f} s "
+          f"({fixed / total:.0%}): Ray Train start, planning and checkpoints {timing['fit_outside_steps']:.0f} s, "
+          f"before/after the fit {timing['before_fit'] + timing['after_fit']:.0f} s, clustering and evaluation "
+          f"{outside:.0f} s", flush=True)
+    return {"trial_seconds": total, "step_seconds": timing["steps"], "fixed_seconds": fixed,
+            "fixed_fraction": fixed / total}
 
 
 def _finish(out: Path, trial_storage: str | None, final: dict) -> None:
@@ -279,12 +294,14 @@ def _finish(out: Path, trial_storage: str | None, final: dict) -> None:
 
 
 class ResultsWriter(tune.Callback):
-    """Rewrites ``results.csv`` after every finished trial, so an interrupted sweep keeps its results."""
+    """Rewrites ``results.csv`` after every finished trial, so an interrupted sweep keeps its results, and
+    prints one line per finished trial with an ETA for the sweep (from this session's pace)."""
 
-    def __init__(self, path: Path, storage_root: str | None = None):
+    def __init__(self, path: Path, storage_root: str | None = None, total: int = 0):
         self.path = path
         self.storage_root = storage_root
         self.rows = {row["trial"]: row for row in report.read_results_csv(path)}
+        self.total, self.done_before, self.started = total, len(self.rows), time.perf_counter()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if trial.last_result:
@@ -292,6 +309,15 @@ class ResultsWriter(tune.Callback):
             self.rows[row["trial"]] = row
             report.write_results_csv(list(self.rows.values()), self.path)
             publish_files(self.path.parent, self.storage_root, [self.path.name])
+            print(self.progress_line(row), flush=True)
+
+    def progress_line(self, row: dict) -> str:
+        done = len(self.rows)
+        left = max(0, self.total - done)
+        pace = (time.perf_counter() - self.started) / max(1, done - self.done_before)
+        score = f", MSL {row['msl_acc']:.1%}" if isinstance(row.get("msl_acc"), float) else ""
+        eta = f"ETA {left * pace / 60:.0f} min for the {left} left" if left else "all trials done"
+        return f"[raysys] trial {done}/{self.total} done: {row['trial']}{score}; {eta}"
 
 
 def result_row(config: dict, result: dict) -> dict:
@@ -357,7 +383,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(asdict(spec), indent=2))
     trainable = tune.with_resources(run_trial, _trial_resources(spec, concurrent))
-    writer = ResultsWriter(out / "results.csv", spec.storage)
+    writer = ResultsWriter(out / "results.csv", spec.storage, total=len(spec.grid()) * spec.seeds)
     if spec.asha:
         if not base.knn_monitor:
             raise ConfigError("--asha stops trials on the kNN monitor's accuracy; drop --knn-monitor none")

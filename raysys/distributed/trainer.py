@@ -114,6 +114,7 @@ def pretrain(
     cluster ids attached), its Train callbacks, and the CPUs its trials reserve.
     """
     cfg = cfg.validate()
+    begin = time.perf_counter()
     if manifest is None:
         manifest, benchmarks = resolve_data(cfg)  # fails fast, before Ray starts
     if cfg.pair_rule == "cluster" and "cluster_id" not in manifest.column_names:
@@ -138,4 +139,13 @@ def pretrain(
     export_model(result.checkpoint, out / MODEL_FILE)
     publish_run(out, cfg.storage)
     return {"metrics": result.metrics, "out": out, "benchmarks": benchmarks or {}, "config": cfg,
-            "skipped_files": len(skipped), "seconds": seconds}
+            "skipped_files": len(skipped), "seconds": seconds,
+            "timing": run_timing(start - begin, seconds, time.perf_counter() - start - seconds, result.metrics or {})}
+
+
+def run_timing(before_fit: float, fit: float, after_fit: float, metrics: dict) -> dict:
+    """Where a run's wall time went: train steps, and the fixed cost around them -- before the fit (data,
+    Ray start), inside it but outside the steps (Ray Train start, dataset planning, the decode cache's first
+    pass, kNN monitor, checkpoints) and after it (export, publishing)."""
+    steps = min(fit, metrics.get("step_seconds", 0.0))
+    return {"steps": steps, "before_fit": before_fit, "fit_outside_steps": fit - steps, "after_fit": after_fit}

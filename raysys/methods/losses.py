@@ -85,19 +85,33 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient of the gathered tensor over ranks (one all_reduce) and
+    returns this rank's slice. Plain ``dist`` calls, so it is correct on every torch release and backend
+    (gloo has no reduce_scatter); PyTorch's functional collectives carried no backward before late 2025
+    (PR #168140, issue #152127) and ``torch.distributed.nn.functional.all_gather`` is deprecated."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        ctx.rows = t.shape[0]
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rank = dist.get_rank()
+        return grad[rank * ctx.rows:(rank + 1) * ctx.rows]
+
+
 def gather_with_grad(t: Tensor) -> Tensor:
     """Concatenate ``t`` from all ranks along dim 0 (rank order), keeping the autograd graph: the backward
-    pass sums every rank's gradient for this rank's slice. Identity when torch.distributed is not set up.
-
-    Uses ``_functional_collectives.all_gather_single``, the replacement PyTorch's own deprecation of
-    ``torch.distributed.nn.functional.all_gather`` names (same gradient, no FutureWarning every step).
-    """
+    pass sums every rank's gradient for this rank's slice. Identity when torch.distributed is not set up."""
     if not _distributed():
         return t
-    from torch.distributed import _functional_collectives as funcol
-
-    out = funcol.all_gather_single(t.contiguous(), 0, dist.group.WORLD)
-    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out
+    return _GatherWithGrad.apply(t.contiguous())
 
 
 @torch.no_grad()
