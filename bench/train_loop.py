@@ -48,9 +48,10 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 def bare_step_rate(args, images: np.ndarray, steps: int) -> float:
     """Images/s of the bare train step on one preloaded pair of views (3 warm-up steps untimed)."""
     from raysys.data.augment import AugmentConfig, two_views
+    from raysys.distributed.runtime import torch_threads
     from raysys.models import ContrastiveModel
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(torch_threads(1))
     torch.manual_seed(0)
     v1, v2 = two_views(torch.from_numpy(images[: args.batch_size]), AugmentConfig(size=args.image_size))
     model = ContrastiveModel(args.backbone, args.width, args.small_stem).train()
@@ -68,9 +69,8 @@ def bare_step_rate(args, images: np.ndarray, steps: int) -> float:
 
 def raysys_loop_rate(args, cfg, manifest, out: Path) -> dict:
     """``pretrain`` itself: steady-state images/s (epochs after the first) and the run's fixed cost."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     import ray
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from raysys.distributed.trainer import pretrain
 
@@ -78,18 +78,19 @@ def raysys_loop_rate(args, cfg, manifest, out: Path) -> dict:
     ray.shutdown()  # its idle daemons would slow the second bare measurement
     events = EventAccumulator(str(out / "tb")).Reload()
     rates = [e.value for e in events.Scalars("train/images_per_s")][1:]
-    return {"images_per_s": float(np.mean(rates)), "epochs_timed": len(rates), "timing": run.get("timing", {})}
+    return {"images_per_s": float(np.mean(rates)), "epochs_timed": len(rates), "timing": run["timing"]}
 
 
 def ensure_lightly_env() -> Path | None:
     """The lightly virtualenv's python, installed on first use; None (said) when that fails."""
-    python = LIGHTLY_ENV / "bin" / "python"
-    if not python.exists():
+    python, installed = LIGHTLY_ENV / "bin" / "python", LIGHTLY_ENV / "installed"
+    if not installed.exists():  # a marker, not the interpreter: an interrupted install is redone
         print(f"installing {' '.join(LIGHTLY_PACKAGES)} into {LIGHTLY_ENV} (once, ~2 min)", flush=True)
         try:
             subprocess.run([sys.executable, "-m", "venv", str(LIGHTLY_ENV)], check=True)
             subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                             *LIGHTLY_PACKAGES], check=True, stdout=subprocess.DEVNULL)
+            installed.touch()
         except (subprocess.CalledProcessError, OSError) as exc:
             print(f"lightly: install failed ({exc}); skipping (c)")
             return None

@@ -297,7 +297,7 @@ class ResultsWriter(tune.Callback):
     """Rewrites ``results.csv`` after every finished trial, so an interrupted sweep keeps its results, and
     prints one line per finished trial with an ETA for the sweep (from this session's pace)."""
 
-    def __init__(self, path: Path, storage_root: str | None = None, total: int = 0):
+    def __init__(self, path: Path, storage_root: str | None, total: int):
         self.path = path
         self.storage_root = storage_root
         self.rows = {row["trial"]: row for row in report.read_results_csv(path)}

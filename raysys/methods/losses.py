@@ -100,7 +100,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce is in place; autograd owns grad
         dist.all_reduce(grad)
         rank = dist.get_rank()
         return grad[rank * ctx.rows:(rank + 1) * ctx.rows]

@@ -24,7 +24,7 @@ def test_sweep_eta_from_this_sessions_pace(tmp_path, monkeypatch):
     (tmp_path / "results.csv").write_text("trial,msl_acc\nbaseline-s0,0.5\n")  # finished before a resume
     clock = iter([1000.0, 1060.0, 1120.0])
     monkeypatch.setattr(sweep.time, "perf_counter", lambda: next(clock))
-    writer = sweep.ResultsWriter(tmp_path / "results.csv", total=5)
+    writer = sweep.ResultsWriter(tmp_path / "results.csv", None, total=5)
     writer.rows["cluster-k10-s0"] = {"trial": "cluster-k10-s0", "msl_acc": 0.625}
     # 2 of 5 done, 1 of them in this session's 60 s: 3 left at 60 s each.
     assert writer.progress_line(writer.rows["cluster-k10-s0"]) == (
