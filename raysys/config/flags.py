@@ -7,12 +7,14 @@ import dataclasses
 from raysys.config.presets import PRESETS, make_config
 from raysys.config.schema import (
     AMP_MODES,
+    AUGMENT_ON,
     BACKBONES,
     CLUSTER_MODES,
     FRAMEWORKS,
     PAIR_RULES,
     PLACEMENTS,
     SCHEDULES,
+    SYNC_BN_MODES,
     PretrainConfig,
 )
 
@@ -44,7 +46,11 @@ def add_pretrain_arguments(p) -> None:
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0: CPU with gloo)")
     p.add_argument("--placement", choices=PLACEMENTS, help="spread the workers over nodes (SPREAD) or pack them "
                    "(PACK, default: fastest when one node holds them all)")
-    p.add_argument("--amp", choices=AMP_MODES, help="mixed precision on GPU")
+    p.add_argument("--amp", choices=AMP_MODES, help="autocast dtype on GPU (default bf16; CPU runs stay fp32)")
+    p.add_argument("--sync-bn", choices=SYNC_BN_MODES, help="SimCLR's global batch norm over every worker's images "
+                   "(auto, the default: on when --workers > 1; MoCo keeps shuffle-BN)")
+    p.add_argument("--augment-on", choices=AUGMENT_ON, help="make the two views in Ray Data's CPU tasks (data, "
+                   "default) or in each Train worker on its device (worker: on GPU, augmentation off the CPUs)")
     p.add_argument("--max-images", type=int, help="use at most this many pretraining images")
     p.add_argument("--mix-ratio", type=float, help="mixed-domain pretraining: fraction of the pool drawn from "
                    "--mix-data (0: Mars only, 1: out-of-domain only); the pool size stays the same")

@@ -21,6 +21,8 @@ from raysys.storage import check_storage, write_text_atomic
 BACKBONES = ("resnet18", "resnet50")
 SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16", "fp16")
+SYNC_BN_MODES = ("auto", "on", "off")
+AUGMENT_ON = ("data", "worker")
 PAIR_RULES = tuple(RULES)
 FRAMEWORKS = ("simclr", "moco")
 CLUSTER_MODES = ClusterRule.MODES
@@ -90,11 +92,17 @@ class PretrainConfig:
     queue_size: int = 65536  # MoCo: clamped below the pool size (a queue holding an image twice makes false negatives)
     moco_momentum: float = 0.999
     bn_splits: int = 2  # MoCo on one worker: key batch-norm over this many sub-batches (shuffle-BN's stand-in)
-    amp: str = "none"  # bf16 / fp16 autocast, used on GPU only
+    # SimCLR with several workers: batch norm over the global batch (SimCLR's global BN); auto = on then.
+    # MoCo keeps its shuffle-BN (bn_splits on one worker).
+    sync_bn: str = "auto"
+    amp: str = "bf16"  # autocast dtype on GPU (bf16 / fp16 / none); CPU runs stay in fp32
     # Data pipeline.
     image_size: int = 224
     augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
     cache_decoded: bool = True  # keep decoded, resized images in the object store across epochs
+    # Where the two views are made: Ray Data's CPU tasks, or the Train worker on its device (the same
+    # batched torch code: on GPU, keeps 224 px augmentation off the CPUs).
+    augment_on: str = "data"
     shuffle_buffer: int = 1024
     # Resources: workers=N Ray Train workers; CPUs per worker derived from the cluster when None.
     workers: int = 1
@@ -122,6 +130,11 @@ class PretrainConfig:
     def rule_kwargs(self) -> dict:
         """Keyword arguments of :func:`raysys.methods.pairs.make_rule` for ``pair_rule`` (its ``options``)."""
         return {arg: getattr(self, field) for arg, field in RULES[self.pair_rule].options.items()}
+
+    @property
+    def synchronized_bn(self) -> bool:
+        """Whether batch norm runs over the global batch: SimCLR with several workers, unless --sync-bn off."""
+        return self.framework == "simclr" and self.workers > 1 and self.sync_bn != "off"
 
     @property
     def augment_config(self) -> AugmentConfig:
@@ -157,6 +170,11 @@ class PretrainConfig:
             (self.image_size >= 8, f"--image-size must be at least 8 (got {self.image_size})"),
             (self.schedule in SCHEDULES, f"--schedule {self.schedule!r} is unknown; choose one of {list(SCHEDULES)}"),
             (self.amp in AMP_MODES, f"--amp {self.amp!r} is unknown; choose one of {list(AMP_MODES)}"),
+            (self.augment_on in AUGMENT_ON, f"--augment-on {self.augment_on!r} is unknown; choose one of {list(AUGMENT_ON)}"),
+            (self.sync_bn in SYNC_BN_MODES, f"--sync-bn {self.sync_bn!r} is unknown; choose one of {list(SYNC_BN_MODES)}"),
+            (not (self.sync_bn == "on" and self.framework == "moco"),
+             "--sync-bn on: MoCo v2 keeps shuffle-BN (its key encoder must not see the global batch's statistics); "
+             "drop --sync-bn or use --framework simclr"),
             (self.pair_rule in PAIR_RULES, f"pair rule {self.pair_rule!r} is unknown; choose one of {list(PAIR_RULES)}"),
             (self.cluster_mode in CLUSTER_MODES,
              f"--cluster-mode {self.cluster_mode!r} is unknown; choose one of {list(CLUSTER_MODES)}"),

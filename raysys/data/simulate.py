@@ -85,7 +85,7 @@ GENERATOR_VERSION = 1
 
 PRESETS = {
     "smoke": dict(size=32, count=600, msl=400, hirise=400, diverse_classes=100, diverse_per_class=4),
-    "demo": dict(size=64, count=5000, msl=1800, hirise=2000, diverse_classes=100, diverse_per_class=20),
+    "demo": dict(size=64, count=5000, msl=1800, hirise=1000, diverse_classes=100, diverse_per_class=20),
     "paper": dict(size=227, count=100_000, msl=MSL_TOTAL, hirise=HIRISE_TOTAL, diverse_classes=1000,
                   diverse_per_class=100),
 }

@@ -299,7 +299,7 @@ def _oracle(manifest: pa.Table, k, cache: Path) -> pa.Table:
 
 def cluster_assignments(
     manifest: pa.Table, encoder: str, k: int, seed: int = 0, cache_dir: str | Path = DEFAULT_CACHE_DIR,
-    image_size: int = DEFAULT_IMAGE_SIZE, progress: bool = True, **encoder_kw,
+    image_size: int = DEFAULT_IMAGE_SIZE, progress: bool = True, encoder_seed: int | None = None, **encoder_kw,
 ) -> pa.Table:
     """Cluster ids of the manifest's images: a table ``image_id`` (string), ``cluster_id`` (int32).
 
@@ -309,7 +309,7 @@ def cluster_assignments(
     seed reruns only k-means, itself cached as Parquet (see the module docstring). Schema metadata:
     ``raysys.encoder``, ``raysys.k``, ``raysys.seed``, ``raysys.uses_labels`` (``true`` only for the
     oracle), ``raysys.quality`` (JSON NMI/purity against known labels, ``{}`` without) and
-    ``raysys.cache_file``.
+    ``raysys.cache_file``. ``seed`` seeds k-means and, unless ``encoder_seed`` is given, the texture encoder.
     """
     if manifest.num_rows == 0:
         raise ClusterError("the manifest holds no images; pass a folder of images")
@@ -321,7 +321,8 @@ def cluster_assignments(
     if image_size < 8:
         raise ClusterError(f"image_size must be at least 8 pixels, got {image_size}")
     data_key = data_digest(manifest, image_size)
-    model = _resolve_encoder(encoder, manifest, data_key, image_size, seed, cache, progress, encoder_kw)
+    model = _resolve_encoder(encoder, manifest, data_key, image_size, seed if encoder_seed is None else encoder_seed,
+                             cache, progress, encoder_kw)
     feature_key = f"{model_digest(model)}-{data_key}"
     feature_file = cache / "features" / f"{feature_key}.npz"
     cluster_file = cache / "clusters" / f"{feature_key}-k{k}-s{seed}.parquet"

@@ -137,9 +137,10 @@ def two_view_dataset(decoded: ray.data.Dataset, augment: AugmentConfig | dict) -
 
 def pretrain_dataset(
     manifest: pa.Table, augment: AugmentConfig | dict, image_size: int, report=None, cache: bool = False,
-    seed: int = 0,
+    seed: int = 0, views: bool = True,
 ) -> ray.data.Dataset:
-    """The full two-view pretraining stream for ``manifest``, its rows permuted once (``seed``).
+    """The full two-view pretraining stream for ``manifest``, its rows permuted once (``seed``); with
+    ``views=False`` the decoded ``image`` column instead, for workers that make the views on their device.
 
     Manifests list a traverse's frames together, and blocks are contiguous row ranges: without the
     permutation a block (hence a batch) holds a few traverses, and batches share classes far more often
@@ -147,10 +148,12 @@ def pretrain_dataset(
     vary the batches every epoch (:func:`train_batches`).
     """
     permuted = manifest.take(np.random.default_rng(seed).permutation(manifest.num_rows))
-    return two_view_dataset(decoded_dataset(permuted, image_size, report, cache), augment)
+    decoded = decoded_dataset(permuted, image_size, report, cache)
+    return two_view_dataset(decoded, augment) if views else decoded.randomize_block_order()
 
 
-def train_batches(stream, batch_size: int, shuffle_buffer: int | None):
-    """One epoch of torch batches from a two-view stream (a Dataset or a Train worker's shard)."""
-    return stream.iter_torch_batches(batch_size=batch_size, drop_last=True,
+def train_batches(stream, batch_size: int, shuffle_buffer: int | None, pin_memory: bool = False):
+    """One epoch of torch batches from a stream (a Dataset or a Train worker's shard); in a Train worker
+    they arrive on its device, copied from pinned memory when ``pin_memory`` (GPU workers)."""
+    return stream.iter_torch_batches(batch_size=batch_size, drop_last=True, pin_memory=pin_memory,
                                      local_shuffle_buffer_size=shuffle_buffer or None)

@@ -79,13 +79,14 @@ def export_model(checkpoint: ray.train.Checkpoint, path: Path) -> None:
     storage.write_text_atomic(str(path.parent / "workers.json"), json.dumps(state.get("workers", []), indent=2))
 
 
-def _trainer(cfg: PretrainConfig, manifest: pa.Table, out: Path, dataset, monitor, callbacks, resources: dict):
+def _trainer(cfg: PretrainConfig, manifest: pa.Table, out: Path, dataset, monitor, callbacks, resources: dict,
+             concurrent: int):
     """The ``TorchTrainer`` of one run: every rank runs :func:`train_loop`; checkpoints under ``--storage``."""
     return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "num_images": manifest.num_rows, "tb_dir": str(out / "tb"),
                            "labels": bool(pc.any(pc.greater_equal(manifest.column("label"), 0)).as_py()),
-                           "knn_monitor": monitor},
+                           "knn_monitor": monitor, "concurrent": concurrent},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                      placement_strategy=cfg.placement, resources_per_worker=resources),
         run_config=RunConfig(
@@ -128,10 +129,11 @@ def pretrain(
     cfg.save(out / "config.json")
     report = FileReport.remote()
     dataset = pretrain_dataset(manifest, cfg.augment_config, cfg.image_size, report, cache=cfg.cache_decoded,
-                               seed=cfg.seed)
+                               seed=cfg.seed, views=cfg.augment_on == "data")
     start = time.perf_counter()
     result = _trainer(cfg, manifest, out, dataset, _knn_monitor_data(cfg, benchmarks or {}), callbacks,
-                      worker_resources(cfg, ray.cluster_resources().get("CPU", 1.0), reserved_cpus, concurrent)).fit()
+                      worker_resources(cfg, ray.cluster_resources().get("CPU", 1.0), reserved_cpus, concurrent),
+                      concurrent).fit()
     seconds = time.perf_counter() - start
     skipped = write_file_report(report, out)["skipped"]
     if result.checkpoint is None:

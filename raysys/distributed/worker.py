@@ -23,12 +23,14 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from raysys.config import PretrainConfig
+from raysys.data.augment import two_views
 from raysys.data.schema import BATCH_META, VIEW1, VIEW2
 from raysys.distributed.pipeline import train_batches
 from raysys.distributed.runtime import torch_threads
 from raysys.eval.knn import knn_monitor_score
 from raysys.methods.objectives import DIAGNOSTICS, make_objective
 from raysys.models import ContrastiveModel, load_init_weights
+from raysys.models.sync_bn import convert_sync_batchnorm
 
 STATE_FILE = "state.pt"
 LOSS_LOG_EVERY = 10  # steps between TensorBoard's per-step loss points: each one waits for the device
@@ -81,6 +83,7 @@ class Worker:
     step: int = 0
     placements: list = field(default_factory=list)
     step_seconds: float = 0.0  # time spent inside train_step in this run (resumes start again from 0)
+    views_generator: torch.Generator | None = None  # --augment-on worker: draws the views on the device
 
     @property
     def local_batch(self) -> int:
@@ -117,7 +120,7 @@ def set_up(config: dict) -> Worker:
     """Build this rank's model, optimizer, schedule and objective, resumed from the latest checkpoint."""
     cfg = PretrainConfig.from_dict(config["cfg"])
     ctx = ray.train.get_context()
-    torch.set_num_threads(torch_threads(ctx.get_local_world_size()))
+    torch.set_num_threads(torch_threads(ctx.get_local_world_size() * config.get("concurrent", 1)))  # runs at once
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -126,12 +129,16 @@ def set_up(config: dict) -> Worker:
     raw_model = raw_model.to(memory_format=torch.channels_last)
     if cfg.init_weights:
         load_init_weights(raw_model.backbone, cfg.init_weights)
+    if cfg.synchronized_bn:
+        raw_model = convert_sync_batchnorm(raw_model, device)
     model = ray.train.torch.prepare_model(raw_model)
     raw_model = model.module if hasattr(model, "module") else model
     optimizer = make_optimizer(cfg, model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max(1, config["num_images"] // cfg.batch_size)))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16" and device.type == "cuda")
     w = Worker(cfg, rank, world, device, model, raw_model, optimizer, scheduler, scaler)
+    if cfg.augment_on == "worker":  # fresh entropy per rank and start, as the pipeline's tasks draw it
+        w.views_generator = torch.Generator(device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
     position = _load_state(w)
     w.start_epoch, w.step = position["epoch"], position["step"]
     if w.start_epoch:
@@ -145,7 +152,12 @@ def set_up(config: dict) -> Worker:
 
 
 def _views(w: Worker, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(batch[v].to(w.device, non_blocking=True, memory_format=torch.channels_last) for v in (VIEW1, VIEW2))
+    """The batch's two views on the device, channels_last: from the pipeline, or made here from ``image``."""
+    if w.views_generator is None:
+        views = (batch[VIEW1], batch[VIEW2])
+    else:
+        views = two_views(batch["image"].to(w.device, non_blocking=True), w.cfg.augment_config, w.views_generator)
+    return tuple(v.to(w.device, non_blocking=True, memory_format=torch.channels_last) for v in views)
 
 
 def train_step(w: Worker, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -169,7 +181,7 @@ def run_epoch(w: Worker, shard, writer: SummaryWriter | None) -> dict:
     totals = {"loss": torch.zeros((), device=w.device), "steps": 0, "images": 0, "wait": 0.0}
     sums, counts = {}, {}
     start = t_ready = time.perf_counter()
-    for batch in train_batches(shard, w.local_batch, w.cfg.shuffle_buffer):
+    for batch in train_batches(shard, w.local_batch, w.cfg.shuffle_buffer, pin_memory=w.device.type == "cuda"):
         totals["wait"] += time.perf_counter() - t_ready
         loss, stats = train_step(w, batch)
         totals["loss"] += loss
