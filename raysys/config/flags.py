@@ -49,8 +49,8 @@ def add_pretrain_arguments(p) -> None:
     p.add_argument("--amp", choices=AMP_MODES, help="autocast dtype on GPU (default bf16; CPU runs stay fp32)")
     p.add_argument("--sync-bn", choices=SYNC_BN_MODES, help="SimCLR's global batch norm over every worker's images "
                    "(auto, the default: on when --workers > 1; MoCo keeps shuffle-BN)")
-    p.add_argument("--augment-on", choices=AUGMENT_ON, help="make the two views in Ray Data's CPU tasks (data, "
-                   "default) or in each Train worker on its device (worker: on GPU, augmentation off the CPUs)")
+    p.add_argument("--augment-on", choices=AUGMENT_ON, help="make the two views in each Train worker on its "
+                   "device (worker, default: on GPU, augmentation off the CPUs) or in Ray Data's CPU tasks (data)")
     p.add_argument("--max-images", type=int, help="use at most this many pretraining images")
     p.add_argument("--mix-ratio", type=float, help="mixed-domain pretraining: fraction of the pool drawn from "
                    "--mix-data (0: Mars only, 1: out-of-domain only); the pool size stays the same")

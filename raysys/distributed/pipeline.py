@@ -23,9 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
 
-from raysys.data.augment import AugmentConfig, two_views
 from raysys.data.decode import CONVERTED_MODES, DecodeError, decode
 from raysys.data.schema import VIEW1, VIEW2, image_key
 
@@ -98,6 +96,12 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, domains: list[st
 
 def two_views_batch(batch: dict[str, np.ndarray], augment: dict) -> dict[str, np.ndarray]:
     """Replace ``image`` by two independently augmented float views (fresh randomness every call)."""
+    # torch and torchvision here, not at the top: a decode task's fresh process would spend ~6 s of a
+    # 2-core machine importing them, and decoding needs neither.
+    import torch
+
+    from raysys.data.augment import AugmentConfig, two_views
+
     torch.set_num_threads(1)  # one task per CPU: extra intra-op threads only oversubscribe
     images = torch.from_numpy(np.ascontiguousarray(batch.pop("image")))
     # Fresh entropy per batch: torch's default generator starts from the same seed in every new
@@ -127,16 +131,17 @@ def decoded_dataset(
     return ds.materialize() if cache else ds
 
 
-def two_view_dataset(decoded: ray.data.Dataset, augment: AugmentConfig | dict) -> ray.data.Dataset:
-    """Lazily add ``view1``/``view2``; block order is reshuffled on every pass (every epoch)."""
-    augment = augment.to_dict() if isinstance(augment, AugmentConfig) else dict(augment)
+def two_view_dataset(decoded: ray.data.Dataset, augment) -> ray.data.Dataset:
+    """Lazily add ``view1``/``view2`` (``augment``: an AugmentConfig or its dict); block order is reshuffled
+    on every pass (every epoch)."""
+    augment = augment.to_dict() if hasattr(augment, "to_dict") else dict(augment)
     return decoded.randomize_block_order().map_batches(
         two_views_batch, fn_kwargs=dict(augment=augment), batch_size=BATCH_ROWS, batch_format="numpy"
     )
 
 
 def pretrain_dataset(
-    manifest: pa.Table, augment: AugmentConfig | dict, image_size: int, report=None, cache: bool = False,
+    manifest: pa.Table, augment, image_size: int, report=None, cache: bool = False,
     seed: int = 0, views: bool = True,
 ) -> ray.data.Dataset:
     """The full two-view pretraining stream for ``manifest``, its rows permuted once (``seed``); with
