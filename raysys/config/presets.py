@@ -47,16 +47,18 @@ assert tuple(PRESETS) == PRESET_NAMES, "the schema's preset names and this table
 
 
 # Sweep presets: the pretraining preset plus the grids and the texture encoder's settings (TextureConfig
-# fields). The demo K sweep is the Quickstart's main job: on a 2-core laptop it must finish in 15 minutes
-# with its install, so it runs one K against the baseline over 2 seeds, on 2,048 images for 3 epochs, and
-# trains the texture encoder for 2 epochs (its pseudo-label NMI did not rise over 5 on the demo pool).
+# fields), and whether the supervised reference runs. The demo K sweep is the Quickstart's main job: on a
+# 2-core laptop it must finish in 15 minutes with its install (3.5 min), and a demo trial costs about a
+# minute beyond its train steps (README, Quickstart), so it runs one K against the baseline over 2 seeds,
+# no supervised runs, 2,048 images for 2 epochs, and the texture encoder for 2 epochs (its pseudo-label
+# NMI did not rise over 5 on the demo pool).
 SWEEP_PRESETS = {
-    "smoke": dict(pretrain={}, ks=[4], seeds=1, supervised_epochs=3, temperatures=[0.1, 0.5],
+    "smoke": dict(pretrain={}, ks=[4], seeds=1, supervised=True, supervised_epochs=3, temperatures=[0.1, 0.5],
                   mix_ratios=[0.0, 1.0], mix_images=384, texture={}),
-    "demo": dict(pretrain=dict(epochs=3, max_images=2048), ks=[20], seeds=2, supervised_epochs=2,
+    "demo": dict(pretrain=dict(epochs=2, max_images=2048), ks=[20], seeds=2, supervised=False, supervised_epochs=5,
                  temperatures=[0.1, 0.2, 0.5, 1.0], mix_ratios=[0.0, 0.5, 1.0], mix_images=2000,
                  texture=dict(epochs=2)),
-    "paper": dict(pretrain={}, ks=list(range(10, 281, 30)), seeds=3, supervised_epochs=100,
+    "paper": dict(pretrain={}, ks=list(range(10, 281, 30)), seeds=3, supervised=True, supervised_epochs=100,
                   temperatures=[0.05, 0.1, 0.2, 0.5, 1.0], mix_ratios=[0.0, 0.25, 0.5, 0.75, 1.0], mix_images=100_000,
                   texture={}),
 }

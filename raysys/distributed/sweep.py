@@ -509,7 +509,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--asha", action="store_true", help="stop unpromising trials early (ASHA on the per-epoch "
                    "kNN monitor accuracy, measured on the validation split, never on test)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out (and --storage)")
-    p.add_argument("--no-supervised", action="store_true", help="skip the supervised reference runs")
+    p.add_argument("--supervised", action=argparse.BooleanOptionalAction, default=None,
+                   help="add (or, --no-supervised, skip) the supervised reference runs (default: the preset's; "
+                        "the demo preset skips them to finish in 15 minutes)")
 
 
 def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None = None, supervised: bool = True,
@@ -517,7 +519,8 @@ def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None 
     """Build and validate a sweep spec from the shared options plus the script's variants.
 
     ``pretrain`` overrides the preset's pretraining values (explicit options still win); the supervised
-    reference is appended unless ``--no-supervised``; ``fields`` go to :class:`SweepSpec` as they are.
+    reference is appended when the script allows it and ``--supervised`` (default: the preset's) says so;
+    ``fields`` go to :class:`SweepSpec` as they are.
     """
     preset = SWEEP_PRESETS[args.preset]
     overrides = {**preset["pretrain"], **(pretrain or {}), **{k: v for k, v in dict(
@@ -542,7 +545,7 @@ def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None 
         raise ConfigError(f"--k values must be at least 2 (got {ks}): one cluster removes every negative")
     if args.fine_tune_epochs is not None:  # the option wins over the script's default
         fields["fine_tune_epochs"] = args.fine_tune_epochs
-    if supervised and not args.no_supervised:
+    if supervised and (preset["supervised"] if args.supervised is None else args.supervised):
         variants = [*variants, variant("supervised")]
     spec = SweepSpec(
         name=name, out=out, base=base.to_dict(), variants=variants, seeds=seeds,

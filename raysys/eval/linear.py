@@ -40,7 +40,10 @@ def classification_metrics(y_true, y_pred, num_classes: int) -> dict:
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     if len(y_true) == 0 or len(y_true) != len(y_pred):
         raise ValueError(f"need equally many true and predicted labels, at least one (got {len(y_true)} and {len(y_pred)})")
-    from sklearn.metrics import balanced_accuracy_score, confusion_matrix  # here: 1.6 s to import, paid by every
+    from sklearn.metrics import (  # here: 1.6 s to import, paid by every
+        balanced_accuracy_score,
+        confusion_matrix,
+    )
     # Ray Train worker that loads this module for the kNN monitor, which never calls this
 
     cm = confusion_matrix(y_true, y_pred, labels=list(range(num_classes)))

@@ -239,6 +239,9 @@ def test_texture_encoder_end_to_end_is_cached(ray_session, small_pool, tmp_path,
     assert len(list((tmp_path / "encoders").glob("texture-*.pt"))) == 1
     cl.cluster_assignments(small_pool, "texture", 6, **kw)
     assert len(trainings) == 1  # a second K reuses the trained encoder
+    cl.cluster_assignments(small_pool, "texture", 6, seed=1, encoder_seed=0, **kw)
+    assert len(trainings) == 1  # so does another k-means seed on the same encoder (what a sweep's trials do)
+    assert len(list((tmp_path / "clusters").glob("*-k6-s1.parquet"))) == 1
 
 
 def test_oracle_uses_labels_and_says_so(small_pool, tmp_path, caplog):

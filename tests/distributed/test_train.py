@@ -107,12 +107,14 @@ def _latest_state(out: Path) -> dict:
 
 def test_rerun_with_same_folder_resumes_moco_with_its_queue(ray_session, builtin_root, tmp_path):
     """MoCo v2 + ESS-MB, 1 epoch, then rerun in the same folder for 2: training continues from the checkpoint
-    and so does the key queue (its pointer advances from where it stopped instead of from 0)."""
+    and so does the key queue (its pointer advances from where it stopped instead of from 0). The views
+    come from Ray Data's tasks here (``augment_on="data"``), from the worker elsewhere."""
     from raysys.data.sources import resolve_data
     from raysys.distributed.trainer import pretrain
 
     out = tmp_path / "run"
-    options = dict(out=str(out), builtin_root=builtin_root, framework="moco", pair_rule="ess-mb", queue_size=1000)
+    options = dict(out=str(out), builtin_root=builtin_root, framework="moco", pair_rule="ess-mb", queue_size=1000,
+                   augment_on="data")
     first = pretrain(make_config("smoke", epochs=1, **options).validate())
     assert first["metrics"]["epoch"] == 1 and first["metrics"]["start_epoch"] == 0
     assert first["metrics"]["positives_per_anchor"] > 1, "ESS-MB must add spatial positives to the instance one"
