@@ -1,7 +1,7 @@
 """The K sweep (paper Sec. 6.2, Fig. 5): cluster-aware contrastive learning for each K, beside the
 SimCLR baseline and a supervised baseline, on Ray Tune.
 
-    python experiments/sweep_k.py                       # demo preset on built-in data (~30 min, 2 cores)
+    python experiments/sweep_k.py                       # demo preset on built-in data (~10 min on 2 cores)
     python experiments/sweep_k.py --preset smoke        # a minute or two
     ray job submit --working-dir . -- python experiments/sweep_k.py --preset paper --data /data/mars \\
         --gpus-per-worker 1

@@ -283,15 +283,17 @@ def trial_clusters(spec: SweepSpec, manifest, k: int, seed: int, progress: bool 
                                encoder_seed=spec.base["seed"], **spec.encoder_settings)
 
 
-def prepare_clusters(spec: SweepSpec, manifest) -> None:
+def prepare_clusters(spec: SweepSpec) -> None:
     """Train the sweep's clustering encoder and run every trial's k-means once, before the trials, with all
-    of the driver's cores (trials then read the cache; none waits on another's encoder)."""
+    of the driver's cores (trials then read the cache; none waits on another's encoder). Each seed's own
+    pool: with ``max_images`` the seed draws the subset, and the encoder is trained once per pool."""
     ks = sorted({v["k"] for v in spec.variants if v["method"] == "cluster"})
     if not ks:
         return
     start = time.perf_counter()
-    for k in ks:
-        for seed in range(spec.base["seed"], spec.base["seed"] + spec.seeds):
+    for seed in range(spec.base["seed"], spec.base["seed"] + spec.seeds):
+        manifest, _ = resolve_data(PretrainConfig.from_dict({**spec.base, "seed": seed}))
+        for k in ks:
             trial_clusters(spec, manifest, k, seed, progress=True)
     print(f"[raysys] clustering for {len(ks) * spec.seeds} trial(s), shared: {time.perf_counter() - start:.0f} s",
           flush=True)
@@ -410,7 +412,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
     init_ray()
     concurrent = spec.max_concurrent or default_concurrency(base)
     check_cluster(base, concurrent)
-    prepare_clusters(spec, manifest)
+    prepare_clusters(spec)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(asdict(spec), indent=2))
     trainable = tune.with_resources(run_trial, _trial_resources(spec, concurrent))
@@ -490,7 +492,7 @@ def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="demo",
-                   help=f"one of {', '.join(SWEEP_PRESETS)}: smoke (tests), demo (2-core laptop, ~30 min), paper (GPU cluster) (default: %(default)s)")
+                   help=f"one of {', '.join(SWEEP_PRESETS)}: smoke (tests), demo (2-core laptop, ~14 min for sweep_k), paper (GPU cluster) (default: %(default)s)")
     p.add_argument("--out", default=None, help="sweep folder (default: runs/<sweep name>)")
     p.add_argument("--data", help="folder holding the pretraining pool and benchmarks (default: built-in data)")
     p.add_argument("--seeds", type=int, help="seeds per configuration")
