@@ -7,11 +7,12 @@
 
 Images come from the built-in demo data (decoded and resized to the image size). The loops' figure is
 the mean of the epochs after the first, read back from the runs' TensorBoard files. The last line is
-``data/bare=R1 worker/bare=R2``. About 4 minutes on one H200; ``--device cpu`` with a small model
-checks the script itself on a machine without a GPU:
+``data/bare=R1 worker/bare=R2``. Sized for a few minutes on one GPU (it has not run on one yet);
+``--device cpu`` with a small model checks the script itself on a machine without a GPU:
 
     python bench/gpu_step.py
-    python bench/gpu_step.py --device cpu --backbone resnet18 --width 0.25 --image-size 32 --images 512 --epochs 2
+    python bench/gpu_step.py --device cpu --backbone resnet18 --width 0.25 --small-stem --image-size 32 \
+        --images 512 --epochs 2
 """
 
 from __future__ import annotations

@@ -277,7 +277,7 @@ def run_trial(config: dict) -> None:
 
 def trial_clusters(spec: SweepSpec, manifest, k: int, seed: int, progress: bool = False):
     """A cluster-aware trial's cluster ids: k-means with the trial's seed on the features of one encoder per
-    sweep (trained, for ``texture``, with the sweep's base seed, as the paper trains one), from the cache."""
+    pool (trained, for ``texture``, with the sweep's base seed, as the paper trains one), from the cache."""
     return cluster_assignments(manifest, spec.encoder, k, seed=seed, cache_dir=Path(spec.out) / "cache",
                                image_size=spec.base["image_size"], progress=progress,
                                encoder_seed=spec.base["seed"], **spec.encoder_settings)
