@@ -2,11 +2,14 @@
 
 import socket
 import time
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +37,28 @@ def run_ranks(worker, world: int, out_dir: Path) -> list:
                 p.kill()
             p.join()
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@contextmanager
+def gloo_group(rank: int, port: int, world: int):
+    """The gloo process group of one rank spawned by :func:`run_ranks`. On a clean exit every rank meets
+    first: rank 0 hosts the store, and tearing it down under a busy peer aborts that peer."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_mean_grads(module: torch.nn.Module, world: int) -> list:
+    """What DDP does: every parameter's gradient averaged over the ranks."""
+    grads = []
+    for p in module.parameters():
+        dist.all_reduce(p.grad)
+        grads.append(p.grad / world)
+    return grads
 
 
 def same_class_share(labels: np.ndarray) -> float:

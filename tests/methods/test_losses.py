@@ -2,14 +2,12 @@
 precision; exact equivalence of the 2-process (gloo) loss and gradients with one process."""
 
 import math
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from helpers import run_ranks
+from helpers import ddp_mean_grads, gloo_group, run_ranks
 from torch import nn
 
 from raysys.methods.losses import (
@@ -260,9 +258,7 @@ def _problem():
 
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, port, WORLD):
         x1, x2, meta, lin = _problem()
         b = x1.shape[0] // WORLD
         mine = slice(rank * b, (rank + 1) * b)
@@ -272,11 +268,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
             loss, pm, gmeta = contrastive_loss(lin(x1[mine]), lin(x2[mine]), {k: v[mine] for k, v in meta.items()},
                                                rule, TAU)
             loss.backward()
-            grads = []
-            for p in lin.parameters():  # what DDP does: average gradients over ranks
-                dist.all_reduce(p.grad)
-                grads.append(p.grad / WORLD)
-            results[name] = {"loss": gather_no_grad(loss.detach()[None]).mean(), "grads": grads,
+            results[name] = {"loss": gather_no_grad(loss.detach()[None]).mean(), "grads": ddp_mean_grads(lin, WORLD),
                              "pos": pm.pos, "neg": pm.neg, "meta": gmeta}
         try:  # unequal local batch sizes must fail on every rank, not hang
             contrastive_loss(lin(x1[: 3 + rank]), lin(x2[: 3 + rank]), {"image_id": meta["image_id"][: 3 + rank]},
@@ -285,9 +277,6 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         except ValueError as e:
             results["unequal"] = str(e)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()  # rank 0 hosts the store: tearing it down under a busy peer aborts that peer
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_two_processes_equal_single_process(tmp_path):

@@ -4,14 +4,13 @@ update against its formula, shuffle-BN against its inverse, and the 2-process lo
 process."""
 
 import math
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from helpers import run_ranks
+from helpers import ddp_mean_grads, gloo_group, run_ranks
 from torch import nn
 
 from raysys.methods.moco import (
@@ -270,9 +269,7 @@ def _slice(meta: dict, part: slice) -> dict:
 
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, port, WORLD):
         results = {"queues": []}
         queue = KeyQueue(7, 3, COLS)
         for (keys, meta), n in zip(_global_batches(), LOCAL_SIZES):
@@ -288,9 +285,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
                 k = key_lin(x2[mine])
             loss, pm, gmeta = moco_loss(lin(x1[mine]), k, _slice(meta, mine), queue, rule, TAU)
             loss.backward()
-            for p in lin.parameters():  # what DDP does: average gradients over ranks
-                dist.all_reduce(p.grad)
-            results[name] = {"loss": gather_loss(loss), "grads": [p.grad / WORLD for p in lin.parameters()],
+            results[name] = {"loss": gather_loss(loss), "grads": ddp_mean_grads(lin, WORLD),
                              "pos": pm.pos, "neg": pm.neg}
 
         torch.manual_seed(rank)  # ranks draw different permutations: rank 0's must win
@@ -306,9 +301,6 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         except ValueError as e:
             results["unequal"] = str(e)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()  # rank 0 hosts the store: tearing it down under a busy peer aborts that peer
-    finally:
-        dist.destroy_process_group()
 
 
 def gather_loss(loss):

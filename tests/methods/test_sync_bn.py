@@ -2,13 +2,11 @@
 statistics of the whole batch; per-rank batch norm does not. When the config turns it on."""
 
 import copy
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-from helpers import run_ranks
+from helpers import ddp_mean_grads, gloo_group, run_ranks
 from torch import nn
 
 from raysys.config import make_config
@@ -41,26 +39,17 @@ def _step(model, x1, x2, meta):
 
 
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, port, WORLD):
         x1, x2, meta, model = _problem()
         mine = slice(rank * 4, (rank + 1) * 4)
         results = {}
         for name, net in {"sync": convert_sync_batchnorm(copy.deepcopy(model), torch.device("cpu")),
                           "per_rank": model}.items():
             loss = _step(net, x1[mine], x2[mine], {k: v[mine] for k, v in meta.items()})
-            grads = []
-            for p in net.parameters():  # what DDP does: average gradients over ranks
-                dist.all_reduce(p.grad)
-                grads.append(p.grad / WORLD)
-            results[name] = {"loss": gather_no_grad(loss.detach()[None]).mean(), "grads": grads,
+            results[name] = {"loss": gather_no_grad(loss.detach()[None]).mean(), "grads": ddp_mean_grads(net, WORLD),
                              "buffers": [b.clone() for b in net.buffers()],
                              "converted": sum(isinstance(m, GlobalBatchNorm) for m in net.modules())}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()  # rank 0 hosts the store: tearing it down under a busy peer aborts that peer
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_with_sync_bn_equal_one_process(tmp_path):
