@@ -64,8 +64,10 @@ def add_pretrain_arguments(p) -> None:
                    "(paper Eq. 2, default) or attract them as positives")
     p.add_argument("--cluster-ids", help="cluster table of the pool (image_id,cluster_id; Parquet or CSV), e.g. "
                    "from `raysys cluster --out FILE`")
-    p.add_argument("--framework", choices=FRAMEWORKS, help="simclr (in-batch negatives, default) or moco "
-                   "(MoCo v2: momentum key encoder, queue of negatives; use with --temperature 0.2)")
+    p.add_argument("--framework", choices=FRAMEWORKS, help="simclr (in-batch negatives, default), moco "
+                   "(MoCo v2: momentum key encoder, queue of negatives; temperature 0.2), or a pretext task: "
+                   "rotation, relative-position, jigsaw, colorization (colour pools only)")
+    p.add_argument("--jigsaw-permutations", type=int, help="jigsaw: size of the permutation set (default 100)")
     p.add_argument("--queue-size", type=int, help="MoCo queue length (default 65536, clamped below the pool size)")
     p.add_argument("--ess-radius", type=float, help="ESS rules: positives within this distance in metres "
                    "(default: 2 x the median step between frames)")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from raysys.data.augment import AugmentConfig
 from raysys.errors import ConfigError
+from raysys.methods.objectives import OBJECTIVES
 from raysys.methods.pairs import RULES, ClusterRule
 from raysys.storage import check_storage, write_text_atomic
 
@@ -24,7 +25,7 @@ AMP_MODES = ("none", "bf16", "fp16")
 SYNC_BN_MODES = ("auto", "on", "off")
 AUGMENT_ON = ("data", "worker")
 PAIR_RULES = tuple(RULES)
-FRAMEWORKS = ("simclr", "moco")
+FRAMEWORKS = tuple(OBJECTIVES)  # contrastive (simclr, moco) and the pretext tasks
 CLUSTER_MODES = ClusterRule.MODES
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
 # Saved configs carry it; bump it when a field changes meaning or goes, and teach from_dict the old form.
@@ -87,8 +88,10 @@ class PretrainConfig:
     ess_radius: float | None = None
     ess_theta: float | None = None
     ess_sigma: float | None = None
-    # Framework: SimCLR (in-batch negatives) or MoCo v2 (momentum key encoder + a queue of keys).
+    # Framework: SimCLR (in-batch negatives), MoCo v2 (momentum key encoder + a queue of keys), or a pretext
+    # task (rotation, relative-position, jigsaw, colorization): raysys.methods.objectives.OBJECTIVES.
     framework: str = "simclr"
+    jigsaw_permutations: int = 100  # jigsaw: permutations in its fixed, maximally distant set
     queue_size: int = 65536  # MoCo: clamped below the pool size (a queue holding an image twice makes false negatives)
     moco_momentum: float = 0.999
     bn_splits: int = 2  # MoCo on one worker: key batch-norm over this many sub-batches (shuffle-BN's stand-in)
@@ -133,6 +136,11 @@ class PretrainConfig:
         return {arg: getattr(self, field) for arg, field in RULES[self.pair_rule].options.items()}
 
     @property
+    def objective(self):
+        """The framework's objective class (its inputs, head and checks)."""
+        return OBJECTIVES[self.framework]
+
+    @property
     def synchronized_bn(self) -> bool:
         """Whether batch norm runs over the global batch: SimCLR with several workers, unless --sync-bn off."""
         return self.framework == "simclr" and self.workers > 1 and self.sync_bn != "off"
@@ -160,6 +168,11 @@ class PretrainConfig:
             (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
             (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
             (self.framework in FRAMEWORKS, f"--framework {self.framework!r} is unknown; choose one of {list(FRAMEWORKS)}"),
+            (self.framework not in FRAMEWORKS or OBJECTIVES[self.framework].contrastive or self.pair_rule == "instance",
+             f"--pair-rule {self.pair_rule} needs a contrastive framework (simclr or moco); --framework "
+             f"{self.framework} is a pretext task with no pairs: drop --pair-rule"),
+            (2 <= self.jigsaw_permutations <= 1000,
+             f"--jigsaw-permutations must be in 2..1000 (got {self.jigsaw_permutations}); Noroozi & Favaro use 100"),
             (self.queue_size >= 1, f"--queue-size must be at least 1 (got {self.queue_size})"),
             (0.0 <= self.moco_momentum < 1.0, f"--moco-momentum must be in [0, 1) (got {self.moco_momentum}); MoCo uses 0.999"),
             (self.ess_radius is None or self.ess_radius >= 0, f"--ess-radius must be >= 0 metres (got {self.ess_radius})"),

@@ -34,6 +34,7 @@ from raysys import storage
 from raysys.config import PretrainConfig, make_config
 from raysys.config.presets import SWEEP_PRESETS
 from raysys.config.schema import check_saved
+from raysys.data.augment import AugmentConfig
 from raysys.data.sources import attach_clusters, heldout_manifest, resolve_data
 from raysys.distributed.clustering import cluster_assignments, cluster_quality
 from raysys.distributed.runtime import (
@@ -48,18 +49,24 @@ from raysys.eval.knn import evaluate_knn
 from raysys.eval.linear import evaluate
 from raysys.eval.place_recognition import evaluate_place_recognition
 from raysys.eval.supervised import fine_tune, train_supervised
+from raysys.methods.objectives import OBJECTIVES
 from raysys.methods.pairs import RULES
-from raysys.models.io import load_model
+from raysys.models import ContrastiveModel
+from raysys.models.io import MODEL_FILE, load_model, save_model
 from raysys.reporting import results as report
 from raysys.reporting.html import write_report
 
 log = logging.getLogger(__name__)
 
+# Every registered objective but SimCLR (the baseline's) is a method under its own name: MoCo v2 (its own
+# recipe: blur augmentation, temperature 0.2) and the pretext tasks.
+METHOD_FRAMEWORKS = {name: name for name in OBJECTIVES if name != "simclr"}
 # Method -> its pair rule: every registered rule is a method under its own name, beside the SimCLR baseline,
-# mixed-domain pretraining (a pool, not a rule) and the supervised reference. Every method runs in the base
-# config's framework (SimCLR or MoCo v2).
+# mixed-domain pretraining (a pool, not a rule), the pretext tasks, the untrained encoder (random-init) and
+# the supervised reference. Every contrastive method runs in the base config's framework (SimCLR or MoCo v2).
 METHOD_RULES = {"baseline": "instance", "mixed": "instance", **{name: name for name in RULES if name != "instance"},
-                "supervised": None}
+                **{name: "instance" for name in METHOD_FRAMEWORKS}, "random-init": "instance", "supervised": None}
+PRETEXT_METHODS = tuple(name for name in METHOD_FRAMEWORKS if not OBJECTIVES[name].contrastive)
 METHODS = tuple(METHOD_RULES)
 # What a variant may set (PretrainConfig fields, K as "k"); the rest comes from the base config.
 PARAMS = ("k", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma")
@@ -141,7 +148,9 @@ def trial_name(params: dict) -> str:
         parts += [f"{tag}{params[p]:g}" for tag, p in RULES[METHOD_RULES[method]].trial_tags if params.get(p) is not None]
     if params.get("lr") is not None:
         parts.append(f"lr{params['lr']:g}")
-    return "-".join(parts + [f"t{params['temperature']:g}", f"s{params['seed']}"])
+    if method not in (*PRETEXT_METHODS, "random-init"):  # no temperature without a contrastive loss
+        parts.append(f"t{params['temperature']:g}")
+    return "-".join(parts + [f"s{params['seed']}"])
 
 
 # ------------------------------------------------------------------------------------------ trial
@@ -201,10 +210,13 @@ def _place_recognition(model_dir: Path, cfg: PretrainConfig) -> dict:
 
 
 def trial_config(spec: SweepSpec, params: dict) -> PretrainConfig:
-    """The base config with the trial's seed, parameters and its method's pair rule."""
+    """The base config with the trial's seed, parameters, its method's pair rule and (pretext) framework."""
     values = {p: params[p] for p in PARAMS if p != "k" and p in params}  # absent: a sweep from an older version
-    return PretrainConfig.from_dict({**spec.base, **values, "seed": params["seed"],
-                                     "pair_rule": METHOD_RULES[params["method"]] or "instance"})
+    method = params["method"]
+    framework = METHOD_FRAMEWORKS.get(method, spec.base["framework"])
+    recipe = {"augment": AugmentConfig.moco_v2().to_dict()} if framework == "moco" != spec.base["framework"] else {}
+    return PretrainConfig.from_dict({**spec.base, **recipe, **values, "seed": params["seed"],
+                                     "pair_rule": METHOD_RULES[method] or "instance", "framework": framework})
 
 
 def _supervised(cfg: PretrainConfig, benchmarks: dict, out: Path, epochs: int) -> dict:
@@ -216,6 +228,14 @@ def _supervised(cfg: PretrainConfig, benchmarks: dict, out: Path, epochs: int) -
                                   seed=cfg.seed, progress=False)
         metrics.update(_accuracies(name, result["metrics"]))
     return metrics
+
+
+def _random_init(cfg: PretrainConfig, benchmarks: dict, out: Path) -> dict:
+    """The untrained reference: the same architecture at its seed's initial weights, evaluated like the rest."""
+    torch.manual_seed(cfg.seed)
+    model = ContrastiveModel(cfg.backbone, cfg.width, cfg.small_stem, cfg.proj_dim, cfg.proj_layers)
+    save_model(out / MODEL_FILE, model.state_dict(), model.spec, cfg.to_dict())
+    return _evaluate(out, benchmarks, cfg)
 
 
 def run_trial(config: dict) -> None:
@@ -247,6 +267,10 @@ def run_trial(config: dict) -> None:
         final["pretrain_seconds"] = time.perf_counter() - start
         _finish(out, cfg.storage, final)
         return
+    if method == "random-init":
+        final.update(_random_init(cfg, benchmarks, out))
+        _finish(out, cfg.storage, final)
+        return
     if method == "cluster":
         manifest = attach_clusters(manifest, trial_clusters(spec, manifest, k, cfg.seed))
         quality = cluster_quality(np.asarray(manifest.column("cluster_id")), np.asarray(manifest.column("label")))
@@ -263,6 +287,7 @@ def run_trial(config: dict) -> None:
         resumed_from_epoch=metrics.get("start_epoch"),
         positives_per_anchor=metrics.get("positives_per_anchor"),
         knn_acc=metrics.get("knn_acc"),
+        pretext_accuracy=metrics.get("pretext_accuracy"),
         ess_radius=cfg.ess_radius,
         ess_sigma=cfg.ess_sigma,
     )

@@ -22,6 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from raysys import storage
 from raysys.config import PretrainConfig
+from raysys.data.decode import load_images
 from raysys.data.sources import resolve_data
 from raysys.distributed.pipeline import FileReport, pretrain_dataset, write_file_report
 from raysys.distributed.runtime import (
@@ -34,6 +35,7 @@ from raysys.distributed.worker import STATE_FILE, train_loop
 from raysys.errors import ConfigError
 from raysys.eval.knn import load_monitor_data
 from raysys.methods.pairs import RULES, default_radius
+from raysys.methods.pretext import has_colour
 from raysys.models.io import MODEL_FILE, save_model
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,19 @@ def _knn_monitor_data(cfg: PretrainConfig, benchmarks: dict):
         log.warning("kNN monitor: no %s benchmark beside the pretraining data; monitor off", cfg.knn_monitor)
         return None
     return ray.put(load_monitor_data(benchmarks[cfg.knn_monitor], cfg.image_size, seed=cfg.seed))
+
+
+def check_colour(cfg: PretrainConfig, manifest: pa.Table, sample: int = 64) -> None:
+    """A method that predicts colour (colorization) refuses a pool whose images are all one-channel, such as
+    HiRISE's, judged from ``sample`` images spread over the pool, before anything starts."""
+    if not cfg.objective.needs_colour or manifest.num_rows == 0:
+        return
+    paths = manifest.column("path").to_pylist()[::max(1, manifest.num_rows // sample)][:sample]
+    images, _, _ = load_images(paths, 32)
+    if len(images) and not has_colour(images):
+        raise ConfigError(f"--framework {cfg.framework} predicts colour, but the pretraining pool is one-channel "
+                          f"(grayscale, like HiRISE; {len(images)} images checked): pretrain on colour images "
+                          "or choose another method")
 
 
 def complete_spatial_defaults(cfg: PretrainConfig, manifest: pa.Table) -> PretrainConfig:
@@ -121,6 +136,7 @@ def pretrain(
     if cfg.pair_rule == "cluster" and "cluster_id" not in manifest.column_names:
         raise ConfigError("--pair-rule cluster needs cluster ids; pass --cluster-ids FILE "
                           "(from `raysys cluster --k K --out FILE`)")
+    check_colour(cfg, manifest)
     cfg = complete_spatial_defaults(cfg, manifest)
     init_ray()
     check_cluster(cfg, concurrent)  # before anything is written: a rejected run leaves the folder as it was
@@ -129,7 +145,7 @@ def pretrain(
     cfg.save(out / "config.json")
     report = FileReport.remote()
     dataset = pretrain_dataset(manifest, cfg.augment_config, cfg.image_size, report, cache=cfg.cache_decoded,
-                               seed=cfg.seed, views=cfg.augment_on == "data")
+                               seed=cfg.seed, views=cfg.augment_on == "data" and cfg.objective.inputs == "views")
     start = time.perf_counter()
     result = _trainer(cfg, manifest, out, dataset, _knn_monitor_data(cfg, benchmarks or {}), callbacks,
                       worker_resources(cfg, ray.cluster_resources().get("CPU", 1.0), reserved_cpus, concurrent),

@@ -2,8 +2,8 @@
 
 :func:`train_loop` = :func:`set_up` (model, optimizer, schedule, objective; resume from the latest
 checkpoint) -> per epoch :func:`run_epoch` (each batch through :func:`train_step`) -> :func:`epoch_metrics`
--> :func:`checkpoint_state` + :func:`report`. A new objective plugs in through
-:func:`raysys.methods.objectives.make_objective`; gradient accumulation would go in :func:`train_step`.
+-> :func:`checkpoint_state` + :func:`report`. A new method plugs in as an objective class in
+:data:`raysys.methods.objectives.OBJECTIVES`; gradient accumulation would go in :func:`train_step`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from raysys.config import PretrainConfig
-from raysys.data.augment import two_views
+from raysys.data.augment import to_float, two_views
 from raysys.data.schema import BATCH_META, VIEW1, VIEW2
 from raysys.distributed.pipeline import train_batches
 from raysys.distributed.runtime import torch_threads
 from raysys.eval.knn import knn_monitor_score
-from raysys.methods.objectives import DIAGNOSTICS, make_objective
+from raysys.methods.objectives import DIAGNOSTICS, ObjectiveContext, make_objective
 from raysys.models import ContrastiveModel, load_init_weights
 from raysys.models.sync_bn import convert_sync_batchnorm
 
@@ -83,7 +83,7 @@ class Worker:
     step: int = 0
     placements: list = field(default_factory=list)
     step_seconds: float = 0.0  # time spent inside train_step in this run (resumes start again from 0)
-    views_generator: torch.Generator | None = None  # --augment-on worker: draws the views on the device
+    generator: torch.Generator | None = None  # the rank's random stream on its device: views, pretext tasks
 
     @property
     def local_batch(self) -> int:
@@ -124,7 +124,9 @@ def set_up(config: dict) -> Worker:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    raw_model = ContrastiveModel(cfg.backbone, cfg.width, cfg.small_stem, cfg.proj_dim, cfg.proj_layers)
+    objective = cfg.objective
+    raw_model = ContrastiveModel(cfg.backbone, cfg.width, cfg.small_stem, cfg.proj_dim, cfg.proj_layers,
+                                 head=objective.head(cfg), gray_input=objective.gray_input)
     # channels_last: the convolution kernels' fast layout on CPU (oneDNN) and GPU (tensor cores); same maths.
     raw_model = raw_model.to(memory_format=torch.channels_last)
     if cfg.init_weights:
@@ -137,26 +139,30 @@ def set_up(config: dict) -> Worker:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max(1, config["num_images"] // cfg.batch_size)))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16" and device.type == "cuda")
     w = Worker(cfg, rank, world, device, model, raw_model, optimizer, scheduler, scaler)
-    if cfg.augment_on == "worker":  # fresh entropy per rank and start, as the pipeline's tasks draw it
-        w.views_generator = torch.Generator(device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    # fresh entropy per rank and start, as the pipeline's tasks draw it
+    w.generator = torch.Generator(device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
     position = _load_state(w)
     w.start_epoch, w.step = position["epoch"], position["step"]
     if w.start_epoch:
         print(f"[raysys] rank {rank}: resuming from checkpoint at epoch {w.start_epoch} (step {w.step})")
     w.placements = _worker_placements(rank, world)
-    w.objective = make_objective(cfg, model, config["num_images"], world, config["labels"], device,
-                                 autocast=lambda: _autocast(cfg, device))
+    w.objective = make_objective(cfg, model, ObjectiveContext(config["num_images"], world, config["labels"], device,
+                                                              lambda: _autocast(cfg, device), w.generator))
     if position.get("objective"):
         w.objective.load_state_dict(position["objective"])
     return w
 
 
-def _views(w: Worker, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's two views on the device, channels_last: from the pipeline, or made here from ``image``."""
-    if w.views_generator is None:
+def _inputs(w: Worker, batch: dict) -> tuple[torch.Tensor, ...]:
+    """What the objective takes, on the device: the two views, channels_last (from the pipeline, or made here
+    from ``image``), or the decoded images as floats for a pretext task."""
+    if VIEW1 in batch:
         views = (batch[VIEW1], batch[VIEW2])
     else:
-        views = two_views(batch["image"].to(w.device, non_blocking=True), w.cfg.augment_config, w.views_generator)
+        images = batch["image"].to(w.device, non_blocking=True)
+        if w.objective.inputs == "images":
+            return (to_float(images, w.cfg.image_size),)
+        views = two_views(images, w.cfg.augment_config, w.generator)
     return tuple(v.to(w.device, non_blocking=True, memory_format=torch.channels_last) for v in views)
 
 
@@ -164,7 +170,7 @@ def train_step(w: Worker, batch: dict) -> tuple[torch.Tensor, dict]:
     """One optimisation step on one batch: the objective's loss, backward, optimizer and schedule. The loss
     comes back detached on the device, so the step does not wait for it."""
     meta = {k: batch[k].to(w.device) for k in BATCH_META if k in batch}
-    loss, stats = w.objective.loss(*_views(w, batch), meta)
+    loss, stats = w.objective.loss(*_inputs(w, batch), meta)
     w.optimizer.zero_grad(set_to_none=True)
     w.scaler.scale(loss).backward()
     w.scaler.step(w.optimizer)
@@ -187,8 +193,8 @@ def run_epoch(w: Worker, shard, writer: SummaryWriter | None) -> dict:
         totals["loss"] += loss
         totals["steps"] += 1
         totals["images"] += w.local_batch
-        for key, value in stats.items():
-            if key in DIAGNOSTICS and not math.isnan(value):
+        for key, value in stats.items():  # floats, or tensors left on the device until the epoch ends
+            if key in DIAGNOSTICS and not (isinstance(value, float) and math.isnan(value)):
                 sums[key] = sums.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0) + 1
         if writer is not None and w.step % LOSS_LOG_EVERY == 0:
@@ -197,7 +203,7 @@ def run_epoch(w: Worker, shard, writer: SummaryWriter | None) -> dict:
     totals["loss"] = totals["loss"].item()
     totals["elapsed"] = time.perf_counter() - start
     w.step_seconds += totals["elapsed"] - totals["wait"]
-    totals["diagnostics"] = {DIAGNOSTICS[k]: sums[k] / counts[k] for k in sums}
+    totals["diagnostics"] = {DIAGNOSTICS[k]: float(sums[k]) / counts[k] for k in sums}
     return totals
 
 

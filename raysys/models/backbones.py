@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from raysys.data.augment import to_float
+from raysys.data.augment import grayscale, to_float
 from raysys.errors import ModelFileError
+from raysys.models.heads import build_head
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,14 @@ class ScaledResNet(ResNet):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
 
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The last stage's output ``[B, out_dim, h, w]``, before pooling (dense heads read it)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.flatten(self.avgpool(self.feature_map(x)), 1)
+
 
 def build_backbone(name: str = "resnet18", width: float = 1.0, small_stem: bool = False) -> tuple[nn.Module, int]:
     """A randomly initialized ResNet trunk returning pooled features, and its feature dimension
@@ -115,32 +124,45 @@ class ProjectionHead(nn.Sequential):
 
 
 class ContrastiveModel(nn.Module):
-    """Backbone + projection head. Takes float images in [0, 1] ``[B, 3, S, S]`` and normalizes them
-    itself; ``forward`` returns ``(h, z)``: backbone features and projection. ``spec`` holds the
-    constructor arguments so a checkpoint can rebuild the model with :meth:`from_spec`."""
+    """Backbone + head. Takes float images in [0, 1] ``[B, 3, S, S]`` and normalizes them itself;
+    ``forward`` returns ``(h, z)``: pooled backbone features and the head's output. The head is the
+    contrastive projection head, or a pretext task's (``head``, a :func:`raysys.models.heads.build_head`
+    spec); ``gray_input`` makes the model see only luminance (colorization), at evaluation too. ``spec``
+    holds the constructor arguments so a checkpoint can rebuild the model with :meth:`from_spec`."""
 
     def __init__(self, backbone_name: str = "resnet18", width: float = 1.0, small_stem: bool = False,
-                 proj_dim: int = 128, proj_layers: int = 3):
+                 proj_dim: int = 128, proj_layers: int = 3, head: dict | None = None, gray_input: bool = False):
         super().__init__()
         self.spec = dict(backbone_name=backbone_name, width=width, small_stem=small_stem,
                          proj_dim=proj_dim, proj_layers=proj_layers)
+        if head is not None or gray_input:  # absent from contrastive specs, so their saved form is unchanged
+            self.spec |= dict(head=head, gray_input=gray_input)
         self.backbone, self.feature_dim = build_backbone(backbone_name, width, small_stem)
-        self.projector = ProjectionHead(self.feature_dim, self.feature_dim, proj_dim, proj_layers)
+        # "projector" names every head, so weight files keep one layout whatever the method
+        self.projector = (ProjectionHead(self.feature_dim, self.feature_dim, proj_dim, proj_layers) if head is None
+                          else build_head(head, self.feature_dim))
+        self.gray_input = gray_input
         self.normalize = Normalize()
 
     @classmethod
     def from_spec(cls, spec: dict) -> "ContrastiveModel":
         """Rebuild a model from its ``spec`` (e.g. stored in a checkpoint)."""
-        unknown = set(spec) - {"backbone_name", "width", "small_stem", "proj_dim", "proj_layers"}
+        unknown = set(spec) - {"backbone_name", "width", "small_stem", "proj_dim", "proj_layers", "head", "gray_input"}
         if unknown:
             raise ModelFileError(f"model spec has unknown keys {sorted(unknown)}; was it written by another version?")
         return cls(**spec)
 
+    def _input(self, x: Tensor) -> Tensor:
+        return self.normalize(grayscale(x) if self.gray_input else x)
+
     def features(self, x: Tensor) -> Tensor:
         """Backbone features ``[B, feature_dim]`` of images in [0, 1]."""
-        return self.backbone(self.normalize(x))
+        return self.backbone(self._input(x))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if getattr(self.projector, "spatial", False):
+            fmap = self.backbone.feature_map(self._input(x))
+            return fmap.mean((2, 3)), self.projector(fmap)
         h = self.features(x)
         return h, self.projector(h)
 

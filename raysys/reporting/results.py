@@ -18,12 +18,12 @@ RESULT_COLUMNS = [
     "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc",
     "fn_fraction", "removed_precision", "removed_recall", "cluster_nmi", "cluster_purity",
     "ess_radius", "ess_sigma", "positives_per_anchor", "place_recall1", "place_recall5", "place_median_error",
-    "place_chance_recall1", "knn_acc", "stopped_at_epoch", "pretrain_seconds",
+    "place_chance_recall1", "knn_acc", "pretext_accuracy", "stopped_at_epoch", "pretrain_seconds",
 ]
 GROUP_KEYS = ("method", "k", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma")  # what tells configurations apart (not the seed)
 METRICS = ["msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
            "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc", "fn_fraction", "place_recall1",
-           "place_recall5", "place_median_error", "positives_per_anchor"]
+           "place_recall5", "place_median_error", "positives_per_anchor", "pretext_accuracy"]
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -102,17 +102,22 @@ def results_table(groups: list[dict], param: str = "k", swept=("cluster",)) -> s
 
 
 def methods_table(groups: list[dict]) -> str:
-    """Paper Table 2's layout: false-negative pairs per batch and accuracy per benchmark (linear probe, and
-    fine-tuned when measured; the supervised row trains from scratch), one row per method."""
+    """Paper Table 2's layout: false-negative pairs per batch and accuracy (and balanced accuracy: both
+    benchmarks are imbalanced) per benchmark (linear probe, and fine-tuned when measured; the supervised row
+    trains from scratch), one row per method; pretext tasks add their own task's accuracy."""
     tuned = any(g.get("msl_ft_acc") is not None or g.get("hirise_ft_acc") is not None for g in groups)
-    extra = " MSL fine-tuned % | HiRISE fine-tuned % |" if tuned else ""
-    lines = [f"| method | FN pairs per batch % | MSL acc % | HiRISE acc % |{extra} seeds |",
-             "|" + " --- |" * (7 if tuned else 5)]
+    pretext = any(g.get("pretext_accuracy") is not None for g in groups)
+    extra = (" MSL fine-tuned % | HiRISE fine-tuned % |" if tuned else "") + (" pretext task acc % |" if pretext else "")
+    lines = [f"| method | FN pairs per batch % | MSL acc % | MSL balanced % | HiRISE acc % | HiRISE balanced % |{extra} "
+             "seeds |", "|" + " --- |" * (7 + 2 * tuned + pretext)]
     for g in groups:
         cells = [_pct(g["fn_fraction"], g["fn_fraction_std"]), _pct(g["msl_acc"], g["msl_acc_std"]),
-                 _pct(g["hirise_acc"], g["hirise_acc_std"])]
+                 _pct(g["msl_balanced_acc"], g["msl_balanced_acc_std"]), _pct(g["hirise_acc"], g["hirise_acc_std"]),
+                 _pct(g["hirise_balanced_acc"], g["hirise_balanced_acc_std"])]
         if tuned:
             cells += [_pct(g["msl_ft_acc"], g["msl_ft_acc_std"]), _pct(g["hirise_ft_acc"], g["hirise_ft_acc_std"])]
+        if pretext:
+            cells.append(_pct(g["pretext_accuracy"], g["pretext_accuracy_std"]))
         lines.append(f"| {_label(g)} | {' | '.join(cells)} | {g['n']} |")
     return "\n".join(lines)
 

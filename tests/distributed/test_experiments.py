@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from raysys.distributed.sweep import main
+from raysys.distributed.sweep import PRETEXT_METHODS, main
+from raysys.models.io import load_saved
 from raysys.reporting import results as report
 
 
@@ -72,6 +73,26 @@ def test_compare_methods_table_and_bars(ray_session, tmp_path):
         assert (row["msl_ft_acc"] is not None) == tuned and (row["hirise_ft_acc"] is not None) == tuned
     assert (out / "report.html").read_text().count("data:image/png;base64,") >= 2
     _assert_plots(out, "compare_methods")
+
+
+def test_compare_methods_runs_moco_and_every_pretext_task(ray_session, tmp_path):
+    out = tmp_path / "pretext"
+    methods = ["moco", *PRETEXT_METHODS, "random-init"]
+    assert _run_script("compare_methods", out, "--methods", *methods, "--no-supervised", "--fine-tune-epochs", "0",
+                       "--epochs", "1") == 0
+    rows = {r["method"]: r for r in _rows(out).values()}
+    assert sorted(rows) == sorted(methods)
+    for method, row in rows.items():  # every encoder linear-evaluated on both benchmarks
+        assert row["msl_acc"] is not None and row["hirise_balanced_acc"] is not None
+        assert (row["pretext_accuracy"] is not None) == (method in PRETEXT_METHODS)
+        if method == "random-init":
+            continue
+        config = json.loads((out / "trials" / row["trial"] / "config.json").read_text())
+        assert config["framework"] == method and config["pair_rule"] == "instance"
+        spec = load_saved(out / "trials" / row["trial"])[0].spec  # the task head saved with the model
+        assert (spec.get("head") is not None) == (method in PRETEXT_METHODS)
+    assert json.loads((out / "trials" / rows["moco"]["trial"] / "config.json").read_text())["temperature"] == 0.2
+    assert "pretext task acc %" in (out / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("script,args,message", [
