@@ -8,8 +8,9 @@ Encoders:
 * ``"texture"``: the deep texture-clustering encoder of Panambur et al. (:mod:`raysys.models.texture`), trained
   here without labels, once per (pool, seed, settings), and kept under ``<cache>/encoders/``;
 * a saved raysys model (run folder, ``model.pt``, checkpoint folder): its backbone features;
-* ``"oracle"``: the true (hidden) labels as clusters. For diagnostics on simulated data only: it uses
-  labels, says so in a warning, and marks its table ``raysys.uses_labels = true``.
+* ``"oracle"``: the true (hidden) labels as clusters, optionally with a fraction of them replaced by random
+  ids (the noisy oracle of ``experiments/fn_precision.py``). For diagnostics on simulated data only: it
+  uses labels, says so in a warning, and marks its table ``raysys.uses_labels = true``.
 
 Cache layout under ``cache_dir`` (every write goes to a temporary file renamed into place, and a file
 lock per entry makes concurrent trials wait for one another instead of computing the same thing twice):
@@ -71,7 +72,7 @@ META_QUALITY = b"raysys.quality"
 META_CACHE_FILE = b"raysys.cache_file"
 
 __all__ = ["ClusterError", "cluster_assignments", "cluster_features", "cluster_quality",
-           "configure_parser", "data_digest", "run"]
+           "configure_parser", "data_digest", "noisy_labels", "run"]
 
 
 # ----------------------------------------------------------------------------- digests and cache files
@@ -275,7 +276,20 @@ def _assignment_table(image_ids, cluster_ids, meta: dict) -> pa.Table:
     return table.replace_schema_metadata(meta)
 
 
-def _oracle(manifest: pa.Table, k, cache: Path) -> pa.Table:
+def noisy_labels(labels: np.ndarray, noise: float, seed: int) -> np.ndarray:
+    """``labels`` with ``round(noise * n)`` of them, drawn at random, replaced by ids drawn uniformly from the
+    labels' own classes (a replaced id can land on the true one by chance): the noisy oracle."""
+    if not 0.0 <= noise <= 1.0:
+        raise ClusterError(f"--noise {noise:g} is out of range; choose a fraction in [0, 1]")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    replaced = rng.permutation(len(labels))[:round(noise * len(labels))]
+    noisy = labels.copy()
+    noisy[replaced] = rng.choice(classes, size=len(replaced))
+    return noisy
+
+
+def _oracle(manifest: pa.Table, k, cache: Path, noise: float = 0.0, seed: int = 0) -> pa.Table:
     labels = _labels(manifest)
     known = labels >= 0
     if not known.any():
@@ -284,27 +298,33 @@ def _oracle(manifest: pa.Table, k, cache: Path) -> pa.Table:
     ids = np.asarray(manifest.column("image_id").to_pylist(), dtype=str)
     n_classes = len(np.unique(labels[known]))
     ignored = "" if k is None else f"; K={k} ignored"
-    log.warning("encoder 'oracle' USES THE TRUE LABELS as clusters (%d classes%s): a diagnostic upper bound "
-                "for simulated data, not an unsupervised result", n_classes, ignored)
+    noisy = f", {noise:.0%} of them replaced by random ids" if noise else ""
+    log.warning("encoder 'oracle' USES THE TRUE LABELS as clusters (%d classes%s%s): a diagnostic upper bound "
+                "for simulated data, not an unsupervised result", n_classes, noisy, ignored)
     if not known.all():
         log.warning("oracle: %d images have no label and get no cluster id", int((~known).sum()))
-    file = cache / "clusters" / f"oracle-{_short_hash([ids[known].tolist(), labels[known].tolist()])}.parquet"
+    key = _short_hash([ids[known].tolist(), labels[known].tolist()])
+    name = f"oracle-{key}" + (f"-n{noise:g}-s{seed}" if noise else "")
+    file = cache / "clusters" / f"{name}.parquet"
     with _locked(file):
         if not file.is_file():
-            quality = cluster_quality(labels[known], labels[known])
-            meta = _metadata("oracle", n_classes, 0, True, quality, file)
-            _write_parquet(_assignment_table(ids[known], labels[known], meta), file)
+            cluster_ids = noisy_labels(labels[known], noise, seed)
+            quality = cluster_quality(cluster_ids, labels[known])
+            meta = _metadata("oracle", n_classes, seed, True, quality, file)
+            _write_parquet(_assignment_table(ids[known], cluster_ids, meta), file)
     return pq.read_table(file)
 
 
 def cluster_assignments(
     manifest: pa.Table, encoder: str, k: int, seed: int = 0, cache_dir: str | Path = DEFAULT_CACHE_DIR,
-    image_size: int = DEFAULT_IMAGE_SIZE, progress: bool = True, encoder_seed: int | None = None, **encoder_kw,
+    image_size: int = DEFAULT_IMAGE_SIZE, progress: bool = True, encoder_seed: int | None = None, noise: float = 0.0,
+    **encoder_kw,
 ) -> pa.Table:
     """Cluster ids of the manifest's images: a table ``image_id`` (string), ``cluster_id`` (int32).
 
     ``encoder``: ``"texture"`` (trained here, settings in ``encoder_kw``, see
-    :class:`raysys.models.texture.TextureConfig`), ``"oracle"`` (true labels; K ignored) or a saved raysys model.
+    :class:`raysys.models.texture.TextureConfig`), ``"oracle"`` (true labels; K ignored; ``noise``: the fraction
+    of them replaced by random ids, drawn with ``seed``, see :func:`noisy_labels`) or a saved raysys model.
     Features come from Ray Data (the caller starts Ray) and are cached per (encoder, data); each K and
     seed reruns only k-means, itself cached as Parquet (see the module docstring). Schema metadata:
     ``raysys.encoder``, ``raysys.k``, ``raysys.seed``, ``raysys.uses_labels`` (``true`` only for the
@@ -316,7 +336,9 @@ def cluster_assignments(
     manifest = _unique_images(manifest)
     cache = Path(cache_dir)
     if encoder == "oracle":
-        return _oracle(manifest, k, cache)
+        return _oracle(manifest, k, cache, noise, seed)
+    if noise:
+        raise ClusterError(f"noise={noise:g} applies only to --encoder oracle (the noisy oracle), not {encoder}")
     k = _check_k(k, manifest.num_rows)
     if image_size < 8:
         raise ClusterError(f"image_size must be at least 8 pixels, got {image_size}")

@@ -68,8 +68,10 @@ METHOD_RULES = {"baseline": "instance", "mixed": "instance", **{name: name for n
                 **{name: "instance" for name in METHOD_FRAMEWORKS}, "random-init": "instance", "supervised": None}
 PRETEXT_METHODS = tuple(name for name in METHOD_FRAMEWORKS if not OBJECTIVES[name].contrastive)
 METHODS = tuple(METHOD_RULES)
-# What a variant may set (PretrainConfig fields, K as "k"); the rest comes from the base config.
-PARAMS = ("k", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma")
+# What a variant may set (PretrainConfig fields, and the clustering's own: K and the noisy oracle's noise);
+# the rest comes from the base config.
+PARAMS = ("k", "noise", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma", "cluster_mode")
+CLUSTER_PARAMS = ("k", "noise")
 SWEEP_VERSION = 1  # bump when a SweepSpec field changes meaning or goes; from_dict then reads the old form
 FINAL_FILE = "final.json"  # a finished trial's result, in its run folder
 TRIAL_DRIVER_CPUS = 0.1  # a trial's own process mostly waits on its TorchTrainer
@@ -77,7 +79,7 @@ BENCHMARKS = ("msl", "hirise")
 
 
 def variant(method: str, **params) -> dict:
-    """One configuration of a sweep: a method and the parameters it sets (K, temperature, mix_ratio)."""
+    """One configuration of a sweep: a method and the parameters it sets (K, temperature, mix_ratio, ...)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     unknown = set(params) - set(PARAMS)
@@ -129,7 +131,8 @@ class SweepSpec:
     def grid(self) -> list[dict]:
         """Every variant with all of :data:`PARAMS` filled in from the base config (what Tune shows)."""
         base = PretrainConfig.from_dict(self.base)
-        defaults = {"k": 0, **{p: getattr(base, p) for p in PARAMS if p not in ("k", "lr")}}  # lr: only if swept
+        # lr and noise: only where a variant sets them
+        defaults = {"k": 0, **{p: getattr(base, p) for p in PARAMS if p not in (*CLUSTER_PARAMS, "lr")}}
         return [{**defaults, **v} for v in self.variants]
 
 
@@ -139,13 +142,18 @@ def _trial_params(config: dict) -> dict:
 
 
 def trial_name(params: dict) -> str:
-    """``cluster-k10-t0.5-s1``, ``mixed-r0.25-t0.5-s0``, ``baseline-t0.1-s0``."""
+    """``cluster-k10-t0.5-s1``, ``mixed-r0.25-t0.5-s0``, ``baseline-t0.1-s0``, ``cluster-attract-k0-n0.5-t0.5-s0``."""
     method = params["method"]
     parts = [method]
+    if method == "cluster" and params.get("cluster_mode", "eliminate") != "eliminate":
+        parts.append(params["cluster_mode"])
     if method == "mixed":
         parts.append(f"r{params['mix_ratio']:g}")
     if METHOD_RULES.get(method):
-        parts += [f"{tag}{params[p]:g}" for tag, p in RULES[METHOD_RULES[method]].trial_tags if params.get(p) is not None]
+        parts += [f"{tag}{params[p]:g}" for tag, p in RULES[METHOD_RULES[method]].trial_tags
+                  if params.get(p) is not None and not (p == "k" and params[p] == 0)]  # k 0: the oracle's own K
+    if params.get("noise") is not None:
+        parts.append(f"n{params['noise']:g}")
     if params.get("lr") is not None:
         parts.append(f"lr{params['lr']:g}")
     if method not in (*PRETEXT_METHODS, "random-init"):  # no temperature without a contrastive loss
@@ -211,7 +219,7 @@ def _place_recognition(model_dir: Path, cfg: PretrainConfig) -> dict:
 
 def trial_config(spec: SweepSpec, params: dict) -> PretrainConfig:
     """The base config with the trial's seed, parameters, its method's pair rule and (pretext) framework."""
-    values = {p: params[p] for p in PARAMS if p != "k" and p in params}  # absent: a sweep from an older version
+    values = {p: params[p] for p in PARAMS if p not in CLUSTER_PARAMS and p in params}  # absent: an older sweep
     method = params["method"]
     framework = METHOD_FRAMEWORKS.get(method, spec.base["framework"])
     recipe = {"augment": AugmentConfig.moco_v2().to_dict()} if framework == "moco" != spec.base["framework"] else {}
@@ -272,7 +280,7 @@ def run_trial(config: dict) -> None:
         _finish(out, cfg.storage, final)
         return
     if method == "cluster":
-        manifest = attach_clusters(manifest, trial_clusters(spec, manifest, k, cfg.seed))
+        manifest = attach_clusters(manifest, trial_clusters(spec, manifest, k, cfg.seed, params.get("noise")))
         quality = cluster_quality(np.asarray(manifest.column("cluster_id")), np.asarray(manifest.column("label")))
         final.update({f"cluster_{key}": value for key, value in quality.items()})
     run = pretrain(cfg, manifest, benchmarks, callbacks=[TuneReportCallback()],
@@ -300,28 +308,29 @@ def run_trial(config: dict) -> None:
     _finish(out, cfg.storage, final)
 
 
-def trial_clusters(spec: SweepSpec, manifest, k: int, seed: int, progress: bool = False):
+def trial_clusters(spec: SweepSpec, manifest, k: int, seed: int, noise: float | None = None, progress: bool = False):
     """A cluster-aware trial's cluster ids: k-means with the trial's seed on the features of one encoder per
-    pool (trained, for ``texture``, with the sweep's base seed, as the paper trains one), from the cache."""
-    return cluster_assignments(manifest, spec.encoder, k, seed=seed, cache_dir=Path(spec.out) / "cache",
+    pool (trained, for ``texture``, with the sweep's base seed, as the paper trains one), from the cache; for
+    the noisy oracle, the labels with a fraction ``noise`` replaced (drawn with the trial's seed)."""
+    return cluster_assignments(manifest, spec.encoder, k or None, seed=seed, cache_dir=Path(spec.out) / "cache",
                                image_size=spec.base["image_size"], progress=progress,
-                               encoder_seed=spec.base["seed"], **spec.encoder_settings)
+                               encoder_seed=spec.base["seed"], noise=noise or 0.0, **spec.encoder_settings)
 
 
 def prepare_clusters(spec: SweepSpec) -> None:
     """Train the sweep's clustering encoder and run every trial's k-means once, before the trials, with all
     of the driver's cores (trials then read the cache; none waits on another's encoder). Each seed's own
     pool: with ``max_images`` the seed draws the subset, and the encoder is trained once per pool."""
-    ks = sorted({v["k"] for v in spec.variants if v["method"] == "cluster"})
-    if not ks:
+    clusterings = sorted({(v["k"], v.get("noise")) for v in spec.grid() if v["method"] == "cluster"}, key=str)
+    if not clusterings:
         return
     start = time.perf_counter()
     for seed in range(spec.base["seed"], spec.base["seed"] + spec.seeds):
         manifest, _ = resolve_data(PretrainConfig.from_dict({**spec.base, "seed": seed}))
-        for k in ks:
-            trial_clusters(spec, manifest, k, seed, progress=True)
-    print(f"[raysys] clustering for {len(ks) * spec.seeds} trial(s), shared: {time.perf_counter() - start:.0f} s",
-          flush=True)
+        for k, noise in clusterings:
+            trial_clusters(spec, manifest, k, seed, noise, progress=True)
+    print(f"[raysys] clustering for {len(clusterings) * spec.seeds} trial(s), shared: "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
 
 
 def trial_timing(name: str, total: float, timing: dict) -> dict:
@@ -409,7 +418,7 @@ def default_concurrency(base: PretrainConfig) -> int:
 
 
 def _check_ks(spec: SweepSpec, pool_size: int) -> None:
-    too_big = [v["k"] for v in spec.variants if v["method"] == "cluster" and v["k"] > pool_size]
+    too_big = [v["k"] for v in spec.variants if v["method"] == "cluster" and v.get("k", 0) > pool_size]
     if too_big:
         raise ConfigError(f"--k {too_big} exceed the {pool_size} images of the pretraining pool; choose K below the pool size")
 
@@ -478,18 +487,16 @@ def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[
     returns the names of the files written."""
     out = Path(spec.out)
     groups = report.group(rows)
-    if spec.place_recognition:
-        table = report.spatial_table(groups)
-    elif spec.plot == "bars":
-        table = report.methods_table(groups)
-    else:
-        table = report.results_table(groups, spec.param, spec.swept)
-    plots = []
+    table = report.grouped_table(groups, spec.plot, spec.param, spec.swept, spec.place_recognition)
+    plots, readings = [], []
     for bench in BENCHMARKS:
         if any(g.get(f"{bench}_acc") is not None for g in groups):
             path = out / f"{spec.name}-{bench}.png"
             if spec.plot == "bars":
                 report.plot_methods(groups, bench, path, f"{bench.upper()}: methods compared ({spec.name})")
+            elif spec.plot == "precision":
+                report.plot_vs_precision(groups, bench, path, f"{bench.upper()}: accuracy vs removed-pair precision")
+                readings.append(report.precision_reading(groups, bench))
             else:
                 report.plot_vs_param(groups, bench, spec.param, path,
                                      f"{bench.upper()}: accuracy vs {spec.param} ({spec.name})", spec.swept)
@@ -500,14 +507,14 @@ def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[
                             metric="place_recall1", ylabel="recall@1 within the radius (%)")
         plots.append(path.name)
     best = max((r for r in rows if r.get("msl_acc") is not None), key=lambda r: r["msl_acc"], default=None)
-    lines = [f"# {spec.name}", "", f"Reproduce: `{spec.command}`", "", table, ""]
+    lines = [f"# {spec.name}", "", f"Reproduce: `{spec.command}`", "", table, ""] + [f"{r}\n" for r in readings]
     if best:
         lines += [f"Best trial on MSL: **{best['trial']}** ({100 * best['msl_acc']:.1f} %).", ""]
     lines += [f"![{p}]({p})" for p in plots]
     if errors:
         lines += ["", f"{len(errors)} trial(s) failed:"] + [f"- {e}" for e in errors]
     report.write_atomic(out / "summary.md", "\n".join(lines) + "\n")
-    print(table)
+    print(table, *readings, sep="\n")
     print(f"\nresults: {out / 'results.csv'}\nsummary: {out / 'summary.md'}\nTensorBoard: tensorboard --logdir {out}")
     return ["summary.md", *plots]
 
@@ -541,6 +548,19 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                         "the demo preset skips them to finish in 15 minutes)")
 
 
+def _check_cluster_variants(variants: list[dict], encoder: str) -> None:
+    """Every cluster-aware variant has a K >= 2, except with the oracle (one cluster per class), the only
+    encoder that takes a noise fraction."""
+    clustered = [v for v in variants if v["method"] == "cluster"]
+    ks = [v["k"] for v in clustered if "k" in v]
+    if any(k < 2 for k in ks):
+        raise ConfigError(f"--k values must be at least 2 (got {ks}): one cluster removes every negative")
+    if encoder != "oracle" and len(ks) < len(clustered):
+        raise ConfigError(f"a cluster-aware variant has no K and --encoder {encoder} needs one; pass --k")
+    if encoder != "oracle" and any(v.get("noise") for v in clustered):
+        raise ConfigError(f"--noise applies only to --encoder oracle (the noisy oracle), not {encoder}")
+
+
 def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None = None, supervised: bool = True,
                    **fields) -> SweepSpec:
     """Build and validate a sweep spec from the shared options plus the script's variants.
@@ -567,9 +587,7 @@ def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None 
         raise ConfigError(f"--fine-tune-epochs must be >= 0 (got {args.fine_tune_epochs})")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be at least 1 (got {args.max_concurrent})")
-    ks = [v["k"] for v in variants if v["method"] == "cluster"]
-    if any(k < 2 for k in ks):
-        raise ConfigError(f"--k values must be at least 2 (got {ks}): one cluster removes every negative")
+    _check_cluster_variants(variants, fields.get("encoder", "texture"))
     if args.fine_tune_epochs is not None:  # the option wins over the script's default
         fields["fine_tune_epochs"] = args.fine_tune_epochs
     if supervised and (preset["supervised"] if args.supervised is None else args.supervised):

@@ -244,15 +244,15 @@ def _results_section(rows: list[dict], best: dict | None, sweep: dict) -> str:
     """The grouped table as the sweep drew it (``param``/``swept``/``plot`` of sweep.json; a K sweep when
     absent), then one row per trial with the best one marked."""
     groups = report.group(rows)
-    if sweep.get("plot") == "bars":
-        table = report.methods_table(groups)
-    else:
-        table = report.results_table(groups, sweep.get("param") or "k", tuple(sweep.get("swept") or ("cluster",)))
+    table = report.grouped_table(groups, sweep.get("plot") or "line", sweep.get("param") or "k",
+                                 tuple(sweep.get("swept") or ("cluster",)), bool(sweep.get("place_recognition")))
     known = list(report.RESULT_COLUMNS) + sorted({k for r in rows for k in r} - set(report.RESULT_COLUMNS))
     columns = [c for c in known if any(r.get(c) not in (None, "") for r in rows)]  # no all-empty columns
     classes = ["best" if best is not None and r is best else "" for r in rows]
     per_trial = html_table(columns, [[r.get(c) for c in columns] for r in rows], classes)
-    return (f"<h3>Mean ± std over seeds (accuracies in %)</h3>{markdown_to_html(table)}"
+    readings = "".join(f"<p>{_e(report.precision_reading(groups, bench))}</p>" for bench in ("msl", "hirise")
+                       if sweep.get("plot") == "precision")
+    return (f"<h3>Mean ± std over seeds (accuracies in %)</h3>{markdown_to_html(table)}{readings}"
             f"<h3>Every trial (<code>results.csv</code>)</h3>{per_trial}")
 
 

@@ -13,17 +13,19 @@ from raysys import storage
 
 # One row per trial; the first columns are the ones the paper's tables and figures need.
 RESULT_COLUMNS = [
-    "trial", "method", "k", "temperature", "lr", "mix_ratio", "seed",
+    "trial", "method", "k", "noise", "cluster_mode", "temperature", "lr", "mix_ratio", "seed",
     "msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
     "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc",
     "fn_fraction", "removed_precision", "removed_recall", "cluster_nmi", "cluster_purity",
     "ess_radius", "ess_sigma", "positives_per_anchor", "place_recall1", "place_recall5", "place_median_error",
     "place_chance_recall1", "knn_acc", "pretext_accuracy", "stopped_at_epoch", "pretrain_seconds",
 ]
-GROUP_KEYS = ("method", "k", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma")  # what tells configurations apart (not the seed)
+# What tells configurations apart (not the seed).
+GROUP_KEYS = ("method", "k", "noise", "cluster_mode", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma")
 METRICS = ["msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
            "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc", "fn_fraction", "place_recall1",
-           "place_recall5", "place_median_error", "positives_per_anchor", "pretext_accuracy"]
+           "place_recall5", "place_median_error", "positives_per_anchor", "pretext_accuracy", "removed_precision",
+           "removed_recall", "cluster_nmi"]
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -124,6 +126,8 @@ def methods_table(groups: list[dict]) -> str:
 
 def _label(g: dict) -> str:
     """A method's name with the parameter that defines it (``cluster K=10``, ``mixed r=0.5``)."""
+    if g["method"] == "cluster" and g.get("noise") is not None:
+        return f"cluster {g.get('cluster_mode') or 'eliminate'}, noise {g['noise']:g}"
     if g["method"] == "cluster":
         return f"cluster K={g['k']}"
     if g.get("mix_ratio"):
@@ -204,3 +208,107 @@ def spatial_table(groups: list[dict]) -> str:
 
 def _num(value) -> str:
     return "–" if value is None else f"{value:.3g}"
+
+
+def grouped_table(groups: list[dict], plot: str = "line", param: str = "k", swept=("cluster",),
+                  place_recognition: bool = False) -> str:
+    """The grouped table a sweep draws: place recognition, methods side by side (``bars``), the noisy
+    oracle's precision curve (``precision``) or accuracy against the swept ``param``."""
+    if place_recognition:
+        return spatial_table(groups)
+    if plot == "bars":
+        return methods_table(groups)
+    if plot == "precision":
+        return precision_table(groups)
+    return results_table(groups, param, swept)
+
+
+def precision_table(groups: list[dict]) -> str:
+    """The noisy-oracle experiment: per mode and noise, the removed pairs' precision and recall beside the
+    linear probe's accuracy and balanced accuracy (the baseline's row removes nothing)."""
+    lines = ["| method | mode | noise | removed precision | removed recall | FN pairs per batch % | cluster NMI "
+             "| MSL acc % | MSL balanced % | HiRISE acc % | HiRISE balanced % | seeds |", "|" + " --- |" * 12]
+    order = sorted(groups, key=lambda g: (g["method"] != "baseline", str(g.get("cluster_mode")), g.get("noise") or 0))
+    for g in order:
+        clustered = g["method"] == "cluster"
+        cells = [g["method"], g.get("cluster_mode") if clustered else "–", _num(g.get("noise")),
+                 _num(g.get("removed_precision")), _num(g.get("removed_recall")),
+                 _pct(g["fn_fraction"], g["fn_fraction_std"]), _num(g.get("cluster_nmi")),
+                 _pct(g["msl_acc"], g["msl_acc_std"]), _pct(g["msl_balanced_acc"], g["msl_balanced_acc_std"]),
+                 _pct(g["hirise_acc"], g["hirise_acc_std"]), _pct(g["hirise_balanced_acc"], g["hirise_balanced_acc_std"]),
+                 str(g["n"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _baseline(groups: list[dict], metric: str) -> dict | None:
+    return next((g for g in groups if g["method"] == "baseline" and g.get(metric) is not None), None)
+
+
+def _curves(groups: list[dict], metric: str) -> dict[str, list[dict]]:
+    """Cluster-aware groups with a measured removed precision, per mode, in order of precision."""
+    curves = defaultdict(list)
+    for g in groups:
+        if g["method"] == "cluster" and g.get("removed_precision") is not None and g.get(metric) is not None:
+            curves[g.get("cluster_mode") or "eliminate"].append(g)
+    return {mode: sorted(points, key=lambda g: g["removed_precision"]) for mode, points in sorted(curves.items())}
+
+
+def plot_vs_precision(groups: list[dict], benchmark: str, path: str | Path, title: str) -> None:
+    """Accuracy against removed-pair precision, one line per mode (error bars: spread over seeds in both
+    directions), the baseline's mean ± spread as a band."""
+    plt = _pyplot()
+    metric = f"{benchmark}_acc"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = _baseline(groups, metric)
+    if base:
+        mean, spread = 100 * base[metric], 100 * (base[f"{metric}_std"] or 0)
+        ax.axhspan(mean - spread, mean + spread, color="gray", alpha=0.25, label=f"baseline {mean:.1f} ± {spread:.1f}%")
+        ax.axhline(mean, color="gray", linestyle="--")
+    for mode, points in _curves(groups, metric).items():
+        ax.errorbar([g["removed_precision"] for g in points], [100 * g[metric] for g in points],
+                    xerr=[g["removed_precision_std"] or 0 for g in points],
+                    yerr=[100 * (g[f"{metric}_std"] or 0) for g in points], marker="o", capsize=4, label=mode)
+        for g in points:
+            ax.annotate(f"noise {g['noise']:g}", (g["removed_precision"], 100 * g[metric]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("removed-pair precision (share of removed negatives that are true false negatives)")
+    ax.set_ylabel(f"{benchmark.upper()} test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def precision_reading(groups: list[dict], benchmark: str) -> str:
+    """One sentence per mode: the removed-pair precision from which on every measured level of the mode beats
+    the baseline by more than both spreads (its mean - std above the baseline's mean + std), or that none does."""
+    metric = f"{benchmark}_acc"
+    name = benchmark.upper()
+    base = _baseline(groups, metric)
+    if base is None:
+        return f"{name}: no baseline result to compare with."
+    curves = _curves(groups, metric)
+    if base["n"] < 2 or any(g["n"] < 2 for points in curves.values() for g in points):
+        return f"{name}: one seed per configuration gives no spread to compare with; run --seeds 3 or more."
+    bar = base[metric] + (base[f"{metric}_std"] or 0)
+    baseline = f"baseline {_pct(base[metric], base[f'{metric}_std'])} %"
+    sentences = []
+    for mode, points in curves.items():
+        wins = [g[metric] - (g[f"{metric}_std"] or 0) > bar for g in points]
+        above = len(points)
+        while above and wins[above - 1]:
+            above -= 1  # points[above:] all win: the precision above which the mode pays
+        if above < len(points):
+            g = points[above]
+            sentences.append(f"{mode} beats the {baseline} by more than the seeds' spread at every removed-pair "
+                             f"precision from {g['removed_precision']:.2f} on (noise {g['noise']:g}: "
+                             f"{_pct(g[metric], g[f'{metric}_std'])} %)")
+        else:
+            best = max(points, key=lambda g: g[metric])
+            sentences.append(f"{mode} does not beat the {baseline} by more than the seeds' spread even at "
+                             f"precision {points[-1]['removed_precision']:.2f} (its best: precision "
+                             f"{best['removed_precision']:.2f}, {_pct(best[metric], best[f'{metric}_std'])} %)")
+    return f"{name}: " + ("; ".join(sentences) if sentences else "no cluster-aware result") + "."

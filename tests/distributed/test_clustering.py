@@ -5,6 +5,7 @@ Data, the texture encoder (encoding layer against a brute-force loop, training),
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 import numpy as np
@@ -257,6 +258,31 @@ def test_oracle_uses_labels_and_says_so(small_pool, tmp_path, caplog):
                                       pa.array([-1] * small_pool.num_rows, pa.int32()))
     with pytest.raises(cl.ClusterError, match="needs labels"):
         cl.cluster_assignments(unlabeled, "oracle", 5, cache_dir=tmp_path)
+
+
+def test_noisy_labels_replace_the_stated_fraction():
+    labels = np.repeat(np.arange(4), 50)  # 200 images, 4 classes
+    assert np.array_equal(cl.noisy_labels(labels, 0.0, seed=0), labels)
+    noisy = cl.noisy_labels(labels, 0.25, seed=3)
+    assert np.array_equal(noisy, cl.noisy_labels(labels, 0.25, seed=3)), "the seed fixes the draw"
+    # Only the 50 redrawn ids can change, and each keeps its class with chance 1/4: about 37.5 change
+    # (binomial, 4.5-sigma band below).
+    changed = int((noisy != labels).sum())
+    assert 50 * 0.75 - 4.5 * (50 * 0.75 * 0.25) ** 0.5 <= changed <= 50
+    assert set(np.unique(cl.noisy_labels(labels, 1.0, seed=0))) <= {0, 1, 2, 3}
+    with pytest.raises(cl.ClusterError, match="out of range"):
+        cl.noisy_labels(labels, 1.5, seed=0)
+
+
+def test_noisy_oracle_lowers_nmi_and_is_cached_per_noise_and_seed(small_pool, tmp_path):
+    clean = cl.cluster_assignments(small_pool, "oracle", None, cache_dir=tmp_path)
+    noisy = cl.cluster_assignments(small_pool, "oracle", None, seed=1, cache_dir=tmp_path, noise=1.0)
+    quality = [json.loads(t.schema.metadata[b"raysys.quality"])["nmi"] for t in (clean, noisy)]
+    assert quality[0] == pytest.approx(1.0) and quality[1] < 0.5
+    assert noisy.schema.metadata[b"raysys.uses_labels"] == b"true"
+    assert len(list((tmp_path / "clusters").glob("oracle-*.parquet"))) == 2
+    with pytest.raises(cl.ClusterError, match="only to --encoder oracle"):
+        cl.cluster_assignments(small_pool, "texture", 4, cache_dir=tmp_path, noise=0.5)
 
 
 def test_bad_arguments_fail_before_work(small_pool, tmp_path):

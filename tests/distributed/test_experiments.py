@@ -95,11 +95,40 @@ def test_compare_methods_runs_moco_and_every_pretext_task(ray_session, tmp_path)
     assert "pretext task acc %" in (out / "summary.md").read_text()
 
 
+def test_fn_precision_noisy_oracle_spans_the_precision_range(ray_session, tmp_path):
+    """Noise 0 removes exactly the false negatives (precision and recall 1); noise 1 removes pairs at about the
+    base rate of same-class pairs (the baseline's false-negative fraction), far below 1."""
+    out = tmp_path / "fnp"
+    assert _run_script("fn_precision", out, "--noise", "0", "1", "--modes", "eliminate", "--seeds", "1",
+                       "--no-supervised") == 0
+    rows = _rows(out)
+    assert sorted(rows) == ["baseline-t0.5-s0", "cluster-n0-t0.5-s0", "cluster-n1-t0.5-s0"]
+    clean, noisy = rows["cluster-n0-t0.5-s0"], rows["cluster-n1-t0.5-s0"]
+    assert clean["removed_precision"] == 1.0 and clean["removed_recall"] == 1.0 and clean["fn_fraction"] == 0.0
+    assert noisy["removed_precision"] < 2 * rows["baseline-t0.5-s0"]["fn_fraction"] < 0.5
+    assert clean["noise"] == 0 and clean["cluster_mode"] == "eliminate" and clean["cluster_nmi"] == pytest.approx(1.0)
+    for row in rows.values():
+        assert row["msl_balanced_acc"] is not None and row["hirise_balanced_acc"] is not None
+    summary = (out / "summary.md").read_text()
+    assert "| removed precision |" in summary and "no spread to compare with" in summary
+    assert "no spread to compare with" in (out / "report.html").read_text()
+    _assert_plots(out, "fn_precision")
+
+
+def test_trial_names_of_the_noisy_oracle_and_attraction():
+    from raysys.distributed.sweep import trial_name
+
+    base = {"temperature": 0.5, "seed": 2, "k": 0}
+    assert trial_name({**base, "method": "cluster", "noise": 0.25, "cluster_mode": "attract"}) == "cluster-attract-n0.25-t0.5-s2"
+    assert trial_name({**base, "method": "cluster", "k": 10, "cluster_mode": "eliminate"}) == "cluster-k10-t0.5-s2"
+
+
 @pytest.mark.parametrize("script,args,message", [
     ("sweep_mix_ratio", ["--ratios", "0.5", "1.5"], "--mix-ratio must be in [0, 1]"),
     ("sweep_temperature", ["--temperatures", "0"], "--temperature must be > 0"),
     ("compare_methods", ["--k", "1"], "--k values must be at least 2"),
     ("compare_methods", ["--k-from", "/nonexistent/results.csv"], "holds no finished cluster-aware trial"),
+    ("fn_precision", ["--noise", "0", "1.5"], "--noise [1.5] out of range"),
 ])
 def test_bad_grid_fails_before_any_trial(tmp_path, capsys, script, args, message):
     out = tmp_path / "bad"

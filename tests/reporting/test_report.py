@@ -31,3 +31,42 @@ def test_group_mean_and_std_over_seeds():
     assert groups[("baseline", 0)]["msl_acc_std"] == 0.0 and groups[("baseline", 0)]["hirise_acc"] is None
     table = report.results_table(list(groups.values()))
     assert "| cluster | 10 | 3 | 70.0 ± 10.0 |" in table and "| baseline | – | 1 | 50.0 |" in table
+
+
+def _fn_rows(baseline: list[float], curves: dict[str, list[tuple[float, float, list[float]]]]) -> list[dict]:
+    """results.csv rows of a noisy-oracle sweep: the baseline's MSL accuracies per seed, and per mode
+    (noise, removed precision, MSL accuracies per seed)."""
+    rows = [{"trial": f"baseline-s{s}", "method": "baseline", "k": 0, "seed": s, "msl_acc": acc}
+            for s, acc in enumerate(baseline)]
+    for mode, points in curves.items():
+        for noise, precision, accs in points:
+            rows += [{"trial": f"cluster-{mode}-n{noise}-s{s}", "method": "cluster", "k": 0, "noise": noise,
+                      "cluster_mode": mode, "seed": s, "msl_acc": acc, "removed_precision": precision}
+                     for s, acc in enumerate(accs)]
+    return rows
+
+
+def test_precision_reading_names_the_precision_above_which_elimination_pays():
+    # Baseline 0.50 ± 0.01: a level must keep mean - std above 0.51. Eliminate pays from precision 0.6 on
+    # (0.55 ± 0.01 and 0.60 ± 0.01; 0.2 is below); attract's only winner (precision 0.2) is followed by a
+    # loss, so it has no precision above which it pays.
+    rows = _fn_rows([0.49, 0.50, 0.51], {
+        "eliminate": [(1.0, 0.2, [0.49, 0.50, 0.51]), (0.5, 0.6, [0.54, 0.55, 0.56]), (0.0, 1.0, [0.59, 0.60, 0.61])],
+        "attract": [(1.0, 0.2, [0.59, 0.60, 0.61]), (0.0, 1.0, [0.49, 0.50, 0.51])],
+    })
+    groups = report.group(rows)
+    reading = report.precision_reading(groups, "msl")
+    assert "eliminate beats the baseline 50.0 ± 1.0 % by more than the seeds' spread at every removed-pair " \
+           "precision from 0.60 on (noise 0.5: 55.0 ± 1.0 %)" in reading
+    assert "attract does not beat the baseline 50.0 ± 1.0 % by more than the seeds' spread even at precision 1.00" \
+           in reading
+    table = report.grouped_table(groups, plot="precision")
+    assert "| baseline | – | – | – |" in table and "| cluster | eliminate | 0.5 | 0.6 |" in table
+
+
+def test_precision_reading_refuses_a_single_seed(tmp_path):
+    groups = report.group(_fn_rows([0.5], {"eliminate": [(0.0, 1.0, [0.9])]}))
+    assert "no spread" in report.precision_reading(groups, "msl")
+    path = tmp_path / "p.png"
+    report.plot_vs_precision(groups, "msl", path, "title")
+    assert path.read_bytes()[:4] == b"\x89PNG"
