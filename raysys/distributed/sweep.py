@@ -142,7 +142,7 @@ def _trial_params(config: dict) -> dict:
 
 
 def trial_name(params: dict) -> str:
-    """``cluster-k10-t0.5-s1``, ``mixed-r0.25-t0.5-s0``, ``baseline-t0.1-s0``, ``cluster-attract-k0-n0.5-t0.5-s0``."""
+    """``cluster-k10-t0.5-s1``, ``mixed-r0.25-t0.5-s0``, ``baseline-t0.1-s0``, ``cluster-attract-n0.5-t0.5-s0``."""
     method = params["method"]
     parts = [method]
     if method == "cluster" and params.get("cluster_mode", "eliminate") != "eliminate":

@@ -272,7 +272,7 @@ def plot_vs_precision(groups: list[dict], benchmark: str, path: str | Path, titl
         for g in points:
             ax.annotate(f"noise {g['noise']:g}", (g["removed_precision"], 100 * g[metric]), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
-    ax.set_xlabel("removed-pair precision (share of removed negatives that are true false negatives)")
+    ax.set_xlabel("removed-pair precision (share that are true false negatives)")
     ax.set_ylabel(f"{benchmark.upper()} test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
