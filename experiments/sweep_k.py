@@ -9,20 +9,29 @@ SimCLR baseline and a supervised baseline, on Ray Tune.
 
 import sys
 
+from raysys.distributed.clustering import add_texture_arguments, texture_settings
 from raysys.distributed.sweep import main, variant
 
 
 def configure(parser):
     parser.add_argument("--k", type=int, nargs="+", help="numbers of clusters K (default: the preset's grid)")
     parser.add_argument("--encoder", default="texture",
-                        help="clustering encoder: texture (the paper's deep texture clustering), a raysys "
-                             "model/run folder, or oracle (true labels; simulated data diagnostics only)")
+                        help="clustering encoder: texture (the paper's deep texture clustering); self (each trial "
+                             "re-clusters the pool from its own features during training, as IFND); baseline "
+                             "(two stages: each seed's SimCLR baseline clusters the pool for its cluster trials); "
+                             "a raysys model/run folder; or oracle (true labels; simulated data diagnostics only)")
+    parser.add_argument("--self-warmup", type=int, help="--encoder self: epochs of plain SimCLR before the first "
+                        "clustering (default 1)")
+    parser.add_argument("--self-every", type=int, help="--encoder self: re-cluster every this many epochs (default 1)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the SimCLR baseline runs")
+    add_texture_arguments(parser)
 
     def build(args, preset):
         variants = [] if args.no_baseline else [variant("baseline")]
         variants += [variant("cluster", k=k) for k in args.k or preset["ks"]]
-        return dict(variants=variants, encoder=args.encoder, param="k", swept=["cluster"])
+        schedule = dict(self_cluster_warmup=args.self_warmup, self_cluster_every=args.self_every)
+        return dict(variants=variants, encoder=args.encoder, param="k", swept=["cluster"],
+                    pretrain={k: v for k, v in schedule.items() if v is not None}, texture=texture_settings(args))
 
     return build
 

@@ -70,6 +70,16 @@ CASES = [
                 "--batch-size", "8"], "covers 30 of 40 pool images"),
     ("cluster rule without ids", "pretrain", lambda t: ["--data", str(_images(t / "pool2", 20)), "--pair-rule", "cluster",
                                                         "--batch-size", "8"], "pass --cluster-ids FILE"),
+    ("self-clustering without the cluster rule", "pretrain", lambda t: ["--self-cluster-k", "4"],
+     "--self-cluster-k 4: self-clustering needs K >= 2 and --pair-rule cluster"),
+    ("self-clustering never reached", "pretrain", lambda t: ["--pair-rule", "cluster", "--self-cluster-k", "4",
+                                                             "--self-cluster-warmup", "2", "--epochs", "2"],
+     "--self-cluster-warmup 2 must be below --epochs 2"),
+    ("unknown clustering encoder", "sweep_k", lambda t: ["--encoder", "nosuch"], "--encoder nosuch: no such file"),
+    ("two-stage without baselines", "sweep_k", lambda t: ["--encoder", "baseline", "--no-baseline"],
+     "drop --no-baseline"),
+    ("texture option on another encoder", "sweep_k", lambda t: ["--encoder", "self", "--texture-colour-invariant"],
+     "apply only to --encoder texture"),
 ]
 
 

@@ -83,6 +83,11 @@ class PretrainConfig:
     pair_rule: str = "instance"  # instance (SimCLR), cluster (needs cluster ids), label (oracle)
     cluster_mode: str = "eliminate"  # cluster rule: eliminate (Eq. 2) or attract
     cluster_ids: str | None = None  # image_id,cluster_id table (raysys cluster --out) for pair_rule cluster
+    # Self-clustering (IFND): pair_rule cluster with ids from the model itself -- K clusters of its backbone
+    # features, made before epoch self_cluster_warmup and every self_cluster_every epochs after (0: off).
+    self_cluster_k: int = 0
+    self_cluster_warmup: int = 1
+    self_cluster_every: int = 1
     # ESS (seed 001): positives within ess_radius metres (and ess_theta degrees of heading); ESS-MW weights
     # them by exp(-d^2 / 2 ess_sigma^2). None: derived from the pool's frame spacing at start.
     ess_radius: float | None = None
@@ -192,6 +197,14 @@ class PretrainConfig:
             (self.pair_rule in PAIR_RULES, f"pair rule {self.pair_rule!r} is unknown; choose one of {list(PAIR_RULES)}"),
             (self.cluster_mode in CLUSTER_MODES,
              f"--cluster-mode {self.cluster_mode!r} is unknown; choose one of {list(CLUSTER_MODES)}"),
+            (self.self_cluster_k == 0 or (self.self_cluster_k >= 2 and self.pair_rule == "cluster"),
+             f"--self-cluster-k {self.self_cluster_k}: self-clustering needs K >= 2 and --pair-rule cluster "
+             f"(got --pair-rule {self.pair_rule}); pass both, or drop --self-cluster-k"),
+            (self.self_cluster_k == 0 or (0 <= self.self_cluster_warmup < self.epochs and self.self_cluster_every >= 1),
+             f"--self-cluster-warmup {self.self_cluster_warmup} must be below --epochs {self.epochs} (else no epoch "
+             f"uses the clusters) and --self-cluster-every >= 1 (got {self.self_cluster_every})"),
+            (not (self.self_cluster_k and self.cluster_ids),
+             "--self-cluster-k makes its own cluster ids; drop --cluster-ids (or --self-cluster-k)"),
             (0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
              f"--warmup-epochs must be below --epochs (got {self.warmup_epochs} of {self.epochs})"),
             (self.max_images is None or self.max_images >= self.batch_size,

@@ -386,8 +386,25 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     p.add_argument("--texture-epochs", type=int, help="texture encoder epochs (default: TextureConfig's)")
+    add_texture_arguments(p)
     p.add_argument("--out", help="also copy the result to this .parquet file (with several K: FILE-k<K>.parquet)")
     return p
+
+
+def add_texture_arguments(p: argparse.ArgumentParser) -> None:
+    """The texture encoder's options shared by ``raysys cluster`` and ``experiments/sweep_k.py``."""
+    p.add_argument("--texture-colour-invariant", action="store_true",
+                   help="train the texture encoder with SimCLR's colour jitter and grayscale, so its clusters "
+                        "cannot follow a traverse's colour cast")
+    p.add_argument("--texture-weights", help="start the texture encoder's ResNet trunk from this weights file "
+                                             "(same architecture and width; the paper's was pretrained)")
+
+
+def texture_settings(args) -> dict:
+    """The texture options given on the command line, as TextureConfig fields."""
+    given = {"epochs": getattr(args, "texture_epochs", None), "init_weights": args.texture_weights,
+             "colour_invariant": args.texture_colour_invariant or None}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def _parse_ks(values: list[str] | None, encoder: str) -> list[int | None]:
@@ -436,11 +453,12 @@ def _checked_args(args) -> tuple[list, pa.Table, dict]:
     else:
         for k in ks:
             _check_k(k, n_images)
-    encoder_kw = {} if args.texture_epochs is None else {"epochs": args.texture_epochs}
+    encoder_kw = texture_settings(args)
     if args.encoder == "texture":
         texture.TextureConfig.from_dict(encoder_kw)
     elif encoder_kw:
-        raise ClusterError("--texture-epochs applies only to --encoder texture")
+        raise ClusterError("--texture-epochs, --texture-colour-invariant and --texture-weights apply only to "
+                           "--encoder texture")
     return ks, manifest, encoder_kw
 
 
@@ -454,7 +472,9 @@ def _print_assignments(table: pa.Table, encoder: str) -> None:
           f"median {np.median(sizes):g}, max {sizes.max()}")
     quality = json.loads(meta[META_QUALITY])
     if quality:
-        print(f"  NMI {quality['nmi']:.3f}, purity {quality['purity']:.3f} ({quality['n_labeled']} labeled images)")
+        print(f"  NMI {quality['nmi']:.3f}, purity {quality['purity']:.3f}, same-cluster pairs sharing a class "
+              f"{quality.get('pair_precision', float('nan')):.3f}, same-class pairs sharing a cluster "
+              f"{quality.get('pair_recall', float('nan')):.3f} ({quality['n_labeled']} labeled images)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,11 +24,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from torch.utils.tensorboard import SummaryWriter
 
 from raysys import storage
 from raysys.config import PretrainConfig, make_config
@@ -43,7 +45,7 @@ from raysys.distributed.runtime import (
     publish_run,
     torch_threads,
 )
-from raysys.distributed.trainer import pretrain
+from raysys.distributed.trainer import SELF_CLUSTERS_FILE, pretrain
 from raysys.errors import ConfigError, run_command
 from raysys.eval.knn import evaluate_knn
 from raysys.eval.linear import evaluate
@@ -53,6 +55,7 @@ from raysys.methods.objectives import OBJECTIVES
 from raysys.methods.pairs import RULES
 from raysys.models import ContrastiveModel
 from raysys.models.io import MODEL_FILE, load_model, save_model
+from raysys.models.texture import TextureConfig
 from raysys.reporting import results as report
 from raysys.reporting.html import write_report
 
@@ -76,6 +79,7 @@ SWEEP_VERSION = 1  # bump when a SweepSpec field changes meaning or goes; from_d
 FINAL_FILE = "final.json"  # a finished trial's result, in its run folder
 TRIAL_DRIVER_CPUS = 0.1  # a trial's own process mostly waits on its TorchTrainer
 BENCHMARKS = ("msl", "hirise")
+SWEEP_ENCODERS = ("texture", "self", "baseline", "oracle")  # or a saved raysys model
 
 
 def variant(method: str, **params) -> dict:
@@ -128,12 +132,23 @@ class SweepSpec:
     def storage_root(self) -> str:
         return self.storage or self.out
 
+    def grid_defaults(self) -> dict:
+        """What a variant's unset parameters are: the base config's (lr and noise only where a variant sets them)."""
+        base = PretrainConfig.from_dict(self.base)
+        return {"k": 0, **{p: getattr(base, p) for p in PARAMS if p not in (*CLUSTER_PARAMS, "lr")}}
+
     def grid(self) -> list[dict]:
         """Every variant with all of :data:`PARAMS` filled in from the base config (what Tune shows)."""
-        base = PretrainConfig.from_dict(self.base)
-        # lr and noise: only where a variant sets them
-        defaults = {"k": 0, **{p: getattr(base, p) for p in PARAMS if p not in (*CLUSTER_PARAMS, "lr")}}
-        return [{**defaults, **v} for v in self.variants]
+        return [{**self.grid_defaults(), **v} for v in self.variants]
+
+    def stages(self) -> list["SweepSpec"]:
+        """The Tune runs of this sweep in order: one, or with ``--encoder baseline`` two -- the baselines first
+        (experiment ``<name>-encoders``), whose encoders then cluster the pool for the other trials."""
+        if self.encoder != "baseline":
+            return [self]
+        first = [v for v in self.variants if v["method"] == "baseline"]
+        return [dataclasses.replace(self, name=f"{self.name}-encoders", variants=first),
+                dataclasses.replace(self, variants=[v for v in self.variants if v["method"] != "baseline"])]
 
 
 def _trial_params(config: dict) -> dict:
@@ -223,7 +238,8 @@ def trial_config(spec: SweepSpec, params: dict) -> PretrainConfig:
     method = params["method"]
     framework = METHOD_FRAMEWORKS.get(method, spec.base["framework"])
     recipe = {"augment": AugmentConfig.moco_v2().to_dict()} if framework == "moco" != spec.base["framework"] else {}
-    return PretrainConfig.from_dict({**spec.base, **recipe, **values, "seed": params["seed"],
+    own = {"self_cluster_k": params["k"]} if spec.encoder == "self" and method == "cluster" else {}
+    return PretrainConfig.from_dict({**spec.base, **recipe, **values, **own, "seed": params["seed"],
                                      "pair_rule": METHOD_RULES[method] or "instance", "framework": framework})
 
 
@@ -279,13 +295,15 @@ def run_trial(config: dict) -> None:
         final.update(_random_init(cfg, benchmarks, out))
         _finish(out, cfg.storage, final)
         return
-    if method == "cluster":
+    if method == "cluster" and spec.encoder != "self":
         manifest = attach_clusters(manifest, trial_clusters(spec, manifest, k, cfg.seed, params.get("noise")))
-        quality = cluster_quality(np.asarray(manifest.column("cluster_id")), np.asarray(manifest.column("label")))
-        final.update({f"cluster_{key}": value for key, value in quality.items()})
     run = pretrain(cfg, manifest, benchmarks, callbacks=[TuneReportCallback()],
                    reserved_cpus=TRIAL_DRIVER_CPUS, concurrent=config["concurrent"])
     metrics, cfg = run["metrics"] or {}, run["config"]
+    if method == "cluster":  # the clusters trained with (self-clustering: the last ones)
+        if spec.encoder == "self":
+            manifest = attach_clusters(manifest, pq.read_table(out / SELF_CLUSTERS_FILE))
+        final.update(clustering_scores(manifest, out / "tb", metrics.get("step", 0)))
     final.update(
         fn_fraction=metrics.get("false_negative_fraction"),
         removed_precision=metrics.get("removed_pair_precision"),
@@ -308,11 +326,41 @@ def run_trial(config: dict) -> None:
     _finish(out, cfg.storage, final)
 
 
+def clustering_scores(manifest, tb_dir: Path, step: int) -> dict:
+    """How a trial's clusters (the manifest's ``cluster_id``) match the hidden classes and the traverses: NMI,
+    purity, and the pair precision and recall elimination would get; also written to TensorBoard."""
+    ids = np.asarray(manifest.column("cluster_id"))
+    scores = {f"cluster_{key}": value for key, value in cluster_quality(ids, np.asarray(manifest.column("label"))).items()}
+    if "traverse" in manifest.column_names:
+        by_traverse = cluster_quality(ids, np.asarray(manifest.column("traverse")))
+        if by_traverse:
+            scores["cluster_traverse_nmi"] = by_traverse["nmi"]
+    with SummaryWriter(str(tb_dir)) as writer:
+        for key, value in scores.items():
+            if key != "cluster_n_labeled":
+                writer.add_scalar(f"clusters/{key.removeprefix('cluster_')}", value, step)
+    return scores
+
+
+def baseline_encoder(spec: SweepSpec, seed: int) -> str:
+    """``--encoder baseline``: the ``model.pt`` of the same seed's baseline trial (fetched from ``--storage``
+    when that trial ran on another machine)."""
+    name = trial_name({**spec.grid_defaults(), "method": "baseline", "seed": seed})
+    folder = Path(spec.out) / "trials" / name
+    if not (folder / MODEL_FILE).is_file() and spec.storage:
+        storage.download_dir(storage.join(spec.storage, "trials", name), folder)
+    if not (folder / MODEL_FILE).is_file():
+        raise ConfigError(f"--encoder baseline: the baseline trial {name} left no {MODEL_FILE}; see its errors above")
+    return str(folder / MODEL_FILE)
+
+
 def trial_clusters(spec: SweepSpec, manifest, k: int, seed: int, noise: float | None = None, progress: bool = False):
     """A cluster-aware trial's cluster ids: k-means with the trial's seed on the features of one encoder per
-    pool (trained, for ``texture``, with the sweep's base seed, as the paper trains one), from the cache; for
-    the noisy oracle, the labels with a fraction ``noise`` replaced (drawn with the trial's seed)."""
-    return cluster_assignments(manifest, spec.encoder, k or None, seed=seed, cache_dir=Path(spec.out) / "cache",
+    pool (trained, for ``texture``, with the sweep's base seed, as the paper trains one; for ``baseline``, the
+    same seed's baseline trial's), from the cache; for the noisy oracle, the labels with a fraction ``noise``
+    replaced (drawn with the trial's seed)."""
+    encoder = baseline_encoder(spec, seed) if spec.encoder == "baseline" else spec.encoder
+    return cluster_assignments(manifest, encoder, k or None, seed=seed, cache_dir=Path(spec.out) / "cache",
                                image_size=spec.base["image_size"], progress=progress,
                                encoder_seed=spec.base["seed"], noise=noise or 0.0, **spec.encoder_settings)
 
@@ -322,7 +370,7 @@ def prepare_clusters(spec: SweepSpec) -> None:
     of the driver's cores (trials then read the cache; none waits on another's encoder). Each seed's own
     pool: with ``max_images`` the seed draws the subset, and the encoder is trained once per pool."""
     clusterings = sorted({(v["k"], v.get("noise")) for v in spec.grid() if v["method"] == "cluster"}, key=str)
-    if not clusterings:
+    if not clusterings or spec.encoder == "self":  # self-clustering happens inside each trial
         return
     start = time.perf_counter()
     for seed in range(spec.base["seed"], spec.base["seed"] + spec.seeds):
@@ -435,51 +483,58 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
     """Run (or resume) the sweep; write results.csv, summary.md and plots; return the result rows."""
     out = Path(spec.out).resolve()
     spec = dataclasses.replace(spec, out=str(out))
-    experiment = storage.join(spec.storage_root, spec.name)
-    if storage.exists(experiment) and not resume:
-        raise ConfigError(f"{experiment} already holds a sweep; pass --resume to continue it or a new --out/--storage")
-    if resume and not storage.exists(experiment):
-        raise ConfigError(f"--resume: no sweep to resume at {experiment}; drop --resume to start one")
+    experiments = [storage.join(spec.storage_root, stage.name) for stage in spec.stages()]
+    started = [e for e in experiments if storage.exists(e)]
+    if started and not resume:
+        raise ConfigError(f"{started[0]} already holds a sweep; pass --resume to continue it or a new --out/--storage")
+    if resume and not started:
+        raise ConfigError(f"--resume: no sweep to resume at {experiments[0]}; drop --resume to start one")
     base = PretrainConfig.from_dict(spec.base)
     manifest, _ = resolve_data(base)  # writes the built-in data once, before trials race to do it; fails fast
     _check_ks(spec, manifest.num_rows)
     init_ray()
     concurrent = spec.max_concurrent or default_concurrency(base)
     check_cluster(base, concurrent)
-    prepare_clusters(spec)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(asdict(spec), indent=2))
-    trainable = tune.with_resources(run_trial, _trial_resources(spec, concurrent))
-    writer = ResultsWriter(out / "results.csv", spec.storage, total=len(spec.grid()) * spec.seeds)
     if spec.asha:
         if not base.knn_monitor:
             raise ConfigError("--asha stops trials on the kNN monitor's accuracy; drop --knn-monitor none")
         # Supervised trials never report the monitor's metric: don't let Tune's strict check fail them.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    if resume:
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={
-                "spec": asdict(spec),
-                "concurrent": concurrent,
-                "variant": tune.grid_search(spec.grid()),
-                "seed": tune.grid_search(list(range(base.seed, base.seed + spec.seeds))),
-            },
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_tune_trial_name,
-                                        trial_dirname_creator=_tune_trial_name, scheduler=_scheduler(spec, base)),
-            run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_root, callbacks=[writer],
-                                      failure_config=tune.FailureConfig(max_failures=1)),
-        )
-    grid = tuner.fit()
-    rows = [result_row(r.config, r.metrics) for r in grid if r.metrics]
-    errors = [str(r.error).splitlines()[0] for r in grid if r.error]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(asdict(spec), indent=2))
+    writer = ResultsWriter(out / "results.csv", spec.storage, total=len(spec.grid()) * spec.seeds)
+    results = []
+    for stage, experiment in zip(spec.stages(), experiments):
+        prepare_clusters(stage)
+        results += list(_tuner(stage, concurrent, writer, experiment if storage.exists(experiment) else None).fit())
+    rows = [result_row(r.config, r.metrics) for r in results if r.metrics]
+    errors = [str(r.error).splitlines()[0] for r in results if r.error]
     report.write_results_csv(rows, out / "results.csv")
     files = write_summary(spec, rows, errors)
     print(f"report: {write_report(out)}")
     publish_files(out, spec.storage, ["sweep.json", "results.csv", "report.html", *files])
     return rows
+
+
+def _tuner(spec: SweepSpec, concurrent: int, writer: ResultsWriter, restore: str | None) -> tune.Tuner:
+    """The Tune run of one stage: every variant x seed, or the interrupted one at ``restore``."""
+    trainable = tune.with_resources(run_trial, _trial_resources(spec, concurrent))
+    if restore:
+        return tune.Tuner.restore(restore, trainable=trainable, resume_errored=True)
+    base = PretrainConfig.from_dict(spec.base)
+    return tune.Tuner(
+        trainable,
+        param_space={
+            "spec": asdict(spec),
+            "concurrent": concurrent,
+            "variant": tune.grid_search(spec.grid()),
+            "seed": tune.grid_search(list(range(base.seed, base.seed + spec.seeds))),
+        },
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_tune_trial_name,
+                                    trial_dirname_creator=_tune_trial_name, scheduler=_scheduler(spec, base)),
+        run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_root, callbacks=[writer],
+                                  failure_config=tune.FailureConfig(max_failures=1)),
+    )
 
 
 def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[str]:
@@ -550,7 +605,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check_cluster_variants(variants: list[dict], encoder: str) -> None:
     """Every cluster-aware variant has a K >= 2, except with the oracle (one cluster per class), the only
-    encoder that takes a noise fraction."""
+    encoder that takes a noise fraction; the two-stage encoder needs the baselines it clusters with."""
+    if encoder not in SWEEP_ENCODERS and not Path(encoder).exists():
+        raise ConfigError(f"--encoder {encoder}: no such file or folder; pass one of {list(SWEEP_ENCODERS)} or a saved model")
     clustered = [v for v in variants if v["method"] == "cluster"]
     ks = [v["k"] for v in clustered if "k" in v]
     if any(k < 2 for k in ks):
@@ -559,15 +616,17 @@ def _check_cluster_variants(variants: list[dict], encoder: str) -> None:
         raise ConfigError(f"a cluster-aware variant has no K and --encoder {encoder} needs one; pass --k")
     if encoder != "oracle" and any(v.get("noise") for v in clustered):
         raise ConfigError(f"--noise applies only to --encoder oracle (the noisy oracle), not {encoder}")
+    if encoder == "baseline" and clustered and not any(v["method"] == "baseline" for v in variants):
+        raise ConfigError("--encoder baseline clusters with the baseline trials' encoders; drop --no-baseline")
 
 
 def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None = None, supervised: bool = True,
-                   **fields) -> SweepSpec:
+                   texture: dict | None = None, **fields) -> SweepSpec:
     """Build and validate a sweep spec from the shared options plus the script's variants.
 
-    ``pretrain`` overrides the preset's pretraining values (explicit options still win); the supervised
-    reference is appended when the script allows it and ``--supervised`` (default: the preset's) says so;
-    ``fields`` go to :class:`SweepSpec` as they are.
+    ``pretrain`` overrides the preset's pretraining values (explicit options still win), ``texture`` the
+    preset's texture-encoder settings; the supervised reference is appended when the script allows it and
+    ``--supervised`` (default: the preset's) says so; ``fields`` go to :class:`SweepSpec` as they are.
     """
     preset = SWEEP_PRESETS[args.preset]
     overrides = {**preset["pretrain"], **(pretrain or {}), **{k: v for k, v in dict(
@@ -587,7 +646,12 @@ def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None 
         raise ConfigError(f"--fine-tune-epochs must be >= 0 (got {args.fine_tune_epochs})")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be at least 1 (got {args.max_concurrent})")
-    _check_cluster_variants(variants, fields.get("encoder", "texture"))
+    encoder = fields.get("encoder", "texture")
+    _check_cluster_variants(variants, encoder)
+    if texture and encoder != "texture":
+        raise ConfigError(f"the --texture-* options apply only to --encoder texture, not {encoder}")
+    encoder_settings = {**preset["texture"], **(texture or {})} if encoder == "texture" else {}
+    TextureConfig.from_dict(encoder_settings)  # a bad texture setting stops here, before Ray starts
     if args.fine_tune_epochs is not None:  # the option wins over the script's default
         fields["fine_tune_epochs"] = args.fine_tune_epochs
     if supervised and (preset["supervised"] if args.supervised is None else args.supervised):
@@ -596,7 +660,7 @@ def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None 
         name=name, out=out, base=base.to_dict(), variants=variants, seeds=seeds,
         storage=storage.check_storage(args.storage) if args.storage else None, asha=args.asha,
         supervised_epochs=preset["supervised_epochs"], max_concurrent=args.max_concurrent,
-        encoder_settings=preset["texture"] if fields.get("encoder", "texture") == "texture" else {},
+        encoder_settings=encoder_settings,
         command=" ".join(["python", *map(shlex.quote, sys.argv)]), **fields,
     )
     for params in spec.grid():  # every trial's own config must be valid before anything starts

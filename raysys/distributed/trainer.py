@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
@@ -23,6 +24,7 @@ from ray.train.torch import TorchTrainer
 from raysys import storage
 from raysys.config import PretrainConfig
 from raysys.data.decode import load_images
+from raysys.data.schema import image_key
 from raysys.data.sources import resolve_data
 from raysys.distributed.pipeline import FileReport, pretrain_dataset, write_file_report
 from raysys.distributed.runtime import (
@@ -41,6 +43,7 @@ from raysys.models.io import MODEL_FILE, save_model
 log = logging.getLogger(__name__)
 
 RUN_NAME = "pretrain"
+SELF_CLUSTERS_FILE = "clusters.parquet"  # a self-clustering run's last cluster table
 
 
 def _knn_monitor_data(cfg: PretrainConfig, benchmarks: dict):
@@ -86,12 +89,27 @@ def complete_spatial_defaults(cfg: PretrainConfig, manifest: pa.Table) -> Pretra
     return cfg
 
 
-def export_model(checkpoint: ray.train.Checkpoint, path: Path) -> None:
-    """Write the final weights as a standalone ``model.pt`` (no optimizer state)."""
+def export_model(checkpoint: ray.train.Checkpoint, path: Path, manifest: pa.Table) -> None:
+    """Write the final weights as a standalone ``model.pt`` (no optimizer state) and, for a self-clustering
+    run, its last cluster table as ``clusters.parquet`` beside it."""
     with checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     save_model(path, state["model"], state["model_spec"], state["config"], data_position=state["data_position"])
     storage.write_text_atomic(str(path.parent / "workers.json"), json.dumps(state.get("workers", []), indent=2))
+    if (state.get("self_clusters") or {}).get("epoch", -1) >= 0:
+        export_self_clusters(state["self_clusters"], manifest, path.parent / SELF_CLUSTERS_FILE)
+
+
+def export_self_clusters(table: dict, manifest: pa.Table, path: Path) -> None:
+    """The self-clustering table (image keys -> ids) as ``image_id,cluster_id`` Parquet, the format of
+    ``raysys cluster --out`` (so ``--cluster-ids`` can reuse it)."""
+    name_of = {image_key(i): i for i in manifest.column("image_id").to_pylist()}
+    keys, ids = table["keys"].tolist(), table["ids"].tolist()
+    found = [(name_of[key], cluster) for key, cluster in zip(keys, ids) if key in name_of]
+    out = pa.table({"image_id": pa.array([f[0] for f in found], pa.string()),
+                    "cluster_id": pa.array([f[1] for f in found], pa.int64())})
+    with storage.atomic_local_path(path) as tmp:
+        pq.write_table(out.replace_schema_metadata({"raysys.encoder": "self", "raysys.epoch": str(table["epoch"])}), tmp)
 
 
 def _trainer(cfg: PretrainConfig, manifest: pa.Table, out: Path, dataset, monitor, callbacks, resources: dict,
@@ -133,9 +151,9 @@ def pretrain(
     begin = time.perf_counter()
     if manifest is None:
         manifest, benchmarks = resolve_data(cfg)  # fails fast, before Ray starts
-    if cfg.pair_rule == "cluster" and "cluster_id" not in manifest.column_names:
+    if cfg.pair_rule == "cluster" and not cfg.self_cluster_k and "cluster_id" not in manifest.column_names:
         raise ConfigError("--pair-rule cluster needs cluster ids; pass --cluster-ids FILE "
-                          "(from `raysys cluster --k K --out FILE`)")
+                          "(from `raysys cluster --k K --out FILE`) or let the model make them (--self-cluster-k K)")
     check_colour(cfg, manifest)
     cfg = complete_spatial_defaults(cfg, manifest)
     init_ray()
@@ -154,7 +172,7 @@ def pretrain(
     skipped = write_file_report(report, out)["skipped"]
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint; see the Ray logs under {out / 'ray'}")
-    export_model(result.checkpoint, out / MODEL_FILE)
+    export_model(result.checkpoint, out / MODEL_FILE, manifest)
     publish_run(out, cfg.storage)
     return {"metrics": result.metrics, "out": out, "benchmarks": benchmarks or {}, "config": cfg,
             "skipped_files": len(skipped), "seconds": seconds,

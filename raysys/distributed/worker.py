@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -29,8 +30,10 @@ from raysys.distributed.pipeline import train_batches
 from raysys.distributed.runtime import torch_threads
 from raysys.eval.knn import knn_monitor_score
 from raysys.methods.objectives import DIAGNOSTICS, ObjectiveContext, make_objective
+from raysys.methods.self_clusters import SelfClusters
 from raysys.models import ContrastiveModel, load_init_weights
 from raysys.models.sync_bn import convert_sync_batchnorm
+from raysys.models.texture import cluster_quality
 
 STATE_FILE = "state.pt"
 LOSS_LOG_EVERY = 10  # steps between TensorBoard's per-step loss points: each one waits for the device
@@ -84,6 +87,7 @@ class Worker:
     placements: list = field(default_factory=list)
     step_seconds: float = 0.0  # time spent inside train_step in this run (resumes start again from 0)
     generator: torch.Generator | None = None  # the rank's random stream on its device: views, pretext tasks
+    self_clusters: SelfClusters | None = None  # --self-cluster-k: the cluster ids the model makes itself
 
     @property
     def local_batch(self) -> int:
@@ -101,7 +105,7 @@ def _load_state(w: Worker) -> dict:
     w.optimizer.load_state_dict(state["optimizer"])
     w.scheduler.load_state_dict(state["scheduler"])
     w.scaler.load_state_dict(state["scaler"])
-    return {**state["data_position"], "objective": state.get("objective")}
+    return {**state["data_position"], "objective": state.get("objective"), "self_clusters": state.get("self_clusters")}
 
 
 def _worker_placements(rank: int, world: int) -> list[dict]:
@@ -150,6 +154,10 @@ def set_up(config: dict) -> Worker:
                                                               lambda: _autocast(cfg, device), w.generator))
     if position.get("objective"):
         w.objective.load_state_dict(position["objective"])
+    if cfg.self_cluster_k:
+        w.self_clusters = SelfClusters(cfg.self_cluster_k, cfg.self_cluster_warmup, cfg.self_cluster_every, cfg.seed)
+        if position.get("self_clusters"):  # a resumed trial continues with the ids it had
+            w.self_clusters.load_state_dict(position["self_clusters"])
     return w
 
 
@@ -170,6 +178,8 @@ def train_step(w: Worker, batch: dict) -> tuple[torch.Tensor, dict]:
     """One optimisation step on one batch: the objective's loss, backward, optimizer and schedule. The loss
     comes back detached on the device, so the step does not wait for it."""
     meta = {k: batch[k].to(w.device) for k in BATCH_META if k in batch}
+    if w.self_clusters is not None:
+        meta["cluster_id"] = w.self_clusters.lookup(meta["image_id"])
     loss, stats = w.objective.loss(*_inputs(w, batch), meta)
     w.optimizer.zero_grad(set_to_none=True)
     w.scaler.scale(loss).backward()
@@ -207,6 +217,47 @@ def run_epoch(w: Worker, shard, writer: SummaryWriter | None) -> dict:
     return totals
 
 
+def _embed_shard(w: Worker, shard) -> tuple[np.ndarray, ...]:
+    """``(image keys, backbone features, labels)`` of this rank's shard in one pass, eval mode: features of the
+    decoded images (of the first view when Ray Data makes the views, ``--augment-on data``)."""
+    w.model.eval()
+    keys, features, labels = [], [], []
+    with torch.no_grad(), _autocast(w.cfg, w.device):
+        for batch in shard.iter_torch_batches(batch_size=w.local_batch, drop_last=False):
+            images = batch["image"] if "image" in batch else batch[VIEW1]
+            x = to_float(images.to(w.device), w.cfg.image_size) if images.dtype == torch.uint8 else images.to(w.device)
+            features.append(w.raw_model.features(x).float().cpu())
+            keys.append(batch["image_id"].cpu())
+            labels.append(batch["label"].cpu())
+    return tuple(torch.cat(parts).numpy() for parts in (keys, features, labels))
+
+
+def recluster(w: Worker, shard, epoch: int, writer: SummaryWriter | None) -> None:
+    """Self-clustering before ``epoch``: every rank embeds its shard, rank 0 clusters the whole pool, and every
+    rank takes the new table, so the next batches carry the new ids without restarting anything."""
+    start = time.perf_counter()
+    parts = [_embed_shard(w, shard)]
+    if w.world > 1:
+        everyone = [None] * w.world
+        torch.distributed.all_gather_object(everyone, parts[0])
+        parts = everyone
+    keys, features, labels = (np.concatenate(column) for column in zip(*parts))
+    table = [None]
+    if w.rank == 0:
+        ids = w.self_clusters.update(keys, features, epoch)
+        table = [w.self_clusters.state_dict()]
+        quality = cluster_quality(ids, labels)  # hidden labels, when the data has them: a diagnostic only
+        for key in ("nmi", "pair_precision", "pair_recall"):
+            if key in quality and writer is not None:
+                writer.add_scalar(f"self_clusters/{key}", quality[key], w.step)
+        shown = f", NMI {quality['nmi']:.3f}, pair precision {quality['pair_precision']:.2f}" if quality else ""
+        print(f"[raysys] self-clustering before epoch {epoch + 1}: {len(keys)} images into {w.self_clusters.k} "
+              f"clusters{shown} ({time.perf_counter() - start:.1f} s)", flush=True)
+    if w.world > 1:
+        torch.distributed.broadcast_object_list(table, src=0)
+        w.self_clusters.load_state_dict(table[0])
+
+
 def epoch_metrics(w: Worker, epoch: int, totals: dict, monitor) -> dict:
     """What every rank reports after ``epoch``: loss, lr, throughput, diagnostics, the kNN monitor."""
     elapsed = max(totals["elapsed"], 1e-9)
@@ -236,6 +287,7 @@ def checkpoint_state(w: Worker, epoch: int) -> dict:
         "scaler": w.scaler.state_dict(),
         "data_position": {"epoch": epoch + 1, "step": w.step},
         "objective": w.objective.state_dict(),  # MoCo: key encoder and queue, so a resume continues them
+        "self_clusters": w.self_clusters.state_dict() if w.self_clusters is not None else None,
         "config": w.cfg.to_dict(),
         "workers": w.placements,
     }
@@ -259,6 +311,8 @@ def train_loop(config: dict) -> dict:
     shard = ray.train.get_dataset_shard("train")
     metrics: dict = {"epoch": w.start_epoch, "start_epoch": w.start_epoch}
     for epoch in range(w.start_epoch, w.cfg.epochs):
+        if w.self_clusters is not None and w.self_clusters.due(epoch):
+            recluster(w, shard, epoch, writer)
         metrics = epoch_metrics(w, epoch, run_epoch(w, shard, writer), monitor)
         if writer is not None:
             for key, value in metrics.items():

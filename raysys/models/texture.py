@@ -35,7 +35,13 @@ from tqdm.auto import tqdm
 
 from raysys.data.augment import AugmentConfig, augment
 from raysys.errors import DataError, ModelFileError, TextureConfigError
-from raysys.models.backbones import Normalize, build_backbone, embed
+from raysys.models.backbones import (
+    LoadReport,
+    Normalize,
+    build_backbone,
+    embed,
+    load_init_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +114,26 @@ def purity(cluster_ids, labels) -> float:
     return float(counts.max(axis=1).sum() / len(labels))
 
 
+def pair_precision_recall(cluster_ids, labels) -> tuple[float, float]:
+    """Over all pairs of distinct images: the fraction of same-cluster pairs that share a label (precision)
+    and of same-label pairs that share a cluster (recall) -- what cluster-aware elimination's removed pairs
+    score in i.i.d. batches, computed from the contingency table without training."""
+    _, c = np.unique(np.asarray(cluster_ids), return_inverse=True)
+    _, y = np.unique(np.asarray(labels), return_inverse=True)
+    counts = np.zeros((c.max() + 1, y.max() + 1), dtype=np.float64)
+    np.add.at(counts, (c, y), 1)
+
+    def pairs(n):
+        return float((n * (n - 1) / 2).sum())
+
+    both = pairs(counts)
+    return both / max(pairs(counts.sum(1)), 1.0), both / max(pairs(counts.sum(0)), 1.0)
+
+
 def cluster_quality(cluster_ids, labels) -> dict:
-    """``{"nmi", "purity", "n_labeled"}`` of a clustering against known labels, ignoring labels < 0;
-    an empty dict when no label is known. NMI is scikit-learn's (arithmetic normalization)."""
+    """``{"nmi", "purity", "pair_precision", "pair_recall", "n_labeled"}`` of a clustering against known
+    labels, ignoring labels < 0; an empty dict when no label is known. NMI is scikit-learn's (arithmetic
+    normalization); pair precision and recall as :func:`pair_precision_recall`."""
     cluster_ids, labels = np.asarray(cluster_ids), np.asarray(labels)
     if cluster_ids.shape != labels.shape:
         raise ValueError(f"cluster ids and labels differ in length ({len(cluster_ids)} vs {len(labels)})")
@@ -118,7 +141,9 @@ def cluster_quality(cluster_ids, labels) -> dict:
     if not known.any():
         return {}
     c, y = cluster_ids[known], labels[known]
-    return {"nmi": float(normalized_mutual_info_score(y, c)), "purity": purity(c, y), "n_labeled": int(known.sum())}
+    precision, recall = pair_precision_recall(c, y)
+    return {"nmi": float(normalized_mutual_info_score(y, c)), "purity": purity(c, y), "pair_precision": precision,
+            "pair_recall": recall, "n_labeled": int(known.sum())}
 
 
 # ----------------------------------------------------------------------------- the model
@@ -159,6 +184,11 @@ class TextureEncoding(nn.Module):
         return assign.transpose(1, 2) @ desc - assign.sum(1).unsqueeze(-1) * self.codewords  # [B, K, C]
 
 
+def _trunk(net: nn.Module) -> nn.Sequential:
+    """A ResNet up to its last feature map (ScaledResNet.forward would also pool it)."""
+    return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+
+
 class TextureEncoder(nn.Module):
     """ResNet trunk -> (texture encoding, global average pool) -> 64-d each -> bilinear -> L2 -> 512-d -> L2.
 
@@ -173,9 +203,7 @@ class TextureEncoder(nn.Module):
         self.spec = dict(backbone_name=backbone_name, width=width, small_stem=small_stem, codewords=codewords,
                          branch_dim=branch_dim, embed_dim=embed_dim, reduce_dim=reduce_dim)
         net, channels = build_backbone(backbone_name, width, small_stem)
-        # The trunk up to the last feature map: ScaledResNet.forward would also pool it.
-        self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2,
-                                   net.layer3, net.layer4)
+        self.trunk = _trunk(net)
         reduced = min(reduce_dim, channels)
         # As in the DEP network: a 1x1 conv shrinks the map before encoding (K x C codes stay small).
         self.texture = nn.Sequential(
@@ -191,6 +219,14 @@ class TextureEncoder(nn.Module):
     def from_spec(cls, spec: dict) -> "TextureEncoder":
         """Rebuild a model from its ``spec``."""
         return cls(**spec)
+
+    def load_trunk_weights(self, path) -> LoadReport:
+        """Start the trunk from a backbone weights file (a ResNet state dict of the same architecture and width,
+        e.g. ImageNet or a raysys run's), as the paper's texture model started from a pretrained network."""
+        net, _ = build_backbone(self.spec["backbone_name"], self.spec["width"], self.spec["small_stem"])
+        report = load_init_weights(net, path)
+        self.trunk.load_state_dict(_trunk(net).state_dict())
+        return report
 
     def forward(self, x: Tensor) -> Tensor:
         """L2-normalized embeddings ``[B, embed_dim]`` of images in [0, 1]."""
@@ -285,6 +321,10 @@ class TextureConfig:
     mining: str = "batch_all"  # or "batch_hard"
     two_views: bool = True  # each image enters a batch twice, differently augmented: a guaranteed positive
     pca_dim: int = PCA_DIM
+    # Colour invariance: SimCLR's strong colour jitter and random grayscale instead of mild jitter, so the
+    # clusters cannot follow a traverse's colour cast and lighting instead of its terrain.
+    colour_invariant: bool = False
+    init_weights: str | None = None  # start the trunk from this backbone weights file (the paper's was pretrained)
 
     def validate(self) -> TextureConfig:
         """Raise :class:`TextureConfigError` on the first invalid field; return self."""
@@ -295,6 +335,8 @@ class TextureConfig:
             ("batch_size", self.batch_size >= 2 * self.per_cluster), ("pseudo_k", self.pseudo_k >= 2),
             ("margin", self.margin > 0), ("pca_dim", self.pca_dim >= 1), ("mining", self.mining in TRIPLET_LOSSES),
         ]
+        if self.init_weights is not None and not Path(self.init_weights).is_file():
+            raise TextureConfigError(f"texture weights {self.init_weights} do not exist; pass a backbone weights file")
         for name, ok in checks:
             if not ok:
                 raise TextureConfigError(f"texture setting {name}={getattr(self, name)!r} is invalid "
@@ -323,9 +365,13 @@ class TextureConfig:
         return TextureEncoder(self.backbone, self.width, small, self.codewords, embed_dim=self.embed_dim)
 
 
-def _light_augment(size: int) -> AugmentConfig:
-    """Crops, flips and mild colour changes: invariances a texture descriptor should have, without
-    SimCLR's strong colour distortion (colour is part of what separates Mars terrain textures)."""
+def _texture_augment(size: int, colour_invariant: bool) -> AugmentConfig:
+    """Crops, flips and mild colour changes: invariances a texture descriptor should have, without SimCLR's
+    strong colour distortion (colour is part of what separates Mars terrain textures) -- or, colour-invariant,
+    with SimCLR's colour jitter (p 0.8, 0.4/0.4/0.4/0.1) and grayscale (p 0.2)."""
+    if colour_invariant:
+        return AugmentConfig(size=size, crop_scale=(0.35, 1.0), flip_p=0.5, jitter_p=0.8, brightness=0.4,
+                             contrast=0.4, saturation=0.4, hue=0.1, grayscale_p=0.2)
     return AugmentConfig(size=size, crop_scale=(0.35, 1.0), flip_p=0.5, jitter_p=0.5, brightness=0.2,
                          contrast=0.2, saturation=0.2, hue=0.02, grayscale_p=0.0)
 
@@ -362,11 +408,14 @@ def train_texture_encoder(
                          f"{max(2 * cfg.per_cluster, k_pseudo)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
-    model = cfg.build(size).to(device)
+    model = cfg.build(size)
+    if cfg.init_weights:
+        model.load_trunk_weights(cfg.init_weights)
+    model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    aug = _light_augment(size)
+    aug = _texture_augment(size, cfg.colour_invariant)
     triplet_loss = TRIPLET_LOSSES[cfg.mining]
     views = 2 if cfg.two_views else 1
     steps = max(1, n // cfg.batch_size)  # an epoch costs N embeddings; with two views it sees N / 2 images

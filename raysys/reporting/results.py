@@ -16,8 +16,8 @@ RESULT_COLUMNS = [
     "trial", "method", "k", "noise", "cluster_mode", "temperature", "lr", "mix_ratio", "seed",
     "msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
     "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc",
-    "fn_fraction", "removed_precision", "removed_recall", "cluster_nmi", "cluster_purity",
-    "ess_radius", "ess_sigma", "positives_per_anchor", "place_recall1", "place_recall5", "place_median_error",
+    "fn_fraction", "removed_precision", "removed_recall", "cluster_nmi", "cluster_purity", "cluster_traverse_nmi",
+    "cluster_pair_precision", "cluster_pair_recall", "ess_radius", "ess_sigma", "positives_per_anchor", "place_recall1", "place_recall5", "place_median_error",
     "place_chance_recall1", "knn_acc", "pretext_accuracy", "stopped_at_epoch", "pretrain_seconds",
 ]
 # What tells configurations apart (not the seed).
@@ -25,7 +25,7 @@ GROUP_KEYS = ("method", "k", "noise", "cluster_mode", "temperature", "lr", "mix_
 METRICS = ["msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
            "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc", "fn_fraction", "place_recall1",
            "place_recall5", "place_median_error", "positives_per_anchor", "pretext_accuracy", "removed_precision",
-           "removed_recall", "cluster_nmi"]
+           "removed_recall", "cluster_nmi", "cluster_traverse_nmi", "cluster_pair_precision"]
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -88,17 +88,21 @@ def _pct(mean, std=None) -> str:
 def results_table(groups: list[dict], param: str = "k", swept=("cluster",)) -> str:
     """A markdown table of the grouped results (accuracies in %, mean ± std over seeds); ``param`` is shown
     for the ``swept`` methods only (the others are references)."""
+    clusters = any(g.get("cluster_nmi") is not None for g in groups)  # the clusters' quality, where measured
     head = (f"| method | {param} | seeds | MSL acc | MSL bal. acc | HiRISE acc | HiRISE bal. acc "
-            f"| MSL kNN acc | HiRISE kNN acc | FN pairs % |")
-    lines = [head, "|" + " --- |" * 10]
+            f"| MSL kNN acc | HiRISE kNN acc | FN pairs % |"
+            + (" cluster NMI (class) | NMI (traverse) | removed precision | removed recall |" if clusters else ""))
+    lines = [head, "|" + " --- |" * (10 + 4 * clusters)]
     for g in groups:
         value = g.get(param) if g["method"] in swept else None
+        extra = "".join(f" {_num(g.get(key))} |" for key in ("cluster_nmi", "cluster_traverse_nmi",
+                                                             "removed_precision", "removed_recall")) if clusters else ""
         lines.append(
             f"| {g['method']} | {'–' if value is None else f'{value:g}'} "
             f"| {g['n']} | {_pct(g['msl_acc'], g['msl_acc_std'])} | {_pct(g['msl_balanced_acc'], g['msl_balanced_acc_std'])} "
             f"| {_pct(g['hirise_acc'], g['hirise_acc_std'])} | {_pct(g['hirise_balanced_acc'], g['hirise_balanced_acc_std'])} "
             f"| {_pct(g['msl_knn_acc'], g['msl_knn_acc_std'])} | {_pct(g['hirise_knn_acc'], g['hirise_knn_acc_std'])} "
-            f"| {_pct(g['fn_fraction'])} |"
+            f"| {_pct(g['fn_fraction'])} |" + extra
         )
     return "\n".join(lines)
 

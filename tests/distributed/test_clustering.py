@@ -98,6 +98,19 @@ def test_purity_and_nmi_by_hand():
     assert tx.cluster_quality([0, 1, 2], [-1, -1, -1]) == {}
 
 
+def test_pair_precision_and_recall_by_hand_and_brute_force():
+    # same-cluster pairs: 3 + 1 = 4, of which same class: (0,1) and (3,4) -> 1/2; same-class pairs: 1 + 3 = 4 -> 1/2
+    assert tx.pair_precision_recall([0, 0, 0, 1, 1], [0, 0, 1, 1, 1]) == (0.5, 0.5)
+    rng = np.random.default_rng(0)
+    clusters, labels = rng.integers(0, 6, 200), rng.integers(0, 4, 200)
+    pairs = [(i, j) for i in range(200) for j in range(i + 1, 200)]
+    same_c = sum(clusters[i] == clusters[j] for i, j in pairs)
+    same_y = sum(labels[i] == labels[j] for i, j in pairs)
+    both = sum(clusters[i] == clusters[j] and labels[i] == labels[j] for i, j in pairs)
+    q = tx.cluster_quality(clusters, labels)
+    assert (q["pair_precision"], q["pair_recall"]) == (pytest.approx(both / same_c), pytest.approx(both / same_y))
+
+
 # ----------------------------------------------------------------------------- the texture encoder
 
 
@@ -182,6 +195,34 @@ def test_texture_training_runs_and_logs_history(smoke_pool):
     random_init = tx.cluster_features(tx.embed_images(cfg.build(16), images), 19)
     assert trained.shape == (len(images),) and 2 <= len(set(trained)) <= 19
     print("smoke NMI trained", tx.cluster_quality(trained, labels), "random", tx.cluster_quality(random_init, labels))
+
+
+def test_texture_trunk_starts_from_a_weights_file(tmp_path):
+    from raysys.models.backbones import build_backbone
+
+    torch.manual_seed(1)
+    net, _ = build_backbone("resnet18", 0.125, True)
+    torch.save(net.state_dict(), tmp_path / "backbone.pt")
+    torch.manual_seed(2)
+    model = tx.TextureEncoder("resnet18", 0.125, True)
+    report = model.load_trunk_weights(tmp_path / "backbone.pt")
+    assert not report.mismatched and all(k.startswith("fc") or k in report.loaded for k in net.state_dict())
+    assert torch.equal(model.trunk[0].weight, net.conv1.weight)
+    assert torch.equal(model.trunk[7][1].conv2.weight, net.layer4[1].conv2.weight)
+    with pytest.raises(tx.TextureConfigError, match="do not exist"):
+        tx.TextureConfig(init_weights=str(tmp_path / "missing.pt")).validate()
+
+
+def test_colour_invariant_texture_views_lose_colour_sometimes():
+    """SimCLR's grayscale (p 0.2) in the colour-invariant views; none in the default's mild jitter."""
+    from raysys.data.augment import augment
+
+    red = torch.zeros(400, 16, 16, 3, dtype=torch.uint8)
+    red[..., 0] = 200
+    for invariant, low, high in ((False, 0.0, 0.0), (True, 0.1, 0.3)):
+        views = augment(red, tx._texture_augment(16, invariant), torch.Generator().manual_seed(0))
+        gray = ((views[:, 0] - views[:, 1]).abs().amax((1, 2)) < 1e-3).float().mean().item()
+        assert low <= gray <= high, (invariant, gray)
 
 
 # ----------------------------------------------------------------------------- cluster_assignments (Ray)

@@ -178,3 +178,54 @@ def test_asha_stops_a_trial_early_on_the_validation_monitor(ray_session, tmp_pat
     while ray_session.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
         time.sleep(1)
     assert ray_session.available_resources().get("CPU", 0) == 2, ray_session.available_resources()
+
+
+def _scalars(tb_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return [event.value for event in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def test_sweep_k_two_stage_clusters_with_each_seeds_baseline(ray_session, tmp_path):
+    """--encoder baseline: the baselines run first (their own Tune experiment), then the same seed's baseline
+    encoder clusters the pool for the cluster-aware trial; its clusters' scores reach results.csv and TB."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "two-stage"
+    assert _run_script("sweep_k", out, "--encoder", "baseline", "--no-supervised", "--k", "4") == 0
+    rows = _rows(out)
+    assert sorted(rows) == ["baseline-t0.5-s0", "cluster-k4-t0.5-s0"]
+    assert (out / "sweep_k-encoders").is_dir() and (out / "sweep_k").is_dir()
+    tables = [pq.read_table(f) for f in (out / "cache" / "clusters").glob("*.parquet")]
+    assert [t.schema.metadata[b"raysys.encoder"].decode() for t in tables] == \
+        [str(out / "trials" / "baseline-t0.5-s0" / "model.pt")]
+    cluster = rows["cluster-k4-t0.5-s0"]
+    assert 0 <= cluster["cluster_nmi"] <= 1 and 0 <= cluster["cluster_traverse_nmi"] <= 1
+    assert 0 < cluster["cluster_pair_precision"] <= 1
+    assert _scalars(out / "trials" / "cluster-k4-t0.5-s0" / "tb", "clusters/nmi") == [pytest.approx(cluster["cluster_nmi"])]
+    assert "NMI (traverse)" in (out / "summary.md").read_text()
+
+
+def test_sweep_k_self_clustering_reclusters_inside_the_trial(ray_session, tmp_path):
+    """--encoder self: no clustering before the trial; the worker clusters the pool from its own features
+    before epoch 2 (warm-up 1) and the trial exports and scores that table."""
+    import pyarrow.parquet as pq
+
+    from raysys.config import PretrainConfig
+    from raysys.data.sources import resolve_data
+
+    out = tmp_path / "self"
+    assert _run_script("sweep_k", out, "--encoder", "self", "--no-supervised", "--no-baseline", "--k", "4") == 0
+    row = _rows(out)["cluster-k4-t0.5-s0"]
+    trial = out / "trials" / "cluster-k4-t0.5-s0"
+    table = pq.read_table(trial / "clusters.parquet")
+    cfg = PretrainConfig.from_dict(json.loads((trial / "config.json").read_text()))
+    pool = resolve_data(cfg)[0]
+    assert cfg.self_cluster_k == 4 and table.schema.metadata[b"raysys.epoch"] == b"1"
+    assert set(table.column("image_id").to_pylist()) <= set(pool.column("image_id").to_pylist())
+    assert table.num_rows >= 0.9 * pool.num_rows and set(table.column("cluster_id").to_pylist()) <= set(range(4))
+    assert not (out / "cache").exists(), "self-clustering must not cluster before the trial"
+    assert row["removed_precision"] is not None and 0 <= row["cluster_nmi"] <= 1
+    assert len(_scalars(trial / "tb", "self_clusters/nmi")) == 1

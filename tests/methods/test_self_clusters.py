@@ -1,0 +1,57 @@
+"""Self-clustering (IFND): its schedule, its table's lookups against a brute-force dict, its saved state."""
+
+import numpy as np
+import pytest
+import torch
+
+from raysys.methods.self_clusters import SelfClusters
+from raysys.models.texture import cluster_quality
+
+
+def _blobs(k: int = 3, n_per: int = 40, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = np.repeat(np.arange(k), n_per)
+    centres = np.eye(k) * 10  # as many dimensions as clusters: whitening keeps every one of them
+    return (centres[ids] + rng.normal(0, 0.5, (len(ids), k))).astype(np.float32), ids
+
+
+def test_schedule_is_warmup_then_every_e_epochs():
+    sc = SelfClusters(k=4, warmup=2, every=3)
+    assert [e for e in range(10) if sc.due(e)] == [2, 5, 8]
+    assert [e for e in range(4) if SelfClusters(4, 0, 1).due(e)] == [0, 1, 2, 3]
+
+
+def test_before_any_clustering_every_id_is_unknown():
+    keys = torch.tensor([5, -3, 2**62])
+    assert SelfClusters(4, 1, 1).lookup(keys).tolist() == [-1, -1, -1]  # the cluster rule's "not the same cluster"
+
+
+def test_lookup_matches_a_dict_and_unknown_keys_get_minus_one():
+    features, truth = _blobs()
+    rng = np.random.default_rng(1)
+    keys = rng.choice(2**62, len(features), replace=False).astype(np.int64)  # 64-bit image keys, unsorted
+    sc = SelfClusters(k=3, warmup=0, every=1, seed=7)
+    ids = sc.update(keys, features, epoch=0)
+    assert cluster_quality(ids, truth)["nmi"] == pytest.approx(1.0)
+    reference = dict(zip(keys.tolist(), ids.tolist()))
+    query = np.concatenate([rng.permutation(keys)[:50], [keys.max() + 1, keys.min() - 1]])
+    found = sc.lookup(torch.from_numpy(query)).tolist()
+    assert found == [reference.get(q, -1) for q in query.tolist()]
+
+
+def test_state_round_trip_keeps_the_table_and_its_epoch():
+    features, _ = _blobs()
+    keys = np.arange(len(features), dtype=np.int64) * 7919
+    sc = SelfClusters(k=3, warmup=1, every=2)
+    sc.update(keys, features, epoch=3)
+    restored = SelfClusters(k=3, warmup=1, every=2)
+    restored.load_state_dict(sc.state_dict())
+    assert restored.epoch == 3
+    assert torch.equal(restored.lookup(torch.from_numpy(keys)), sc.lookup(torch.from_numpy(keys)))
+
+
+def test_bad_schedule_and_duplicate_keys_are_refused():
+    with pytest.raises(ValueError, match="k >= 2"):
+        SelfClusters(k=1, warmup=0, every=1)
+    with pytest.raises(ValueError, match="embedded twice"):
+        SelfClusters(k=2, warmup=0, every=1).update(np.array([1, 1, 2, 3]), np.eye(4, dtype=np.float32), 0)
