@@ -64,12 +64,7 @@ def add_pretrain_arguments(p) -> None:
                    "(paper Eq. 2, default) or attract them as positives")
     p.add_argument("--cluster-ids", help="cluster table of the pool (image_id,cluster_id; Parquet or CSV), e.g. "
                    "from `raysys cluster --out FILE`")
-    p.add_argument("--self-cluster-k", type=int, help="self-clustering (IFND): with --pair-rule cluster, cluster "
-                   "the pool into K from the model's own features during training, no --cluster-ids needed")
-    p.add_argument("--self-cluster-warmup", type=int, help="self-clustering: epochs of plain SimCLR before the "
-                   "first clustering (default 1)")
-    p.add_argument("--self-cluster-every", type=int, help="self-clustering: re-cluster every this many epochs "
-                   "(default 1)")
+    _add_self_cluster_arguments(p)
     p.add_argument("--framework", choices=FRAMEWORKS, help="simclr (in-batch negatives, default), moco "
                    "(MoCo v2: momentum key encoder, queue of negatives; temperature 0.2), or a pretext task: "
                    "rotation, relative-position, jigsaw, colorization (colour pools only)")
@@ -83,6 +78,15 @@ def add_pretrain_arguments(p) -> None:
     p.add_argument("--knn-monitor", help="benchmark whose train/val splits feed the per-epoch kNN monitor "
                    "(default msl; 'none' turns it off)")
     p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation after pretraining")
+
+
+def _add_self_cluster_arguments(p) -> None:
+    p.add_argument("--self-cluster-k", type=int, help="self-clustering (IFND): with --pair-rule cluster, cluster "
+                   "the pool into K from the model's own features during training, no --cluster-ids needed")
+    p.add_argument("--self-cluster-warmup", type=int, help="self-clustering: epochs of plain SimCLR before the "
+                   "first clustering (default 1)")
+    p.add_argument("--self-cluster-every", type=int, help="self-clustering: re-cluster every this many epochs "
+                   "(default 1)")
 
 
 def config_from_args(args) -> PretrainConfig:

@@ -197,20 +197,12 @@ class PretrainConfig:
             (self.pair_rule in PAIR_RULES, f"pair rule {self.pair_rule!r} is unknown; choose one of {list(PAIR_RULES)}"),
             (self.cluster_mode in CLUSTER_MODES,
              f"--cluster-mode {self.cluster_mode!r} is unknown; choose one of {list(CLUSTER_MODES)}"),
-            (self.self_cluster_k == 0 or (self.self_cluster_k >= 2 and self.pair_rule == "cluster"),
-             f"--self-cluster-k {self.self_cluster_k}: self-clustering needs K >= 2 and --pair-rule cluster "
-             f"(got --pair-rule {self.pair_rule}); pass both, or drop --self-cluster-k"),
-            (self.self_cluster_k == 0 or (0 <= self.self_cluster_warmup < self.epochs and self.self_cluster_every >= 1),
-             f"--self-cluster-warmup {self.self_cluster_warmup} must be below --epochs {self.epochs} (else no epoch "
-             f"uses the clusters) and --self-cluster-every >= 1 (got {self.self_cluster_every})"),
-            (not (self.self_cluster_k and self.cluster_ids),
-             "--self-cluster-k makes its own cluster ids; drop --cluster-ids (or --self-cluster-k)"),
             (0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
              f"--warmup-epochs must be below --epochs (got {self.warmup_epochs} of {self.epochs})"),
             (self.max_images is None or self.max_images >= self.batch_size,
              f"--max-images {self.max_images} is smaller than one batch ({self.batch_size}); raise it or lower --batch-size"),
         ]
-        for ok, message in checks:
+        for ok, message in checks + self._self_cluster_checks():
             if not ok:
                 raise ConfigError(message)
         for path, option in ((self.data, "--data"), (self.init_weights, "--init-weights"), (self.mix_data, "--mix-data"),
@@ -222,6 +214,18 @@ class PretrainConfig:
         except ValueError as exc:
             raise ConfigError(f"augmentation: {exc}") from None
         return self if self.storage is None else self.replace(storage=check_storage(self.storage))
+
+    def _self_cluster_checks(self) -> list[tuple[bool, str]]:
+        return [
+            (self.self_cluster_k == 0 or (self.self_cluster_k >= 2 and self.pair_rule == "cluster"),
+             f"--self-cluster-k {self.self_cluster_k}: self-clustering needs K >= 2 and --pair-rule cluster "
+             f"(got --pair-rule {self.pair_rule}); pass both, or drop --self-cluster-k"),
+            (self.self_cluster_k == 0 or (0 <= self.self_cluster_warmup < self.epochs and self.self_cluster_every >= 1),
+             f"--self-cluster-warmup {self.self_cluster_warmup} must be below --epochs {self.epochs} (else no epoch "
+             f"uses the clusters) and --self-cluster-every >= 1 (got {self.self_cluster_every})"),
+            (not (self.self_cluster_k and self.cluster_ids),
+             "--self-cluster-k makes its own cluster ids; drop --cluster-ids (or --self-cluster-k)"),
+        ]
 
     def replace(self, **changes) -> "PretrainConfig":
         """A copy with ``changes``; the config itself never changes once made."""

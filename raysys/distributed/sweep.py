@@ -300,10 +300,8 @@ def run_trial(config: dict) -> None:
     run = pretrain(cfg, manifest, benchmarks, callbacks=[TuneReportCallback()],
                    reserved_cpus=TRIAL_DRIVER_CPUS, concurrent=config["concurrent"])
     metrics, cfg = run["metrics"] or {}, run["config"]
-    if method == "cluster":  # the clusters trained with (self-clustering: the last ones)
-        if spec.encoder == "self":
-            manifest = attach_clusters(manifest, pq.read_table(out / SELF_CLUSTERS_FILE))
-        final.update(clustering_scores(manifest, out / "tb", metrics.get("step", 0)))
+    if method == "cluster":
+        final.update(clustering_scores(spec, manifest, out, metrics.get("step", 0)))
     final.update(
         fn_fraction=metrics.get("false_negative_fraction"),
         removed_precision=metrics.get("removed_pair_precision"),
@@ -326,16 +324,19 @@ def run_trial(config: dict) -> None:
     _finish(out, cfg.storage, final)
 
 
-def clustering_scores(manifest, tb_dir: Path, step: int) -> dict:
-    """How a trial's clusters (the manifest's ``cluster_id``) match the hidden classes and the traverses: NMI,
-    purity, and the pair precision and recall elimination would get; also written to TensorBoard."""
+def clustering_scores(spec: SweepSpec, manifest, out: Path, step: int) -> dict:
+    """How the clusters a trial trained with (the manifest's ``cluster_id``; self-clustering: its last table)
+    match the hidden classes and the traverses: NMI, purity, and the pair precision and recall elimination
+    would get; also written to the trial's TensorBoard."""
+    if spec.encoder == "self":
+        manifest = attach_clusters(manifest, pq.read_table(out / SELF_CLUSTERS_FILE))
     ids = np.asarray(manifest.column("cluster_id"))
     scores = {f"cluster_{key}": value for key, value in cluster_quality(ids, np.asarray(manifest.column("label"))).items()}
     if "traverse" in manifest.column_names:
         by_traverse = cluster_quality(ids, np.asarray(manifest.column("traverse")))
         if by_traverse:
             scores["cluster_traverse_nmi"] = by_traverse["nmi"]
-    with SummaryWriter(str(tb_dir)) as writer:
+    with SummaryWriter(str(out / "tb")) as writer:
         for key, value in scores.items():
             if key != "cluster_n_labeled":
                 writer.add_scalar(f"clusters/{key.removeprefix('cluster_')}", value, step)
