@@ -38,7 +38,7 @@ from raysys.config.presets import SWEEP_PRESETS
 from raysys.config.schema import check_saved
 from raysys.data.augment import AugmentConfig
 from raysys.data.sources import attach_clusters, heldout_manifest, resolve_data
-from raysys.distributed.clustering import cluster_assignments, cluster_quality
+from raysys.distributed.clustering import ENCODERS, cluster_assignments, cluster_quality
 from raysys.distributed.runtime import (
     check_cluster,
     init_ray,
@@ -79,7 +79,7 @@ SWEEP_VERSION = 1  # bump when a SweepSpec field changes meaning or goes; from_d
 FINAL_FILE = "final.json"  # a finished trial's result, in its run folder
 TRIAL_DRIVER_CPUS = 0.1  # a trial's own process mostly waits on its TorchTrainer
 BENCHMARKS = ("msl", "hirise")
-SWEEP_ENCODERS = ("texture", "self", "baseline", "oracle")  # or a saved raysys model
+SWEEP_ENCODERS = (*ENCODERS, "self", "baseline")  # or a saved raysys model
 
 
 def variant(method: str, **params) -> dict:

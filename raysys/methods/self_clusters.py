@@ -49,12 +49,13 @@ class SelfClusters:
         """Cluster ids of image ``keys`` (int64 tensor, any device); -1 for images the table lacks."""
         if len(self.keys) == 0:
             return torch.full_like(keys, -1)
-        table, ids = self.keys.to(keys.device), self.ids.to(keys.device)
-        at = torch.searchsorted(table, keys).clamp_(max=len(table) - 1)
-        return torch.where(table[at] == keys, ids[at], torch.full_like(keys, -1))
+        if self.keys.device != keys.device:  # moved once per table, not once per batch
+            self.keys, self.ids = self.keys.to(keys.device), self.ids.to(keys.device)
+        at = torch.searchsorted(self.keys, keys).clamp_(max=len(self.keys) - 1)
+        return torch.where(self.keys[at] == keys, self.ids[at], torch.full_like(keys, -1))
 
     def state_dict(self) -> dict:
-        return {"keys": self.keys, "ids": self.ids, "epoch": self.epoch}
+        return {"keys": self.keys.cpu(), "ids": self.ids.cpu(), "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.keys, self.ids, self.epoch = state["keys"].long(), state["ids"].long(), int(state["epoch"])
