@@ -256,6 +256,7 @@ def recluster(w: Worker, shard, epoch: int, writer: SummaryWriter | None) -> Non
     if w.world > 1:
         torch.distributed.broadcast_object_list(table, src=0)
         w.self_clusters.load_state_dict(table[0])
+    w.objective.relabel_clusters(w.self_clusters.lookup)
 
 
 def epoch_metrics(w: Worker, epoch: int, totals: dict, monitor) -> dict:

@@ -189,6 +189,15 @@ class KeyQueue:
         Views of the buffers: copy them before an :meth:`enqueue` if they must stay unchanged."""
         return self.keys[: self.filled], {c: v[: self.filled] for c, v in self.meta.items()}
 
+    @torch.no_grad()
+    def relabel(self, column: str, lookup: Callable[[Tensor], Tensor]) -> None:
+        """Replace ``column`` of every filled entry by ``lookup(image_ids)``: after self-clustering re-clusters
+        the pool, the queued keys must carry the new cluster ids, not the ones they were enqueued with."""
+        if column not in self.meta_keys or column == "image_id":
+            raise ValueError(f"relabel: this queue stores {list(self.meta_keys)}; {column!r} is not a relabelable column")
+        ids = self.meta["image_id"][: self.filled]
+        self.meta[column][: self.filled] = lookup(ids).to(self.meta[column].dtype)
+
     def state_dict(self) -> dict:
         """Plain tensors (copies), loadable with ``torch.load(weights_only=True)``."""
         return {"keys": self.keys.clone(), "meta": {c: v.clone() for c, v in self.meta.items()},

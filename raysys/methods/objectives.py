@@ -96,6 +96,9 @@ class Objective:
     def after_step(self) -> None:
         pass
 
+    def relabel_clusters(self, lookup: Callable[[Tensor], Tensor]) -> None:
+        """New cluster ids (self-clustering): image ids -> cluster ids. Only state that stores ids cares."""
+
     def state_dict(self) -> dict:
         return {}
 
@@ -172,6 +175,10 @@ class MoCoObjective(Objective):
         keys, meta = self._pending
         self.queue.enqueue(keys, meta)
         self._pending = None
+
+    def relabel_clusters(self, lookup: Callable[[Tensor], Tensor]) -> None:
+        if "cluster_id" in self.queue.meta_keys:  # queued keys would otherwise pair by the old clustering
+            self.queue.relabel("cluster_id", lookup)
 
     def state_dict(self) -> dict:
         return {"key_model": self.key_model.state_dict(), "queue": self.queue.state_dict()}

@@ -104,6 +104,24 @@ def test_queue_state_round_trip_continues_the_ring(tmp_path):
         KeyQueue(7, 3, ("image_id",)).load_state_dict(queue.state_dict())
 
 
+def test_relabel_gives_queued_keys_the_new_cluster_ids():
+    queue = KeyQueue(6, 3, ("image_id", "cluster_id"))
+    for start, n in ((0, 4), (10, 3)):  # wraps: slot 0 holds image 12, slots 4-5 images 10-11, 1-3 images 1-3
+        keys, meta = _batch(n, start)
+        queue.enqueue(keys, {**meta, "cluster_id": torch.full((n,), 7)})
+    new_ids = {i: i % 3 for i in (1, 2, 3, 10, 11)}  # image 12 is not in the new table
+    queue.relabel("cluster_id", lambda ids: torch.tensor([new_ids.get(i, -1) for i in ids.tolist()]))
+    _, meta = queue.entries()
+    assert meta["image_id"].tolist() == [12, 1, 2, 3, 10, 11]
+    assert meta["cluster_id"].tolist() == [-1, 1, 2, 0, 1, 2]
+    half = KeyQueue(6, 3, ("image_id", "cluster_id"))
+    half.enqueue(*_batch(2, 0)[:1], {"image_id": torch.arange(2), "cluster_id": torch.zeros(2, dtype=torch.int64)})
+    half.relabel("cluster_id", lambda ids: ids + 5)
+    assert half.meta["cluster_id"].tolist() == [5, 6, -1, -1, -1, -1]  # empty slots stay unknown
+    with pytest.raises(ValueError, match="relabelable"):
+        half.relabel("image_id", lambda ids: ids)
+
+
 def test_queue_errors():
     with pytest.raises(ValueError, match="image_id"):
         KeyQueue(4, 3, ("x", "y"))

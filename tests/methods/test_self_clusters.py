@@ -1,10 +1,14 @@
-"""Self-clustering (IFND): its schedule, its table's lookups against a brute-force dict, its saved state."""
+"""Self-clustering (IFND): its schedule, its table's lookups against a brute-force dict, its saved state, and a
+MoCo queue taking the new ids."""
 
 import numpy as np
 import pytest
 import torch
 
+from raysys.config.presets import make_config
+from raysys.methods.objectives import ObjectiveContext, make_objective
 from raysys.methods.self_clusters import SelfClusters
+from raysys.models.backbones import ContrastiveModel
 from raysys.models.texture import cluster_quality
 
 
@@ -55,3 +59,17 @@ def test_bad_schedule_and_duplicate_keys_are_refused():
         SelfClusters(k=1, warmup=0, every=1)
     with pytest.raises(ValueError, match="embedded twice"):
         SelfClusters(k=2, warmup=0, every=1).update(np.array([1, 1, 2, 3]), np.eye(4, dtype=np.float32), 0)
+
+
+def test_a_moco_queue_takes_the_new_ids_of_a_reclustering():
+    cfg = make_config("smoke", framework="moco", pair_rule="cluster", self_cluster_k=3).validate()
+    model = ContrastiveModel(cfg.backbone, cfg.width, cfg.small_stem, cfg.proj_dim, cfg.proj_layers)
+    objective = make_objective(cfg, model, ObjectiveContext(512))
+    queue = objective.queue
+    image_ids = torch.arange(100, 110)
+    queue.enqueue(torch.randn(10, queue.dim), {"image_id": image_ids, "cluster_id": torch.full((10,), -1)})
+    features, _ = _blobs(k=3, n_per=4)
+    sc = SelfClusters(k=3, warmup=0, every=1)
+    ids = sc.update(np.arange(100, 112), features, epoch=0)  # images 100..111; the queue holds 100..109
+    objective.relabel_clusters(sc.lookup)
+    assert queue.entries()[1]["cluster_id"].tolist() == ids[:10].tolist()
