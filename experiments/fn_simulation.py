@@ -16,7 +16,8 @@ What reproduces: the shape of Fig. 6 (about 10 % at 10 classes, falling towards 
 flat in batch size and dataset size beyond small values) and Table 2's Curiosity row (15.3 % vs 15.0 %).
 What does not: the ImageNet row (0.0996 % vs 0.08 %: below the minimum any 1,000-class distribution
 allows under this definition) and the 50/50 row (3.84 % vs 0.30 %: the Curiosity half alone gives
-0.25 x 15.3 % = 3.8 %). The markdown output repeats this with the measured numbers.
+0.25 x 15.3 % = 3.8 %); its pooled reading (6,820 MSL v2.1 + 50,000 ImageNet val labels in one pool,
+0.30 %) is a fourth row. The markdown output repeats this with the measured numbers.
 """
 
 import sys

@@ -132,6 +132,17 @@ def test_mix_is_disjoint_and_weighted():
     assert fnsim.mix(msl, imnet, 0.0).sum_sq == pytest.approx(msl.sum_sq)
 
 
+def test_pool_holds_each_part_at_its_size_and_its_expectation_is_hypergeometric():
+    pooled = fnsim.pool([(fnsim.msl_v21_train(), 6820), (fnsim.uniform(1000), 50_000)])
+    counts = pooled.counts
+    assert pooled.name == "msl-v2.1=6820+uniform-1000=50000" and pooled.n_classes == 1019
+    assert counts[:19].sum() == 6820 and counts[19:].tolist() == [50] * 1000
+    n = 56_820
+    q = sum(k * (k - 1) for k in counts.tolist()) / (n * (n - 1))  # two distinct images of the pool share a class
+    assert fnsim.expected_fn_fraction(pooled, 128, n) == pytest.approx(2 * 127 * q / 255, rel=1e-12)
+    assert 0.0025 <= fnsim.expected_fn_fraction(pooled, 128, n) <= 0.0035  # the paper's 0.30 %
+
+
 def _write_csv(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -222,6 +233,14 @@ def test_json_output_round_trips(capsys):
     assert out["analytic_count"] == pytest.approx(4 * 128 * 127 * out["sum_p2"])
 
 
+def test_pool_json_draws_from_the_pool_without_replacement(capsys):
+    assert fnsim.main(["--pool", "msl-v2.1=6820", "--pool", "uniform-1000=50000", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["sampling"] == "without-replacement" and out["dataset_size"] == 56_820
+    assert 0.0025 <= out["simulated_mean"] <= 0.0035 and 0.0025 <= out["analytic"] <= 0.0035
+    assert abs(out["simulated_mean"] - out["analytic"]) < 4 * out["simulated_sem"]
+
+
 def test_run_human_output_in_percent(capsys):
     assert fnsim.run(_args("--classes", "10", "--batches", "50", "--dataset-size", "5000")) == 0
     text = capsys.readouterr().out
@@ -237,7 +256,12 @@ def test_run_human_output_in_percent(capsys):
     (["--distribution", "msl-v2.1", "--batch-size", "1"], "--batch-size"),
     (["--distribution", "msl-v2.1", "--batches", "1"], "--batches"),
     (["--distribution", "msl-v2.1", "--dataset-size", "100"], "--dataset-size"),
-    ([], "--classes C or --distribution"),
+    ([], "pass --classes C"),
+    (["--pool", "msl-v2.1"], "NAME=COUNT"),
+    (["--pool", "msl-v2.1=0"], "NAME=COUNT"),
+    (["--pool", "imagenet=10"], "unknown distribution"),
+    (["--pool", "msl-v2.1=6820", "--mix", "uniform-1000:0.5"], "drop --mix"),
+    (["--pool", "msl-v2.1=100"], "fewer than one batch"),
 ])
 def test_bad_input_raises_config_error(argv, fragment):
     with pytest.raises(ConfigError) as err:
@@ -277,9 +301,10 @@ def test_experiment_smoke_preset_writes_its_files(tmp_path):
     assert [r["classes"] for r in results["panels"]["classes"]] == smoke["classes"]
     assert len(results["panels"]["batch_size"]) == len(smoke["batch_sizes"]) * len(smoke["panel_classes"])
     assert len(results["panels"]["dataset_size"]) == len(smoke["dataset_sizes"]) * len(smoke["panel_classes"])
-    msl, _imnet, mixed = results["table2"]
+    msl, _imnet, mixed, pooled = results["table2"]
     assert msl["analytic_iid"] == pytest.approx(0.1527, abs=1e-4)
     assert mixed["analytic_iid"] == pytest.approx(0.0384, abs=1e-4)
+    assert pooled["dataset_size"] == 56_820 and 0.0025 <= pooled["analytic"] <= 0.0035
     md = (tmp_path / "fn-simulation.md").read_text()
     assert "Table 2, column 2" in md and "What reproduces" in md
     assert f"{100 * msl['simulated_mean']:.3f}" in md and f"{100 * mixed['simulated_mean']:.3f}" in md
