@@ -243,6 +243,14 @@ def trial_config(spec: SweepSpec, params: dict) -> PretrainConfig:
                                      "pair_rule": METHOD_RULES[method] or "instance", "framework": framework})
 
 
+def what_ran(method: str, cfg: PretrainConfig) -> dict:
+    """The framework and pair rule a trial trained with, so that a MoCo v2 baseline is never read as SimCLR's;
+    the references without a pretraining objective have neither."""
+    if method in ("supervised", "random-init"):
+        return {"framework": None, "pair_rule": None}
+    return {"framework": cfg.framework, "pair_rule": cfg.pair_rule if cfg.objective.contrastive else None}
+
+
 def _supervised(cfg: PretrainConfig, benchmarks: dict, out: Path, epochs: int) -> dict:
     """The supervised reference: the same backbone trained from scratch on each benchmark's labels."""
     metrics = {}
@@ -283,7 +291,7 @@ def run_trial(config: dict) -> None:
     began = time.perf_counter()
     torch.set_num_threads(torch_threads(config["concurrent"]))  # clustering, evaluation, supervised runs
     manifest, benchmarks = resolve_data(cfg)
-    final = {"trial": name, **params, "lr": cfg.lr}
+    final = {"trial": name, **params, "lr": cfg.lr, **what_ran(method, cfg)}
 
     if method == "supervised":
         start = time.perf_counter()

@@ -13,7 +13,7 @@ from raysys import storage
 
 # One row per trial; the first columns are the ones the paper's tables and figures need.
 RESULT_COLUMNS = [
-    "trial", "method", "k", "noise", "cluster_mode", "temperature", "lr", "mix_ratio", "seed",
+    "trial", "method", "framework", "pair_rule", "k", "noise", "cluster_mode", "temperature", "lr", "mix_ratio", "seed",
     "msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
     "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc",
     "fn_fraction", "removed_precision", "removed_recall", "cluster_nmi", "cluster_purity", "cluster_traverse_nmi",
@@ -21,7 +21,7 @@ RESULT_COLUMNS = [
     "place_chance_recall1", "knn_acc", "pretext_accuracy", "stopped_at_epoch", "pretrain_seconds",
 ]
 # What tells configurations apart (not the seed).
-GROUP_KEYS = ("method", "k", "noise", "cluster_mode", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma")
+GROUP_KEYS = ("method", "framework", "pair_rule", "k", "noise", "cluster_mode", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma")
 METRICS = ["msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
            "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc", "fn_fraction", "place_recall1",
            "place_recall5", "place_median_error", "positives_per_anchor", "pretext_accuracy", "removed_precision",
@@ -79,6 +79,18 @@ def group(rows: list[dict], keys=GROUP_KEYS) -> list[dict]:
     return out
 
 
+FRAMEWORK_NAMES = {"simclr": "SimCLR", "moco": "MoCo v2"}  # the rest (pretext tasks) under their own names
+WHAT_HEAD = "| method | framework | pair rule |"
+
+
+def _what(g: dict, label: str | None = None) -> str:
+    """The method (``label``, default :func:`_label`), framework and pair rule cells of a table row (``–`` where
+    a reference has none)."""
+    framework = g.get("framework")
+    return (f"| {label or _label(g)} | {FRAMEWORK_NAMES.get(framework, framework) or '–'} "
+            f"| {g.get('pair_rule') or '–'} |")
+
+
 def _pct(mean, std=None) -> str:
     if mean is None:
         return "–"
@@ -89,16 +101,16 @@ def results_table(groups: list[dict], param: str = "k", swept=("cluster",)) -> s
     """A markdown table of the grouped results (accuracies in %, mean ± std over seeds); ``param`` is shown
     for the ``swept`` methods only (the others are references)."""
     clusters = any(g.get("cluster_nmi") is not None for g in groups)  # the clusters' quality, where measured
-    head = (f"| method | {param} | seeds | MSL acc | MSL bal. acc | HiRISE acc | HiRISE bal. acc "
+    head = (f"{WHAT_HEAD} {param} | seeds | MSL acc | MSL bal. acc | HiRISE acc | HiRISE bal. acc "
             f"| MSL kNN acc | HiRISE kNN acc | FN pairs % |"
             + (" cluster NMI (class) | NMI (traverse) | removed precision | removed recall |" if clusters else ""))
-    lines = [head, "|" + " --- |" * (10 + 4 * clusters)]
+    lines = [head, "|" + " --- |" * (12 + 4 * clusters)]
     for g in groups:
         value = g.get(param) if g["method"] in swept else None
         extra = "".join(f" {_num(g.get(key))} |" for key in ("cluster_nmi", "cluster_traverse_nmi",
                                                              "removed_precision", "removed_recall")) if clusters else ""
         lines.append(
-            f"| {g['method']} | {'–' if value is None else f'{value:g}'} "
+            f"{_what(g, g['method'])} {'–' if value is None else f'{value:g}'} "
             f"| {g['n']} | {_pct(g['msl_acc'], g['msl_acc_std'])} | {_pct(g['msl_balanced_acc'], g['msl_balanced_acc_std'])} "
             f"| {_pct(g['hirise_acc'], g['hirise_acc_std'])} | {_pct(g['hirise_balanced_acc'], g['hirise_balanced_acc_std'])} "
             f"| {_pct(g['msl_knn_acc'], g['msl_knn_acc_std'])} | {_pct(g['hirise_knn_acc'], g['hirise_knn_acc_std'])} "
@@ -114,8 +126,8 @@ def methods_table(groups: list[dict]) -> str:
     tuned = any(g.get("msl_ft_acc") is not None or g.get("hirise_ft_acc") is not None for g in groups)
     pretext = any(g.get("pretext_accuracy") is not None for g in groups)
     extra = (" MSL fine-tuned % | HiRISE fine-tuned % |" if tuned else "") + (" pretext task acc % |" if pretext else "")
-    lines = [f"| method | FN pairs per batch % | MSL acc % | MSL balanced % | HiRISE acc % | HiRISE balanced % |{extra} "
-             "seeds |", "|" + " --- |" * (7 + 2 * tuned + pretext)]
+    lines = [f"{WHAT_HEAD} FN pairs per batch % | MSL acc % | MSL balanced % | HiRISE acc % | HiRISE balanced % |{extra} "
+             "seeds |", "|" + " --- |" * (9 + 2 * tuned + pretext)]
     for g in groups:
         cells = [_pct(g["fn_fraction"], g["fn_fraction_std"]), _pct(g["msl_acc"], g["msl_acc_std"]),
                  _pct(g["msl_balanced_acc"], g["msl_balanced_acc_std"]), _pct(g["hirise_acc"], g["hirise_acc_std"]),
@@ -124,7 +136,7 @@ def methods_table(groups: list[dict]) -> str:
             cells += [_pct(g["msl_ft_acc"], g["msl_ft_acc_std"]), _pct(g["hirise_ft_acc"], g["hirise_ft_acc_std"])]
         if pretext:
             cells.append(_pct(g["pretext_accuracy"], g["pretext_accuracy_std"]))
-        lines.append(f"| {_label(g)} | {' | '.join(cells)} | {g['n']} |")
+        lines.append(f"{_what(g)} {' | '.join(cells)} | {g['n']} |")
     return "\n".join(lines)
 
 
@@ -198,12 +210,12 @@ def plot_methods(groups: list[dict], benchmark: str, path: str | Path, title: st
 
 def spatial_table(groups: list[dict]) -> str:
     """ESS comparison: place recognition on held-out traverses beside linear-probe accuracy."""
-    lines = ["| method | radius m | sigma m | positives/anchor | place R@1 % | place R@5 % | median error m "
-             "| MSL acc % | HiRISE acc % | seeds |", "|" + " --- |" * 10]
+    lines = [f"{WHAT_HEAD} radius m | sigma m | positives/anchor | place R@1 % | place R@5 % | median error m "
+             "| MSL acc % | HiRISE acc % | seeds |", "|" + " --- |" * 12]
     for g in groups:
         err = g.get("place_median_error")
         lines.append(
-            f"| {g['method']} | {_num(g.get('ess_radius'))} | {_num(g.get('ess_sigma'))} | {_num(g.get('positives_per_anchor'))} "
+            f"{_what(g)} {_num(g.get('ess_radius'))} | {_num(g.get('ess_sigma'))} | {_num(g.get('positives_per_anchor'))} "
             f"| {_pct(g.get('place_recall1'), g.get('place_recall1_std'))} | {_pct(g.get('place_recall5'), g.get('place_recall5_std'))} "
             f"| {'–' if err is None else f'{err:.1f}'} | {_pct(g['msl_acc'], g['msl_acc_std'])} "
             f"| {_pct(g['hirise_acc'], g['hirise_acc_std'])} | {g['n']} |")
@@ -230,18 +242,18 @@ def grouped_table(groups: list[dict], plot: str = "line", param: str = "k", swep
 def precision_table(groups: list[dict]) -> str:
     """The noisy-oracle experiment: per mode and noise, the removed pairs' precision and recall beside the
     linear probe's accuracy and balanced accuracy (the baseline's row removes nothing)."""
-    lines = ["| method | mode | noise | removed precision | removed recall | FN pairs per batch % | cluster NMI "
-             "| MSL acc % | MSL balanced % | HiRISE acc % | HiRISE balanced % | seeds |", "|" + " --- |" * 12]
+    lines = [f"{WHAT_HEAD} mode | noise | removed precision | removed recall | FN pairs per batch % | cluster NMI "
+             "| MSL acc % | MSL balanced % | HiRISE acc % | HiRISE balanced % | seeds |", "|" + " --- |" * 14]
     order = sorted(groups, key=lambda g: (g["method"] != "baseline", str(g.get("cluster_mode")), g.get("noise") or 0))
     for g in order:
         clustered = g["method"] == "cluster"
-        cells = [g["method"], g.get("cluster_mode") if clustered else "–", _num(g.get("noise")),
+        cells = [g.get("cluster_mode") if clustered else "–", _num(g.get("noise")),
                  _num(g.get("removed_precision")), _num(g.get("removed_recall")),
                  _pct(g["fn_fraction"], g["fn_fraction_std"]), _num(g.get("cluster_nmi")),
                  _pct(g["msl_acc"], g["msl_acc_std"]), _pct(g["msl_balanced_acc"], g["msl_balanced_acc_std"]),
                  _pct(g["hirise_acc"], g["hirise_acc_std"]), _pct(g["hirise_balanced_acc"], g["hirise_balanced_acc_std"]),
                  str(g["n"])]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(f"{_what(g, g['method'])} " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

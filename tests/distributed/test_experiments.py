@@ -42,7 +42,8 @@ def test_mix_ratio_sweep_lowers_false_negatives(ray_session, tmp_path):
     assert sorted(rows) == ["mixed-r0-t0.5-s0", "mixed-r1-t0.5-s0"]
     assert rows["mixed-r1-t0.5-s0"]["fn_fraction"] < 0.5 * rows["mixed-r0-t0.5-s0"]["fn_fraction"]
     assert all(r["msl_acc"] is not None and r["hirise_acc"] is not None for r in rows.values())
-    assert "| mixed | 0.5 |" not in (out / "summary.md").read_text() and "| mixed | 1 |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "| mixed | SimCLR | instance | 0.5 |" not in summary and "| mixed | SimCLR | instance | 1 |" in summary
     _assert_plots(out, "sweep_mix_ratio")
     configs = {name: (out / "trials" / name / "config.json").read_text() for name in rows}
     assert '"mix_ratio": 1.0' in configs["mixed-r1-t0.5-s0"] and '"max_images": 384' in configs["mixed-r1-t0.5-s0"]
@@ -55,7 +56,7 @@ def test_temperature_sweep(ray_session, tmp_path):
     assert sorted(rows) == ["baseline-t0.2-s0", "baseline-t1-s0"]
     assert [rows[t]["temperature"] for t in sorted(rows)] == [0.2, 1.0]
     summary = (out / "summary.md").read_text()
-    assert "| baseline | 0.2 | 1 |" in summary and "| baseline | 1 | 1 |" in summary
+    assert "| baseline | SimCLR | instance | 0.2 | 1 |" in summary and "| baseline | SimCLR | instance | 1 | 1 |" in summary
     _assert_plots(out, "sweep_temperature")
 
 
@@ -65,7 +66,8 @@ def test_compare_methods_table_and_bars(ray_session, tmp_path):
     rows = _rows(out)
     assert sorted(r["method"] for r in rows.values()) == ["baseline", "cluster", "mixed", "supervised"]
     summary = (out / "summary.md").read_text()
-    for label in ("| baseline |", "| mixed r=0.5 |", "| cluster K=5 |", "| supervised |"):
+    for label in ("| baseline | SimCLR | instance |", "| mixed r=0.5 | SimCLR | instance |",
+                  "| cluster K=5 | SimCLR | cluster |", "| supervised | – | – |"):
         assert label in summary
     assert "FN pairs per batch %" in summary and "MSL fine-tuned %" in summary
     for row in rows.values():  # linear probe and fine-tuning for pretrained encoders; supervised from scratch
@@ -148,8 +150,11 @@ def test_ess_moco_spatial_positives_and_place_recognition(ray_session, tmp_path)
     assert rows["ess-mb"]["positives_per_anchor"] > 1 and rows["baseline"].get("positives_per_anchor") is None
     for row in rows.values():
         assert 0 <= row["place_recall1"] <= row["place_recall5"] <= 1 and row["msl_acc"] is not None
+    assert [(rows[m]["framework"], rows[m]["pair_rule"]) for m in sorted(rows)] == [
+        ("moco", "instance"), ("moco", "ess-mb"), ("moco", "ess-mw")]  # the reference is MoCo v2, not SimCLR
     summary = (out / "summary.md").read_text()
     assert "place R@1 %" in summary and (out / "ess-place.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| baseline | MoCo v2 | instance |" in summary
 
 
 def test_asha_stops_a_trial_early_on_the_validation_monitor(ray_session, tmp_path):

@@ -30,7 +30,23 @@ def test_group_mean_and_std_over_seeds():
     assert abs(cluster["msl_acc_std"] - statistics.stdev([0.6, 0.7, 0.8])) < 1e-12
     assert groups[("baseline", 0)]["msl_acc_std"] == 0.0 and groups[("baseline", 0)]["hirise_acc"] is None
     table = report.results_table(list(groups.values()))
-    assert "| cluster | 10 | 3 | 70.0 ± 10.0 |" in table and "| baseline | – | 1 | 50.0 |" in table
+    assert "| cluster | – | – | 10 | 3 | 70.0 ± 10.0 |" in table and "| baseline | – | – | – | 1 | 50.0 |" in table
+
+
+def test_tables_name_the_framework_and_pair_rule_beside_the_method():
+    rows = [{**_row(f"baseline-s{s}", "baseline", 0, s, 0.5), "framework": framework, "pair_rule": "instance"}
+            for s, framework in enumerate(("simclr", "moco"))]
+    rows.append({**_row("ess-mb-s0", "ess-mb", 0, 0, 0.6), "framework": "moco", "pair_rule": "ess-mb"})
+    rows.append({**_row("rotation-s0", "rotation", 0, 0, 0.4), "framework": "rotation", "pair_rule": None})
+    groups = report.group(rows)
+    assert len(groups) == 4  # the SimCLR and the MoCo v2 baselines are not averaged together
+    for table in (report.results_table(groups), report.methods_table(groups), report.spatial_table(groups)):
+        assert table.startswith("| method | framework | pair rule |")
+        for cells in ("| baseline | SimCLR | instance |", "| baseline | MoCo v2 | instance |",
+                      "| ess-mb | MoCo v2 | ess-mb |", "| rotation | rotation | – |"):
+            assert cells in table, (cells, table)
+        header, rule, *body = table.splitlines()
+        assert header.count("|") == rule.count("|") and all(line.count("|") == header.count("|") for line in body)
 
 
 def _fn_rows(baseline: list[float], curves: dict[str, list[tuple[float, float, list[float]]]]) -> list[dict]:
@@ -61,7 +77,7 @@ def test_precision_reading_names_the_precision_above_which_elimination_pays():
     assert "attract does not beat the baseline 50.0 ± 1.0 % by more than the seeds' spread even at precision 1.00" \
            in reading
     table = report.grouped_table(groups, plot="precision")
-    assert "| baseline | – | – | – |" in table and "| cluster | eliminate | 0.5 | 0.6 |" in table
+    assert "| baseline | – | – | – | – | – |" in table and "| cluster | – | – | eliminate | 0.5 | 0.6 |" in table
 
 
 def test_precision_reading_refuses_a_single_seed(tmp_path):
