@@ -536,7 +536,8 @@ def _tuner(spec: SweepSpec, concurrent: int, writer: ResultsWriter, restore: str
         param_space={
             "spec": asdict(spec),
             "concurrent": concurrent,
-            "variant": tune.grid_search(spec.grid()),
+            "variant": tune.grid_search([{**v, **what_ran(v["method"], trial_config(spec, {**v, "seed": 0}))}
+                                         for v in spec.grid()]),  # framework and rule in Tune's HParams too
             "seed": tune.grid_search(list(range(base.seed, base.seed + spec.seeds))),
         },
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_tune_trial_name,

@@ -155,6 +155,8 @@ def test_ess_moco_spatial_positives_and_place_recognition(ray_session, tmp_path)
     summary = (out / "summary.md").read_text()
     assert "place R@1 %" in summary and (out / "ess-place.png").read_bytes()[:4] == b"\x89PNG"
     assert "| baseline | MoCo v2 | instance |" in summary
+    tune_params = json.loads(next((out / "ess").glob("baseline-*/params.json")).read_text())  # Tune's HParams
+    assert (tune_params["variant"]["framework"], tune_params["variant"]["pair_rule"]) == ("moco", "instance")
 
 
 def test_asha_stops_a_trial_early_on_the_validation_monitor(ray_session, tmp_path):

@@ -98,6 +98,10 @@ def test_classification_metrics_hand_computed():
     assert m["accuracy"] == pytest.approx(3 / 6)
     assert m["per_class_accuracy"] == {0: pytest.approx(2 / 3), 1: pytest.approx(1 / 2), 2: 0.0}
     assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+    # F1 = 2PR/(P+R): class 0 P 2/3 R 2/3, class 1 P 1/2 R 1/2, class 2 nothing right; class 3 never true
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+    skewed = ev.classification_metrics([0, 0, 1], [0, 0, 0], num_classes=2)  # class 0: P 2/3, R 1, F1 0.8
+    assert skewed["macro_f1"] == pytest.approx(0.4) and skewed["balanced_accuracy"] == pytest.approx(0.5)
     assert m["confusion_matrix"] == [[2, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]]
     assert m["n_test"] == 6
 
