@@ -3,15 +3,20 @@
 The page opens offline and from anywhere: figures are embedded as ``data:image/png;base64`` URIs, the
 style sheet is inline, there is no script. Every text taken from the folder is HTML-escaped. It shows:
 
+It reads top-down, figures first, each table once:
+
 * how to reproduce the experiment: the ``command`` of ``sweep.json`` (:class:`raysys.distributed.sweep.SweepSpec`)
   and any top-level ``command`` key of the folder's other JSON files;
+* the figures: every ``*.png`` of the experiment (see :func:`find_figures` for which folders are left out),
+  then the training curves (loss and kNN accuracy of every run, from its ``tb/`` scalars) and the confusion
+  matrices (of the run, or of a sweep's best trial), drawn here by :mod:`raysys.reporting.run_figures`;
 * the best trial of ``results.csv`` (highest ``msl_acc``);
 * the results: mean ± std over seeds (:func:`raysys.reporting.results.group` / :func:`raysys.reporting.results.results_table`)
   and one row per trial;
-* the linear evaluations of the folder (``eval-*.json``) and the tables of ``summary.json``;
+* the linear evaluations of the folder (``eval-*.json``) and the record tables of its other JSON files;
 * every other table at the top of the folder: ``*.csv`` / ``*.tsv`` as tables, ``*.md`` through a small
-  markdown converter (tables, headings, lists, paragraphs);
-* every figure (``*.png``) of the experiment, see :func:`find_figures` for which folders are left out;
+  markdown converter (tables, headings, lists, paragraphs). A sweep's ``summary.md`` is left out: it repeats
+  the results table and the figures;
 * the configuration: ``sweep.json``, ``config.json`` and every other top-level JSON file.
 """
 
@@ -28,6 +33,7 @@ from pathlib import Path
 
 from raysys.errors import ConfigError
 from raysys.reporting import results as report
+from raysys.reporting import run_figures
 
 REPORT_FILE = "report.html"
 MAX_TABLE_ROWS = 500  # a longer CSV is cut, with a note: the page must stay light enough to open
@@ -39,7 +45,9 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
 h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
 h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
+.wide { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; margin: .8em 0; font-size: 90%; }
+td:first-child { white-space: nowrap; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; }
 tr.best td { background: #fff3c4; font-weight: bold; }
@@ -118,7 +126,7 @@ def html_table(header: list, rows: list[list], row_classes: list[str] | None = N
     for i, row in enumerate(rows):
         cls = f' class="{_e(row_classes[i])}"' if row_classes and row_classes[i] else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{_e(_cell(v))}</td>" for v in row) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _inline_md(text: str) -> str:
@@ -187,11 +195,33 @@ def _anchor(relpath: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", relpath)
 
 
+def _embedded(name: str, png: bytes) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return (f'<figure id="fig-{_e(_anchor(name))}"><img alt="{_e(name)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{_e(name)}</figcaption></figure>")
+
+
 def _figure(path: Path, root: Path) -> str:
-    rel = path.relative_to(root).as_posix()
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f'<figure id="fig-{_e(_anchor(rel))}"><img alt="{_e(rel)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{_e(rel)}</figcaption></figure>")
+    return _embedded(path.relative_to(root).as_posix(), path.read_bytes())
+
+
+def _drawn_figures(root: Path, best: dict | None) -> list[tuple[str, bytes]]:
+    """``(caption, PNG)`` of the training curves of every run under ``root`` (the folder's own ``tb/``, or each
+    sweep trial's) and the confusion matrices of the run's ``eval-*.json`` (a sweep: its best trial's)."""
+    runs = {"run": root / "tb"} if (root / "tb").is_dir() else {
+        p.parent.name: p for p in sorted((root / "trials").glob("*/tb")) if p.is_dir()}
+    drawn = []
+    curves = run_figures.training_curves_png({name: run_figures.read_scalars(tb) for name, tb in runs.items()})
+    if curves:
+        drawn.append(("training curves (loss and kNN accuracy per run)", curves))
+    folder = root / "trials" / str(best["trial"]) if best is not None else root
+    for path in sorted(folder.glob("eval-*.json")):
+        evaluation = _read_json(path)
+        title = f"{path.stem[5:]} confusion matrix" + (f" ({best['trial']})" if best is not None else "")
+        png = run_figures.confusion_png(evaluation, title) if isinstance(evaluation, dict) else None
+        if png:
+            drawn.append((title, png))
+    return drawn
 
 
 def _delimited_table(path: Path) -> str:
@@ -257,12 +287,13 @@ def _results_section(rows: list[dict], best: dict | None, sweep: dict) -> str:
 
 
 def _eval_section(evals: dict[str, dict]) -> str:
-    header = ["file", "benchmark", "accuracy", "balanced accuracy", "majority accuracy", "test images", "feature dim"]
+    header = ["file", "benchmark", "accuracy", "balanced accuracy", "macro-F1", "majority accuracy", "test images",
+              "feature dim"]
     rows = []
     for name, r in sorted(evals.items()):
         metrics, majority = r.get("metrics") or {}, r.get("majority") or {}
         rows.append([name, r.get("benchmark"), metrics.get("accuracy"), metrics.get("balanced_accuracy"),
-                     majority.get("accuracy"), metrics.get("n_test"), r.get("feature_dim")])
+                     metrics.get("macro_f1"), majority.get("accuracy"), metrics.get("n_test"), r.get("feature_dim")])
     return html_table(header, rows)
 
 
@@ -317,25 +348,29 @@ def render_report(root: str | Path) -> str:
     rows = report.read_results_csv(root / "results.csv")
     best = best_trial(rows)
     evals = {n: d for n, d in jsons.items() if n.startswith("eval-") and isinstance(d, dict)}
+    repeated = {"results.csv", "summary.md"} if rows else {"results.csv"}  # the Results section shows them
     tables = [p for p in sorted(root.iterdir()) if p.is_file() and p.suffix.lower() in (".csv", ".tsv", ".md")
-              and p.name != "results.csv"]
+              and p.name not in repeated]
     figures = find_figures(root)
+    drawn = _drawn_figures(root, best)
 
-    sections = [_section("Reproduce", _reproduce_section(commands), "reproduce")]
+    figure_body = ("\n".join([_figure(p, root) for p in figures] + [_embedded(name, png) for name, png in drawn])
+                   or '<p class="note">No figures (*.png) found.</p>')
+    sections = [_section("Reproduce", _reproduce_section(commands), "reproduce"),
+                _section(f"Figures ({len(figures) + len(drawn)})", figure_body, "figures")]
     if best is not None:
         sections.append(_section(f"Best trial: {best['trial']}", _best_section(best, root, commands), "best"))
     if rows:
         sections.append(_section("Results", _results_section(rows, best, sweep), "results"))
     if evals:
         sections.append(_section("Linear evaluation", _eval_section(evals), "linear-eval"))
-    records = "\n".join(_record_tables(n, d) for n, d in jsons.items() if not n.startswith("eval-"))
+    records = "\n".join(_record_tables(n, d) for n, d in jsons.items()
+                        if not n.startswith("eval-") and n != "sweep.json")  # sweep.json is the configuration
     if records.strip():
         sections.append(_section("Summaries", records, "summaries"))
     for path in tables:
         body = markdown_to_html(path.read_text(errors="replace")) if path.suffix.lower() == ".md" else _delimited_table(path)
         sections.append(_section(path.name, body, f"table-{_anchor(path.name)}"))
-    figure_body = "\n".join(_figure(p, root) for p in figures) or '<p class="note">No figures (*.png) found.</p>'
-    sections.append(_section(f"Figures ({len(figures)})", figure_body, "figures"))
     sections.append(_section("Configuration", _config_section(jsons) or '<p class="note">No JSON files.</p>', "config"))
     if not (rows or evals or jsons or tables or figures):
         sections.insert(0, '<p class="note">This folder holds none of results.csv, *.json, *.csv, *.md, *.png.</p>')

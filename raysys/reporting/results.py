@@ -160,6 +160,11 @@ def _pyplot():
     return plt
 
 
+def _legend_below(ax) -> None:
+    """The legend under the axes, never over the data (the figure grows to hold it)."""
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+
+
 def plot_vs_param(groups: list[dict], benchmark: str, param: str, path: str | Path, title: str,
                   swept=("cluster",)) -> None:
     """Fig. 5 style: accuracy vs ``param`` with error bars, one line per ``swept`` method; every other
@@ -181,9 +186,8 @@ def plot_vs_param(groups: list[dict], benchmark: str, param: str, path: str | Pa
     ax.set_ylabel(f"{benchmark.upper()} test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _legend_below(ax)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -203,8 +207,7 @@ def plot_methods(groups: list[dict], benchmark: str, path: str | Path, title: st
     ax.set_ylabel(ylabel or f"{benchmark.upper()} test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -292,9 +295,8 @@ def plot_vs_precision(groups: list[dict], benchmark: str, path: str | Path, titl
     ax.set_ylabel(f"{benchmark.upper()} test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _legend_below(ax)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

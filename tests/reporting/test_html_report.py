@@ -21,6 +21,7 @@ from raysys.distributed.sweep import SweepSpec
 from raysys.errors import run_command
 from raysys.reporting import html as hr
 from raysys.reporting import results as report
+from raysys.reporting.run_figures import read_scalars
 
 EVIL = "<script>alert(1)</script>"
 COMMAND = "python experiments/sweep_k.py --out 'runs/a b' --seeds 2 && echo \"<done>\""
@@ -55,7 +56,8 @@ def sweep_dir(tmp_path):
     put(tmp_path / "sweep.json", json.dumps(asdict(spec)))
     report.write_results_csv(ROWS, tmp_path / "results.csv")
     put(tmp_path / "summary.md", "# sweep_k\n\nBest: **x**\n\n![sweep_k-msl.png](sweep_k-msl.png)\n")
-    put(tmp_path / "label-fraction.md", "| fraction | MSL acc |\n| --- | --- |\n| 0.1 | 50.0 |\n| 1.0 | <b>71.5</b> |\n")
+    put(tmp_path / "label-fraction.md", "| fraction | MSL acc |\n| --- | --- |\n| 0.1 | 50.0 |\n| 1.0 | <b>71.5</b> |\n"
+                                        "\n![sweep_k-msl.png](sweep_k-msl.png)\n")
     put(tmp_path / "fn-simulation.csv", "k,fn_fraction\n10,0.131\n40,0.148\n")
     figures = {
         "sweep_k-msl.png": png_bytes(0),
@@ -89,8 +91,9 @@ def test_figures_embedded_and_decode_to_the_files(sweep_dir):
     assert embedded == {rel: data for rel, data in figures.items()}  # byte for byte
     assert [p.relative_to(root).as_posix() for p in hr.find_figures(root)] == [
         "sweep_k-hirise.png", "sweep_k-msl.png", "trials/cluster-k10-t0.5-s1/visualize/tsne.png"]
-    # The markdown's image reference links to the embedded figure instead of loading the file.
+    # A markdown image reference links to the embedded figure instead of loading the file.
     assert '<a href="#fig-sweep_k-msl.png">' in page and 'id="fig-sweep_k-msl.png"' in page
+    assert "Best: <strong>x</strong>" not in page  # summary.md repeats the results: not shown a second time
 
 
 def test_results_best_trial_and_command(sweep_dir):
@@ -129,7 +132,7 @@ def test_partial_run_folder(tmp_path):
     put(tmp_path / "summary.json", json.dumps({"command": "python experiments/pretrain.py --preset demo",
                                                "linear_eval": [{"benchmark": "msl", "encoder": "pretrained", "accuracy": 0.7532}]}))
     page = hr.write_report(tmp_path).read_text()
-    assert "<td>eval-msl.json</td><td>/data/msl</td><td>0.7532</td><td>0.3418</td><td>0.3101</td><td>158</td><td>128</td>" in page
+    assert "<td>eval-msl.json</td><td>/data/msl</td><td>0.7532</td><td>0.3418</td><td>–</td><td>0.3101</td><td>158</td><td>128</td>" in page
     assert "<pre>python experiments/pretrain.py --preset demo</pre>" in page
     assert "<td>msl</td><td>pretrained</td><td>0.7532</td>" in page
     assert "<td>augment.size</td><td>32</td>" in page
@@ -159,3 +162,40 @@ def test_markdown_converter():
     assert "<ul><li>one</li><li><strong>two</strong></li></ul>" in out
     assert "<p>text &amp; more</p>" in out
     assert "<thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>&lt;i&gt;1&lt;/i&gt;</td><td>2</td></tr></tbody>" in out
+
+
+def _log_curves(tb_dir, losses, accs):
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tb_dir)) as writer:
+        for step, (loss, acc) in enumerate(zip(losses, accs), 1):
+            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/knn_acc", acc, step)
+
+
+def test_sweep_page_leads_with_figures_and_shows_each_table_once(sweep_dir):
+    root, figures = sweep_dir
+    for trial, losses in (("baseline-t0.5-s0", [5.0, 4.5, 4.2]), ("cluster-k10-t0.5-s1", [5.1, 4.4, 4.0])):
+        _log_curves(root / "trials" / trial / "tb", losses, [0.3, 0.35, 0.4])
+    assert read_scalars(root / "trials" / "baseline-t0.5-s0" / "tb")["train/loss"] == [
+        (1, 5.0), (2, 4.5), (3, pytest.approx(4.2))]  # float32 in the event file
+    confusion = [[3, 1], [0, 2]]
+    put(root / "trials" / "cluster-k10-t0.5-s1" / "eval-msl.json",
+        json.dumps({"class_names": ["rock", "sand"], "metrics": {"confusion_matrix": confusion}}))
+    page = hr.write_report(root).read_text()
+    embedded = embedded_figures(page)
+    assert len(embedded) == len(figures) + 2
+    for caption in ("training curves (loss and kNN accuracy per run)", "msl confusion matrix (cluster-k10-t0.5-s1)"):
+        assert Image.open(io.BytesIO(embedded[caption])).size[0] > 300  # a real drawing, not a placeholder
+    order = [page.index(f'id="{anchor}"') for anchor in ("reproduce", "figures", "best", "results", "config")]
+    assert order == sorted(order), "reproduce, figures, best trial, results, configuration: top-down"
+    assert page.count("Mean ± std over seeds") == 1 and page.count("<td>65.0 ± 7.1</td>") == 1
+    assert "sweep.json: variants" not in page
+
+
+def test_run_page_has_its_curves_and_confusion_matrix(tmp_path):
+    put(tmp_path / "config.json", json.dumps({"epochs": 3}))
+    _log_curves(tmp_path / "tb", [5.0, 4.0, 3.5], [0.2, 0.3, 0.5])
+    put(tmp_path / "eval-hirise.json", json.dumps({"metrics": {"accuracy": 0.5, "confusion_matrix": [[1, 1], [1, 1]]}}))
+    embedded = embedded_figures(hr.write_report(tmp_path).read_text())
+    assert sorted(embedded) == ["hirise confusion matrix", "training curves (loss and kNN accuracy per run)"]
