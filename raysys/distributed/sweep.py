@@ -552,7 +552,7 @@ def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[
     returns the names of the files written."""
     out = Path(spec.out)
     groups = report.group(rows)
-    table = report.grouped_table(groups, spec.plot, spec.param, spec.swept, spec.place_recognition)
+    table = report.grouped_table(groups, spec.plot, spec.param, spec.swept, spec.place_recognition, rows)
     plots, readings = [], []
     for bench in BENCHMARKS:
         if any(g.get(f"{bench}_acc") is not None for g in groups):

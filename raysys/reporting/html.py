@@ -275,7 +275,7 @@ def _results_section(rows: list[dict], best: dict | None, sweep: dict) -> str:
     absent), then one row per trial with the best one marked."""
     groups = report.group(rows)
     table = report.grouped_table(groups, sweep.get("plot") or "line", sweep.get("param") or "k",
-                                 tuple(sweep.get("swept") or ("cluster",)), bool(sweep.get("place_recognition")))
+                                 tuple(sweep.get("swept") or ("cluster",)), bool(sweep.get("place_recognition")), rows)
     known = list(report.RESULT_COLUMNS) + sorted({k for r in rows for k in r} - set(report.RESULT_COLUMNS))
     columns = [c for c in known if any(r.get(c) not in (None, "") for r in rows)]  # no all-empty columns
     classes = ["best" if best is not None and r is best else "" for r in rows]

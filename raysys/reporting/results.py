@@ -91,20 +91,44 @@ def _what(g: dict, label: str | None = None) -> str:
             f"| {g.get('pair_rule') or '–'} |")
 
 
+PAIRED_BY = ("seed", "framework", "temperature")  # a trial and the baseline it is compared with share these
+
+
+def paired_deltas(rows: list[dict], group_entry: dict, metric: str = "msl_acc") -> list[float]:
+    """``metric`` of each trial of ``group_entry`` minus that of the baseline trial with the same seed (and
+    framework and temperature): the seed fixes the initial weights and the data order, so the paired
+    difference isolates the method from the seed's luck, which at demo scale is larger than the effects."""
+    baselines = {tuple(r.get(k) for k in PAIRED_BY): r[metric] for r in rows
+                 if r.get("method") == "baseline" and not _missing(r.get(metric))}
+    members = [r for r in rows if all(r.get(k) == group_entry.get(k) for k in GROUP_KEYS)]
+    return [r[metric] - baselines[key] for r in members if not _missing(r.get(metric))
+            and (key := tuple(r.get(k) for k in PAIRED_BY)) in baselines]
+
+
+def _delta(deltas: list[float]) -> str:
+    if not deltas:
+        return "–"
+    spread = f" ± {100 * statistics.stdev(deltas):.1f}" if len(deltas) > 1 else ""
+    return f"{100 * statistics.fmean(deltas):+.1f}{spread} ({sum(d > 0 for d in deltas)}/{len(deltas)} seeds up)"
+
+
 def _pct(mean, std=None) -> str:
     if mean is None:
         return "–"
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std else "")
 
 
-def results_table(groups: list[dict], param: str = "k", swept=("cluster",)) -> str:
+def results_table(groups: list[dict], param: str = "k", swept=("cluster",), rows: list[dict] | None = None) -> str:
     """A markdown table of the grouped results (accuracies in %, mean ± std over seeds); ``param`` is shown
-    for the ``swept`` methods only (the others are references)."""
+    for the ``swept`` methods only (the others are references). With the trial ``rows`` and a baseline among
+    them, a column gives each method's MSL accuracy minus the baseline's of the same seed (:func:`paired_deltas`)."""
     clusters = any(g.get("cluster_nmi") is not None for g in groups)  # the clusters' quality, where measured
+    paired = rows is not None and any(r.get("method") == "baseline" for r in rows)
     head = (f"{WHAT_HEAD} {param} | seeds | MSL acc | MSL bal. acc | HiRISE acc | HiRISE bal. acc "
             f"| MSL kNN acc | HiRISE kNN acc | FN pairs % |"
+            + (" MSL acc − baseline, same seed |" if paired else "")
             + (" cluster NMI (class) | NMI (traverse) | removed precision | removed recall |" if clusters else ""))
-    lines = [head, "|" + " --- |" * (12 + 4 * clusters)]
+    lines = [head, "|" + " --- |" * (12 + paired + 4 * clusters)]
     for g in groups:
         value = g.get(param) if g["method"] in swept else None
         extra = "".join(f" {_num(g.get(key))} |" for key in ("cluster_nmi", "cluster_traverse_nmi",
@@ -114,7 +138,8 @@ def results_table(groups: list[dict], param: str = "k", swept=("cluster",)) -> s
             f"| {g['n']} | {_pct(g['msl_acc'], g['msl_acc_std'])} | {_pct(g['msl_balanced_acc'], g['msl_balanced_acc_std'])} "
             f"| {_pct(g['hirise_acc'], g['hirise_acc_std'])} | {_pct(g['hirise_balanced_acc'], g['hirise_balanced_acc_std'])} "
             f"| {_pct(g['msl_knn_acc'], g['msl_knn_acc_std'])} | {_pct(g['hirise_knn_acc'], g['hirise_knn_acc_std'])} "
-            f"| {_pct(g['fn_fraction'])} |" + extra
+            f"| {_pct(g['fn_fraction'])} |"
+            + (f" {'–' if g['method'] == 'baseline' else _delta(paired_deltas(rows, g))} |" if paired else "") + extra
         )
     return "\n".join(lines)
 
@@ -230,7 +255,7 @@ def _num(value) -> str:
 
 
 def grouped_table(groups: list[dict], plot: str = "line", param: str = "k", swept=("cluster",),
-                  place_recognition: bool = False) -> str:
+                  place_recognition: bool = False, rows: list[dict] | None = None) -> str:
     """The grouped table a sweep draws: place recognition, methods side by side (``bars``), the noisy
     oracle's precision curve (``precision``) or accuracy against the swept ``param``."""
     if place_recognition:
@@ -239,7 +264,7 @@ def grouped_table(groups: list[dict], plot: str = "line", param: str = "k", swep
         return methods_table(groups)
     if plot == "precision":
         return precision_table(groups)
-    return results_table(groups, param, swept)
+    return results_table(groups, param, swept, rows)
 
 
 def precision_table(groups: list[dict]) -> str:

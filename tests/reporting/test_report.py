@@ -2,6 +2,8 @@
 
 import statistics
 
+import pytest
+
 from raysys.reporting import results as report
 
 
@@ -86,3 +88,17 @@ def test_precision_reading_refuses_a_single_seed(tmp_path):
     path = tmp_path / "p.png"
     report.plot_vs_precision(groups, "msl", path, "title")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_difference_subtracts_the_baseline_of_the_same_seed():
+    rows = [_row(f"baseline-s{s}", "baseline", 0, s, acc) for s, acc in enumerate([0.50, 0.70, 0.40])]
+    rows += [_row(f"cluster-k10-s{s}", "cluster", 10, s, acc) for s, acc in enumerate([0.55, 0.72, 0.39])]
+    rows.append(_row("cluster-k10-s7", "cluster", 10, 7, 0.99))  # no baseline of seed 7: not paired
+    groups = report.group(rows)
+    cluster = next(g for g in groups if g["method"] == "cluster")
+    deltas = report.paired_deltas(rows, cluster)
+    assert deltas == pytest.approx([0.05, 0.02, -0.01])
+    table = report.results_table(groups, rows=rows)
+    spread = 100 * statistics.stdev([0.05, 0.02, -0.01])
+    assert f"| +2.0 ± {spread:.1f} (2/3 seeds up) |" in table and "MSL acc − baseline, same seed" in table
+    assert "same seed" not in report.results_table(groups)  # without the trials, no pairing
