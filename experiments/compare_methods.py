@@ -38,7 +38,7 @@ def configure(parser):
     k.add_argument("--k-from", help="take the best K from this K sweep's results.csv")
     parser.add_argument("--mix-ratio", type=float, default=0.5, help="ratio of the mixed-domain method (default: 0.5)")
     parser.add_argument("--mix-data", help="out-of-domain ImageFolder (default: the built-in diverse/ dataset)")
-    parser.add_argument("--encoder", default="texture", help="clustering encoder (see sweep_k.py)")
+    parser.add_argument("--encoder", default="self", help="clustering encoder (see sweep_k.py; default self)")
     parser.add_argument("--max-images", type=int, help="pool size of every method (default: the preset's mix size)")
 
     def build(args, preset):

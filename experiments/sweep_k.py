@@ -15,9 +15,9 @@ from raysys.distributed.sweep import main, variant
 
 def configure(parser):
     parser.add_argument("--k", type=int, nargs="+", help="numbers of clusters K (default: the preset's grid)")
-    parser.add_argument("--encoder", default="texture",
-                        help="clustering encoder: texture (the paper's deep texture clustering); self (each trial "
-                             "re-clusters the pool from its own features during training, as IFND); baseline "
+    parser.add_argument("--encoder", default="self",
+                        help="clustering encoder: self (default: each trial re-clusters the pool from its own "
+                             "features during training, as IFND); texture (the paper's deep texture clustering); baseline "
                              "(two stages: each seed's SimCLR baseline clusters the pool for its cluster trials); "
                              "a raysys model/run folder; or oracle (true labels; simulated data diagnostics only)")
     parser.add_argument("--self-warmup", type=int, help="--encoder self: epochs of plain SimCLR before the first "

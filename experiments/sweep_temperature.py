@@ -14,7 +14,7 @@ def configure(parser):
     parser.add_argument("--temperatures", type=float, nargs="+",
                         help="temperatures to try (default: the preset's grid; paper preset: 0.05 0.1 0.2 0.5 1.0)")
     parser.add_argument("--k", type=int, help="sweep cluster-aware learning with this K instead of the baseline")
-    parser.add_argument("--encoder", default="texture", help="clustering encoder for --k (see sweep_k.py)")
+    parser.add_argument("--encoder", default="self", help="clustering encoder for --k (see sweep_k.py; default self)")
 
     def build(args, preset):
         method, params = ("cluster", {"k": args.k}) if args.k else ("baseline", {})
