@@ -1,9 +1,8 @@
 """One self-contained HTML page per experiment folder: ``raysys report DIR`` writes ``DIR/report.html``.
 
 The page opens offline and from anywhere: figures are embedded as ``data:image/png;base64`` URIs, the
-style sheet is inline, there is no script. Every text taken from the folder is HTML-escaped. It shows:
-
-It reads top-down, figures first, each table once:
+style sheet is inline, there is no script. Every text taken from the folder is HTML-escaped. It reads
+top-down, figures first, each table once:
 
 * how to reproduce the experiment: the ``command`` of ``sweep.json`` (:class:`raysys.distributed.sweep.SweepSpec`)
   and any top-level ``command`` key of the folder's other JSON files;
