@@ -1,7 +1,8 @@
 """ESS (seed 001): spatial positives on MoCo v2. MoCo v2 (instance positives) vs ESS-MB (every frame
 captured within a radius is a positive) vs ESS-MW (positives weighted by exp(-d^2/2 sigma^2)), a Tune
-grid over the radius and sigma; every encoder is scored by place recognition on held-out traverses
-(never pretrained on) and by the linear probe on MSL and HiRISE.
+grid over the radius and sigma, beside the untrained encoder (random-init); every encoder is scored by place
+recognition on held-out traverses (never pretrained on; each query matched against the other traverses) and
+by the linear probe on MSL and HiRISE.
 
     python experiments/ess.py                          # demo preset, built-in data (positions simulated)
     python experiments/ess.py --preset smoke
@@ -25,7 +26,7 @@ def configure(parser):
 
     def build(args, preset):
         radii, sigmas = args.radii or [None], args.sigmas or [None]
-        variants = [variant("baseline")]
+        variants = [variant("random-init"), variant("baseline")]  # the untrained encoder's recall beside all
         variants += [variant("ess-mb", ess_radius=r) for r in radii]
         variants += [variant("ess-mw", ess_radius=r, ess_sigma=s) for r in radii for s in sigmas]
         pretrain = {"framework": args.framework, "queue_size": args.queue_size}

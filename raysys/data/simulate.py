@@ -81,7 +81,7 @@ HIRISE_REPEATS = 2863  # minority-class rows repeated in the real split file
 MSL_DIR, HIRISE_DIR, ROVER_DIR, DIVERSE_DIR = (
     "msl-labeled-data-set-v2.1", "hirise-map-proj-v3_2", "rover-unlabeled", "diverse")
 STAMP = "raysys-simulate.json"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: held-out traverses revisit each other's paths
 
 PRESETS = {
     "smoke": dict(size=32, count=600, msl=400, hirise=400, diverse_classes=100, diverse_per_class=4),
@@ -301,6 +301,23 @@ def _drive(lengths: np.ndarray, map_size: float, rng: np.random.Generator) -> tu
     return np.asarray(rows, dtype=np.float64), event_id
 
 
+def _revisit(rows: np.ndarray, holdout: list[int], rng: np.random.Generator) -> np.ndarray:
+    """Held-out traverses that revisit places: each after the first re-drives the previous one's path the
+    other way round (frame f of a traverse of n frames at the reference's frame (n-1-f) scaled to its length,
+    1 m of scatter, heading turned by 180 degrees with some wobble). Its own lighting stays (its latent), so
+    place recognition sees the same places at another time of day and heading. Revisited frames are terrain
+    frames (no event). ``rows`` as :func:`_drive` returns them; a new array."""
+    rows = rows.copy()
+    for ref, t in zip(holdout, holdout[1:]):
+        mine, theirs = np.flatnonzero(rows[:, 3] == t), np.flatnonzero(rows[:, 3] == ref)
+        at = theirs[np.round((len(mine) - 1 - np.arange(len(mine))) * (len(theirs) - 1)
+                             / max(1, len(mine) - 1)).astype(int)]
+        rows[mine, :2] = rows[at, :2] + rng.normal(0, 1.0, (len(mine), 2))
+        rows[mine, 2] = rows[at, 2] + np.pi + rng.normal(0, 0.3, len(mine))
+        rows[mine, 5], rows[mine, 6] = -1, 0
+    return rows
+
+
 def _rover_views(x: np.ndarray, y: np.ndarray, head: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Views from the poses, so consecutive frames overlap: terrain = pose; an upright landscape pans with
     the heading; objects drift smoothly with position."""
@@ -346,19 +363,19 @@ def plan_rover(count: int, seed: int) -> RoverPlan:
     lengths = apportion(count, rng.uniform(0.5, 1.5, n_trav))
     map_size, region_class, sites, region_z = _rover_map(count, rng)
     a, n_events = _drive(lengths, map_size, rng)
-    x, y, head, trav, frame, ev_class, ev_id = a.T
+    event_z = rng.random((n_events + 1, _Z))
+    latent = _rover_latents(lengths, rng)
+    sols = (3 + a[:, 3] * 2220 // max(1, n_trav - 1)).astype(int)
+    names = [msl_name(int(s), 2_000_000 + i, rng) for i, s in enumerate(sols)]
+    holdout = sorted(rng.choice(n_trav, max(2, round(0.1 * n_trav)), replace=False).tolist())
+    # The revisits draw from their own stream: the frames of the other traverses stay those of version 1.
+    x, y, head, trav, frame, ev_class, ev_id = _revisit(a, holdout, np.random.default_rng([seed, 4])).T
     n = len(a)
     region = cKDTree(sites).query(np.stack([x, y], 1))[1]
     is_event = ev_class >= 0
     labels = np.where(is_event, ev_class, region_class[region]).astype(np.int64)
-    event_z = rng.random((n_events + 1, _Z))
     z = np.where(is_event[:, None], event_z[ev_id.astype(int)], region_z[region])
     view = _rover_views(x, y, head, labels)
-    latent = _rover_latents(lengths, rng)
-
-    sols = (3 + trav * 2220 // max(1, n_trav - 1)).astype(int)
-    names = [msl_name(int(s), 2_000_000 + i, rng) for i, s in enumerate(sols)]
-    holdout = sorted(rng.choice(n_trav, max(1, round(0.1 * n_trav)), replace=False).tolist())
     return RoverPlan(names, labels, z, view, latent, ["unlabeled"] * n, [()] * n, sols,
                      x=x, y=y, heading=np.degrees(head) % 360.0, traverse=trav.astype(int),
                      frame=frame.astype(int), holdout=holdout, map_size=map_size)

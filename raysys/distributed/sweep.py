@@ -301,6 +301,8 @@ def run_trial(config: dict) -> None:
         return
     if method == "random-init":
         final.update(_random_init(cfg, benchmarks, out))
+        if spec.place_recognition:  # the untrained encoder's recall: what pretraining must beat
+            final.update(_place_recognition(out, cfg))
         _finish(out, cfg.storage, final)
         return
     if method == "cluster" and spec.encoder != "self":

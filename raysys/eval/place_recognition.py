@@ -6,10 +6,11 @@ never saw. The simulated pool lists its held-out traverse ids in ``holdout-trave
 
 Protocol (:func:`place_recognition`):
 
-* every held-out frame with a known position is a query; its gallery is every *other* held-out frame
-  except those of the same traverse within ``exclude`` frame numbers (``|frame_q - frame_g| <= exclude``),
-  so the query's own near-duplicate neighbours in the sequence cannot answer it. Frames of other held-out
-  traverses always stay in the gallery: crossing or revisiting a place is what there is to recognise.
+* every held-out frame with a known position is a query; its gallery is every frame of the *other*
+  held-out traverses (``exclude=None``, the default): recognising a place means finding it again on
+  another drive, at another time of day and heading, not finding the previous frame of the same drive.
+  ``exclude=W`` (an int) is the older, looser protocol: the gallery also holds the query's own traverse
+  except the frames within ``W`` frame numbers (``|frame_q - frame_g| <= W``).
 * the gallery is ranked by cosine similarity of the features (ties at the k-th place broken arbitrarily).
 * recall@k: the share of *answerable* queries (at least one gallery frame within ``radius`` metres) for
   which any of the top-k frames lies within ``radius``. Queries with no gallery frame within the radius
@@ -18,10 +19,9 @@ Protocol (:func:`place_recognition`):
   on the same queries (hypergeometric, exact).
 * ``median_error``: median distance between each query (every query with a non-empty gallery) and its
   top-1 frame, in metres.
-* ``n_answerable_cross`` counts the queries with a positive on another traverse. On the simulated demo
-  pool (5 held-out random walks) only 12 of 503 held-out frames have one: most answerable queries are
-  rover stops (several frames at one place) and returns within the traverse, beyond the window. Read
-  recall beside it, and raise ``exclude`` to remove more of the same stop.
+* ``n_answerable_cross`` counts the queries with a positive on another traverse (all answerable queries
+  under the default gallery). The simulator's held-out traverses re-drive each other's paths
+  (:mod:`raysys.data.simulate`), so most held-out frames have one.
 * default radius: the ESS positive radius of :func:`raysys.methods.pairs.default_radius`, twice the median
   distance between consecutive frames of a traverse over the steps where the rover moved, so "the same
   place" means the same thing in training and in this evaluation.
@@ -50,7 +50,7 @@ from raysys.models.io import model_digest
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "eval-place.json"
-DEFAULT_EXCLUDE = 2
+DEFAULT_EXCLUDE = None  # None: the gallery is the other traverses only; an int W: also the own traverse beyond +-W
 DEFAULT_KS = (1, 5)
 QUERY_CHUNK = 1024  # query rows per similarity block: bounds memory at QUERY_CHUNK x n floats
 
@@ -83,13 +83,15 @@ def _chance_recall(n_candidates: np.ndarray, n_positive: np.ndarray, k: int) -> 
     return float(np.mean(1.0 - miss))
 
 
-def _blocked(traverse: np.ndarray, frame: np.ndarray, q: np.ndarray, exclude: int) -> np.ndarray:
-    """``[len(q), n]``: gallery frames query ``q`` may not retrieve: its ``exclude`` window, itself included."""
-    return (traverse[q, None] == traverse[None, :]) & (np.abs(frame[q, None] - frame[None, :]) <= exclude)
+def _blocked(traverse: np.ndarray, frame: np.ndarray, q: np.ndarray, exclude: int | None) -> np.ndarray:
+    """``[len(q), n]``: gallery frames query ``q`` may not retrieve: its own traverse (``exclude=None``) or its
+    ``exclude`` window of it, itself included."""
+    same = traverse[q, None] == traverse[None, :]
+    return same if exclude is None else same & (np.abs(frame[q, None] - frame[None, :]) <= exclude)
 
 
-def retrieve(features, traverse, frame, k: int, exclude: int = DEFAULT_EXCLUDE) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine retrieval with the sequence window excluded (module doc): ``(top, n_gallery)`` where ``top``
+def retrieve(features, traverse, frame, k: int, exclude: int | None = DEFAULT_EXCLUDE) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine retrieval over each query's gallery (module doc): ``(top, n_gallery)`` where ``top``
     ``int64 [n, k]`` holds each query's best gallery frames, best first, and -1 past the end of its gallery,
     and ``n_gallery`` ``[n]`` is the size of each query's gallery."""
     features = np.asarray(features, dtype=np.float32)
@@ -117,7 +119,7 @@ def retrieve(features, traverse, frame, k: int, exclude: int = DEFAULT_EXCLUDE) 
     return top, n_gallery
 
 
-def _n_positive(x, y, traverse, frame, radius: float, exclude: int) -> tuple[np.ndarray, np.ndarray]:
+def _n_positive(x, y, traverse, frame, radius: float, exclude: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Per query, how many gallery frames lie within ``radius``, and how many of those on other traverses."""
     counts, cross = np.zeros(len(x), np.int64), np.zeros(len(x), np.int64)
     for start in range(0, len(x), QUERY_CHUNK):
@@ -129,7 +131,7 @@ def _n_positive(x, y, traverse, frame, radius: float, exclude: int) -> tuple[np.
     return counts, cross
 
 
-def place_recognition(features, x, y, traverse, frame, radius: float, exclude: int = DEFAULT_EXCLUDE,
+def place_recognition(features, x, y, traverse, frame, radius: float, exclude: int | None = DEFAULT_EXCLUDE,
                       ks=DEFAULT_KS) -> dict:
     """Recall@k within ``radius`` and the top-1 position error of cosine retrieval (module doc: protocol).
 
@@ -146,13 +148,14 @@ def place_recognition(features, x, y, traverse, frame, radius: float, exclude: i
         raise ValueError(f"ks must be positive integers, got {ks}")
     if not (math.isfinite(radius) and radius > 0):
         raise ValueError(f"radius must be a positive number of metres, got {radius}")
-    if exclude < 0:
-        raise ValueError(f"exclude must be >= 0 frames, got {exclude}")
+    if exclude is not None and exclude < 0:
+        raise ValueError(f"exclude must be None (other traverses only) or >= 0 frames, got {exclude}")
     top, n_gallery = retrieve(features, traverse, frame, ks[-1], exclude)
     n_positive, n_cross = _n_positive(x, y, traverse, frame, radius, exclude)
     has_gallery, answerable = n_gallery > 0, n_positive > 0
     dist = np.where(top >= 0, np.hypot(x[top] - x[:, None], y[top] - y[:, None]), np.inf)
-    result = {"radius": float(radius), "exclude": int(exclude), "ks": ks, "n_frames": len(x),
+    result = {"radius": float(radius), "exclude": None if exclude is None else int(exclude), "ks": ks,
+              "n_frames": len(x),
               "n_traverses": int(len(np.unique(traverse))), "n_queries": int(has_gallery.sum()),
               "n_answerable": int(answerable.sum()), "n_unanswerable": int((has_gallery & ~answerable).sum()),
               "n_answerable_cross": int((n_cross > 0).sum())}
@@ -190,7 +193,7 @@ def _features(model, manifest: pa.Table, image_size: int, batch_size: int, devic
 
 def evaluate_place_recognition(
     model, manifest: pa.Table, image_size: int, radius: float | None = None, holdout_traverses=None,
-    exclude: int = DEFAULT_EXCLUDE, ks=DEFAULT_KS, out_dir=None, batch_size: int = 256, device=None,
+    exclude: int | None = DEFAULT_EXCLUDE, ks=DEFAULT_KS, out_dir=None, batch_size: int = 256, device=None,
     progress: bool = True,
 ) -> dict:
     """Place recognition of ``model``'s frozen features on held-out traverses; writes ``eval-place.json``.

@@ -24,7 +24,7 @@ RESULT_COLUMNS = [
 GROUP_KEYS = ("method", "framework", "pair_rule", "k", "noise", "cluster_mode", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma")
 METRICS = ["msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
            "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc", "fn_fraction", "place_recall1",
-           "place_recall5", "place_median_error", "positives_per_anchor", "pretext_accuracy", "removed_precision",
+           "place_recall5", "place_median_error", "place_chance_recall1", "positives_per_anchor", "pretext_accuracy", "removed_precision",
            "removed_recall", "cluster_nmi", "cluster_traverse_nmi", "cluster_pair_precision"]
 
 
@@ -238,13 +238,14 @@ def plot_methods(groups: list[dict], benchmark: str, path: str | Path, title: st
 
 def spatial_table(groups: list[dict]) -> str:
     """ESS comparison: place recognition on held-out traverses beside linear-probe accuracy."""
-    lines = [f"{WHAT_HEAD} radius m | sigma m | positives/anchor | place R@1 % | place R@5 % | median error m "
-             "| MSL acc % | HiRISE acc % | seeds |", "|" + " --- |" * 12]
+    lines = [f"{WHAT_HEAD} radius m | sigma m | positives/anchor | place R@1 % | chance R@1 % | place R@5 % "
+             "| median error m | MSL acc % | HiRISE acc % | seeds |", "|" + " --- |" * 13]
     for g in groups:
         err = g.get("place_median_error")
         lines.append(
             f"{_what(g)} {_num(g.get('ess_radius'))} | {_num(g.get('ess_sigma'))} | {_num(g.get('positives_per_anchor'))} "
-            f"| {_pct(g.get('place_recall1'), g.get('place_recall1_std'))} | {_pct(g.get('place_recall5'), g.get('place_recall5_std'))} "
+            f"| {_pct(g.get('place_recall1'), g.get('place_recall1_std'))} | {_pct(g.get('place_chance_recall1'))} "
+            f"| {_pct(g.get('place_recall5'), g.get('place_recall5_std'))} "
             f"| {'–' if err is None else f'{err:.1f}'} | {_pct(g['msl_acc'], g['msl_acc_std'])} "
             f"| {_pct(g['hirise_acc'], g['hirise_acc_std'])} | {g['n']} |")
     return "\n".join(lines)

@@ -143,7 +143,7 @@ def test_ess_moco_spatial_positives_and_place_recognition(ray_session, tmp_path)
     out = tmp_path / "ess"
     assert _run_script("ess", out, "--sigmas", "2") == 0
     rows = {r["method"]: r for r in _rows(out).values()}
-    assert sorted(rows) == ["baseline", "ess-mb", "ess-mw"]
+    assert sorted(rows) == ["baseline", "ess-mb", "ess-mw", "random-init"]
     config = (out / "trials" / rows["ess-mb"]["trial"] / "config.json").read_text()
     assert '"framework": "moco"' in config and '"pair_rule": "ess-mb"' in config
     assert rows["ess-mw"]["ess_sigma"] == 2 and rows["ess-mb"]["ess_radius"] > 0, "radius derived from the data"
@@ -151,7 +151,8 @@ def test_ess_moco_spatial_positives_and_place_recognition(ray_session, tmp_path)
     for row in rows.values():
         assert 0 <= row["place_recall1"] <= row["place_recall5"] <= 1 and row["msl_acc"] is not None
     assert [(rows[m]["framework"], rows[m]["pair_rule"]) for m in sorted(rows)] == [
-        ("moco", "instance"), ("moco", "ess-mb"), ("moco", "ess-mw")]  # the reference is MoCo v2, not SimCLR
+        ("moco", "instance"), ("moco", "ess-mb"), ("moco", "ess-mw"), (None, None)]  # the reference is MoCo v2
+    assert rows["random-init"]["place_chance_recall1"] < 1  # the untrained encoder is scored the same way
     summary = (out / "summary.md").read_text()
     assert "place R@1 %" in summary and (out / "ess-place.png").read_bytes()[:4] == b"\x89PNG"
     assert "| baseline | MoCo v2 | instance |" in summary

@@ -1,6 +1,7 @@
-"""Place recognition on held-out traverses: the metric against a brute-force Python loop, the sequence
-window that keeps near-duplicates from answering, position-perfect features, the held-out split, and a
-full evaluation on a tiny simulated rover pool."""
+"""Place recognition on held-out traverses: the metric against a brute-force Python loop (the default
+gallery of other traverses only, and the sequence window that keeps near-duplicates from answering),
+position-perfect features, the held-out split, the simulator's revisits, and a full evaluation on a tiny
+simulated rover pool."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from raysys import models
 from raysys.data import formats, sources
 from raysys.data.decode import load_images
 from raysys.data.schema import make_manifest
-from raysys.data.simulate import plan_rover, write_rover
+from raysys.data.simulate import _revisit, plan_rover, write_rover
 from raysys.eval import place_recognition as pr
 from raysys.eval.features import extract_features
 from raysys.models.io import model_digest
@@ -33,8 +34,8 @@ def brute_force(features, x, y, traverse, frame, radius, exclude, ks):
     n = len(unit)
     hits, chance, errors, answerable, cross = {k: [] for k in ks}, {k: [] for k in ks}, [], 0, 0
     for q in range(n):
-        gallery = [g for g in range(n)
-                   if g != q and not (traverse[g] == traverse[q] and abs(frame[g] - frame[q]) <= exclude)]
+        gallery = [g for g in range(n) if g != q and not (traverse[g] == traverse[q] and (
+            exclude is None or abs(frame[g] - frame[q]) <= exclude))]  # None: other traverses only
         if not gallery:
             continue
         ranked = sorted(gallery, key=lambda g: -float(unit[q] @ unit[g]))
@@ -81,7 +82,7 @@ def position_features(x, y, scale=0.02):
 # ----------------------------------------------------------------------------- the metric
 
 
-@pytest.mark.parametrize("seed,exclude", [(0, 0), (1, 2), (2, 5)])
+@pytest.mark.parametrize("seed,exclude", [(0, 0), (1, 2), (2, 5), (3, None), (4, None)])
 def test_metric_equals_brute_force(seed, exclude):
     rng = np.random.default_rng(seed)
     x, y, traverse, frame = random_walks(rng)
@@ -97,7 +98,8 @@ def test_metric_equals_brute_force(seed, exclude):
     assert result["median_error"] == pytest.approx(median, abs=1e-9)
     assert (result["n_answerable"], result["n_queries"]) == (answerable, queries)
     assert result["n_unanswerable"] == queries - answerable and result["n_traverses"] == 4
-    assert 0 < result["n_answerable_cross"] == cross < answerable
+    assert 0 < result["n_answerable_cross"] == cross <= answerable
+    assert (cross == answerable) == (exclude is None)  # other traverses only: every positive is a revisit
 
 
 def test_duplicate_inside_the_window_never_answers():
@@ -162,6 +164,30 @@ def test_bad_arguments(kw, match):
 
 
 # ----------------------------------------------------------------------------- held-out traverses
+
+
+@pytest.mark.parametrize("count", [600, 5000])  # the smoke and demo pools
+def test_held_out_traverses_revisit_each_other(count):
+    plan = plan_rover(count, seed=0)
+    held = np.isin(plan.traverse, plan.holdout)
+    x, y, traverse = plan.x[held], plan.y[held], plan.traverse[held]
+    radius = 2 * float(np.median(moving_steps(x, y, traverse, plan.frame[held])))
+    near = np.hypot(x[:, None] - x[None, :], y[:, None] - y[None, :]) <= radius
+    revisited = (near & (traverse[:, None] != traverse[None, :])).any(1)
+    assert len(plan.holdout) >= 2 and revisited.mean() >= 0.4, revisited.mean()
+    again = plan_rover(count, seed=0)
+    assert np.array_equal(again.x, plan.x) and again.holdout == plan.holdout
+
+
+def test_revisits_move_only_the_later_held_out_traverses():
+    rows = np.array([[float(i), 0.0, 0.0, t, i, 3 if i == 1 else -1, 1 if i == 1 else 0]
+                     for t in range(4) for i in range(5)])
+    moved = _revisit(rows, [1, 3], np.random.default_rng(0))
+    untouched = rows[:, 3] != 3  # traverse 1 is the reference, 0 and 2 are pretrained on
+    assert np.array_equal(moved[untouched], rows[untouched])
+    mine = moved[rows[:, 3] == 3]
+    assert np.allclose(mine[:, 0], rows[rows[:, 3] == 1][::-1, 0], atol=5.0)  # the path the other way round
+    assert (mine[:, 5] == -1).all()  # revisited frames are terrain frames
 
 
 def pool_manifest(count=400, seed=5):
