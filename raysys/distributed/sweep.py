@@ -270,6 +270,17 @@ def _random_init(cfg: PretrainConfig, benchmarks: dict, out: Path) -> dict:
     return _evaluate(out, benchmarks, cfg)
 
 
+def _reference(method: str, spec: SweepSpec, cfg: PretrainConfig, benchmarks: dict, out: Path) -> dict:
+    """The results of a reference trial, which pretrains nothing: supervised from scratch, or the untrained
+    encoder (with place recognition when the sweep scores it: what pretraining must beat)."""
+    if method == "supervised":
+        start = time.perf_counter()
+        return {**_supervised(cfg, benchmarks, out, spec.supervised_epochs),
+                "pretrain_seconds": time.perf_counter() - start}
+    metrics = _random_init(cfg, benchmarks, out)
+    return {**metrics, **(_place_recognition(out, cfg) if spec.place_recognition else {})}
+
+
 def run_trial(config: dict) -> None:
     """One Tune trial: cluster (for cluster-aware runs) -> pretrain -> evaluate -> one final report."""
     spec = SweepSpec.from_dict(config["spec"])
@@ -293,16 +304,8 @@ def run_trial(config: dict) -> None:
     manifest, benchmarks = resolve_data(cfg)
     final = {"trial": name, **params, "lr": cfg.lr, **what_ran(method, cfg)}
 
-    if method == "supervised":
-        start = time.perf_counter()
-        final.update(_supervised(cfg, benchmarks, out, spec.supervised_epochs))
-        final["pretrain_seconds"] = time.perf_counter() - start
-        _finish(out, cfg.storage, final)
-        return
-    if method == "random-init":
-        final.update(_random_init(cfg, benchmarks, out))
-        if spec.place_recognition:  # the untrained encoder's recall: what pretraining must beat
-            final.update(_place_recognition(out, cfg))
+    if method in ("supervised", "random-init"):
+        final.update(_reference(method, spec, cfg, benchmarks, out))
         _finish(out, cfg.storage, final)
         return
     if method == "cluster" and spec.encoder != "self":
@@ -322,8 +325,8 @@ def run_trial(config: dict) -> None:
         positives_per_anchor=metrics.get("positives_per_anchor"),
         knn_acc=metrics.get("knn_acc"),
         pretext_accuracy=metrics.get("pretext_accuracy"),
-        ess_radius=cfg.ess_radius,
-        ess_sigma=cfg.ess_sigma,
+        ess_radius_m=cfg.ess_radius,  # as used (derived from the pool when the variant left it unset), beside
+        ess_sigma_m=cfg.ess_sigma,    # the variant's own ess_radius / ess_sigma, which group the seeds
     )
     final.update(_evaluate(out, benchmarks, cfg))
     if spec.fine_tune_epochs:

@@ -146,7 +146,8 @@ def test_ess_moco_spatial_positives_and_place_recognition(ray_session, tmp_path)
     assert sorted(rows) == ["baseline", "ess-mb", "ess-mw", "random-init"]
     config = (out / "trials" / rows["ess-mb"]["trial"] / "config.json").read_text()
     assert '"framework": "moco"' in config and '"pair_rule": "ess-mb"' in config
-    assert rows["ess-mw"]["ess_sigma"] == 2 and rows["ess-mb"]["ess_radius"] > 0, "radius derived from the data"
+    assert rows["ess-mw"]["ess_sigma"] == rows["ess-mw"]["ess_sigma_m"] == 2
+    assert rows["ess-mb"]["ess_radius"] is None and rows["ess-mb"]["ess_radius_m"] > 0, "radius derived from the data"
     assert rows["ess-mb"]["positives_per_anchor"] > 1 and rows["baseline"].get("positives_per_anchor") is None
     for row in rows.values():
         assert 0 <= row["place_recall1"] <= row["place_recall5"] <= 1 and row["msl_acc"] is not None
