@@ -81,7 +81,7 @@ HIRISE_REPEATS = 2863  # minority-class rows repeated in the real split file
 MSL_DIR, HIRISE_DIR, ROVER_DIR, DIVERSE_DIR = (
     "msl-labeled-data-set-v2.1", "hirise-map-proj-v3_2", "rover-unlabeled", "diverse")
 STAMP = "raysys-simulate.json"
-GENERATOR_VERSION = 2  # 2: held-out traverses revisit each other's paths
+GENERATOR_VERSION = 2  # 2: each held-out traverse drives back over its path as a traverse of its own
 
 PRESETS = {
     "smoke": dict(size=32, count=600, msl=400, hirise=400, diverse_classes=100, diverse_per_class=4),
@@ -301,21 +301,27 @@ def _drive(lengths: np.ndarray, map_size: float, rng: np.random.Generator) -> tu
     return np.asarray(rows, dtype=np.float64), event_id
 
 
-def _revisit(rows: np.ndarray, holdout: list[int], rng: np.random.Generator) -> np.ndarray:
-    """Held-out traverses that revisit places: each after the first re-drives the previous one's path the
-    other way round (frame f of a traverse of n frames at the reference's frame (n-1-f) scaled to its length,
-    1 m of scatter, heading turned by 180 degrees with some wobble). Its own lighting stays (its latent), so
-    place recognition sees the same places at another time of day and heading. Revisited frames are terrain
-    frames (no event). ``rows`` as :func:`_drive` returns them; a new array."""
-    rows = rows.copy()
-    for ref, t in zip(holdout, holdout[1:]):
-        mine, theirs = np.flatnonzero(rows[:, 3] == t), np.flatnonzero(rows[:, 3] == ref)
-        at = theirs[np.round((len(mine) - 1 - np.arange(len(mine))) * (len(theirs) - 1)
-                             / max(1, len(mine) - 1)).astype(int)]
-        rows[mine, :2] = rows[at, :2] + rng.normal(0, 1.0, (len(mine), 2))
-        rows[mine, 2] = rows[at, 2] + np.pi + rng.normal(0, 0.3, len(mine))
-        rows[mine, 5], rows[mine, 6] = -1, 0
-    return rows
+def _revisit(rows: np.ndarray, holdout: list[int], n_trav: int, rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
+    """Held-out drives that come back: the second half of each held-out traverse becomes a traverse of its own
+    (a new id, frames numbered from 0) that re-drives the first half the other way round, one frame per frame,
+    heading turned by 180 degrees, off the outbound track by a constant 1 m-scale offset plus 0.2 m of
+    jitter. It keeps the traverse's lighting (its latent drifts on), so place recognition sees the same places
+    on another drive at another heading. Returning frames are terrain frames (no event). ``rows`` as
+    :func:`_drive` returns them; returns a new array and the held-out ids, the returns' included. The pool
+    is untouched: only held-out frames move."""
+    rows, held = rows.copy(), list(holdout)
+    for i, t in enumerate(holdout):
+        frames = np.flatnonzero(rows[:, 3] == t)
+        half = len(frames) // 2
+        out, back = frames[:half], frames[half:]
+        at = out[np.clip(half - 1 - np.arange(len(back)), 0, None)] if half else back
+        offset = rng.normal(0, 1.0, 2)
+        rows[back, :2] = rows[at, :2] + offset + rng.normal(0, 0.2, (len(back), 2))
+        rows[back, 2] = rows[at, 2] + np.pi + rng.normal(0, 0.1, len(back))
+        rows[back, 3], rows[back, 4] = n_trav + i, np.arange(len(back))
+        rows[back, 5], rows[back, 6] = -1, 0
+        held.append(n_trav + i)
+    return rows, sorted(held)
 
 
 def _rover_views(x: np.ndarray, y: np.ndarray, head: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -367,9 +373,10 @@ def plan_rover(count: int, seed: int) -> RoverPlan:
     latent = _rover_latents(lengths, rng)
     sols = (3 + a[:, 3] * 2220 // max(1, n_trav - 1)).astype(int)
     names = [msl_name(int(s), 2_000_000 + i, rng) for i, s in enumerate(sols)]
-    holdout = sorted(rng.choice(n_trav, max(2, round(0.1 * n_trav)), replace=False).tolist())
-    # The revisits draw from their own stream: the frames of the other traverses stay those of version 1.
-    x, y, head, trav, frame, ev_class, ev_id = _revisit(a, holdout, np.random.default_rng([seed, 4])).T
+    holdout = sorted(rng.choice(n_trav, max(1, round(0.1 * n_trav)), replace=False).tolist())
+    # The returns draw from their own stream: the pool's frames stay those of version 1.
+    a, holdout = _revisit(a, holdout, n_trav, np.random.default_rng([seed, 4]))
+    x, y, head, trav, frame, ev_class, ev_id = a.T
     n = len(a)
     region = cKDTree(sites).query(np.stack([x, y], 1))[1]
     is_event = ev_class >= 0

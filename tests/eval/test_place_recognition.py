@@ -179,15 +179,15 @@ def test_held_out_traverses_revisit_each_other(count):
     assert np.array_equal(again.x, plan.x) and again.holdout == plan.holdout
 
 
-def test_revisits_move_only_the_later_held_out_traverses():
+def test_returns_re_drive_the_outbound_half_and_leave_the_pool_alone():
     rows = np.array([[float(i), 0.0, 0.0, t, i, 3 if i == 1 else -1, 1 if i == 1 else 0]
-                     for t in range(4) for i in range(5)])
-    moved = _revisit(rows, [1, 3], np.random.default_rng(0))
-    untouched = rows[:, 3] != 3  # traverse 1 is the reference, 0 and 2 are pretrained on
-    assert np.array_equal(moved[untouched], rows[untouched])
-    mine = moved[rows[:, 3] == 3]
-    assert np.allclose(mine[:, 0], rows[rows[:, 3] == 1][::-1, 0], atol=5.0)  # the path the other way round
-    assert (mine[:, 5] == -1).all()  # revisited frames are terrain frames
+                     for t in range(3) for i in range(6)])
+    moved, held = _revisit(rows, [1], 3, np.random.default_rng(0))
+    assert held == [1, 3] and np.array_equal(moved[rows[:, 3] != 1], rows[rows[:, 3] != 1])  # pool untouched
+    back = moved[moved[:, 3] == 3]
+    assert back[:, 4].tolist() == [0, 1, 2] and (back[:, 5] == -1).all()  # its own frames, terrain only
+    assert np.allclose(back[:, 0] - rows[[2, 1, 0], 0], back[0, 0] - rows[2, 0], atol=1.5)  # outbound, reversed
+    assert np.array_equal(moved[moved[:, 3] == 1], rows[(rows[:, 3] == 1) & (rows[:, 4] < 3)])
 
 
 def pool_manifest(count=400, seed=5):
