@@ -301,7 +301,8 @@ def _drive(lengths: np.ndarray, map_size: float, rng: np.random.Generator) -> tu
     return np.asarray(rows, dtype=np.float64), event_id
 
 
-def _revisit(rows: np.ndarray, holdout: list[int], n_trav: int, rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
+def _revisit(rows: np.ndarray, holdout: list[int], n_trav: int,
+             rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
     """Held-out drives that come back: the second half of each held-out traverse becomes a traverse of its own
     (a new id, frames numbered from 0) that re-drives the first half the other way round, one frame per frame,
     heading turned by 180 degrees, off the outbound track by a constant 1 m-scale offset plus 0.2 m of

@@ -20,8 +20,8 @@ Protocol (:func:`place_recognition`):
 * ``median_error``: median distance between each query (every query with a non-empty gallery) and its
   top-1 frame, in metres.
 * ``n_answerable_cross`` counts the queries with a positive on another traverse (all answerable queries
-  under the default gallery). The simulator's held-out traverses re-drive each other's paths
-  (:mod:`raysys.data.simulate`), so most held-out frames have one.
+  under the default gallery). The simulator's held-out drives come back over their own path as traverses
+  of their own (:mod:`raysys.data.simulate`), so most held-out frames have one.
 * default radius: the ESS positive radius of :func:`raysys.methods.pairs.default_radius`, twice the median
   distance between consecutive frames of a traverse over the steps where the rover moved, so "the same
   place" means the same thing in training and in this evaluation.
