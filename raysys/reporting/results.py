@@ -17,15 +17,18 @@ RESULT_COLUMNS = [
     "msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
     "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc",
     "fn_fraction", "removed_precision", "removed_recall", "cluster_nmi", "cluster_purity", "cluster_traverse_nmi",
-    "cluster_pair_precision", "cluster_pair_recall", "ess_radius", "ess_sigma", "ess_radius_m", "ess_sigma_m", "positives_per_anchor", "place_recall1", "place_recall5", "place_median_error",
-    "place_chance_recall1", "knn_acc", "pretext_accuracy", "stopped_at_epoch", "pretrain_seconds",
+    "cluster_pair_precision", "cluster_pair_recall", "ess_radius", "ess_sigma", "ess_radius_m", "ess_sigma_m",
+    "positives_per_anchor", "place_recall1", "place_recall5", "place_median_error", "place_chance_recall1",
+    "knn_acc", "pretext_accuracy", "stopped_at_epoch", "pretrain_seconds",
 ]
 # What tells configurations apart (not the seed).
-GROUP_KEYS = ("method", "framework", "pair_rule", "k", "noise", "cluster_mode", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma")
+GROUP_KEYS = ("method", "framework", "pair_rule", "k", "noise", "cluster_mode", "temperature", "lr", "mix_ratio",
+              "ess_radius", "ess_sigma")
 METRICS = ["msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
-           "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc", "fn_fraction", "place_recall1",
-           "place_recall5", "place_median_error", "place_chance_recall1", "ess_radius_m", "ess_sigma_m", "positives_per_anchor", "pretext_accuracy", "removed_precision",
-           "removed_recall", "cluster_nmi", "cluster_traverse_nmi", "cluster_pair_precision"]
+           "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc", "fn_fraction",
+           "place_recall1", "place_recall5", "place_median_error", "place_chance_recall1", "ess_radius_m",
+           "ess_sigma_m", "positives_per_anchor", "pretext_accuracy", "removed_precision", "removed_recall",
+           "cluster_nmi", "cluster_traverse_nmi", "cluster_pair_precision"]
 
 
 def write_atomic(path: str | Path, text: str) -> None:
