@@ -81,7 +81,7 @@ HIRISE_REPEATS = 2863  # minority-class rows repeated in the real split file
 MSL_DIR, HIRISE_DIR, ROVER_DIR, DIVERSE_DIR = (
     "msl-labeled-data-set-v2.1", "hirise-map-proj-v3_2", "rover-unlabeled", "diverse")
 STAMP = "raysys-simulate.json"
-GENERATOR_VERSION = 2  # 2: each held-out traverse drives back over its path as a traverse of its own
+GENERATOR_VERSION = 3  # 3: each held-out traverse drives back over its path as a traverse of its own
 
 PRESETS = {
     "smoke": dict(size=32, count=600, msl=400, hirise=400, diverse_classes=100, diverse_per_class=4),
