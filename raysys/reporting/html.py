@@ -204,19 +204,19 @@ def _figure(path: Path, root: Path) -> str:
     return _embedded(path.relative_to(root).as_posix(), path.read_bytes())
 
 
-def _drawn_figures(root: Path, best: dict | None) -> list[tuple[str, bytes]]:
+def _drawn_figures(root: Path, best: dict | None, evals: dict[str, dict]) -> list[tuple[str, bytes]]:
     """``(caption, PNG)`` of the training curves of every run under ``root`` (the folder's own ``tb/``, or each
-    sweep trial's) and the confusion matrices of the run's ``eval-*.json`` (a sweep: its best trial's)."""
+    sweep trial's) and the confusion matrices of the run's ``evals`` (a sweep: its best trial's files)."""
     runs = {"run": root / "tb"} if (root / "tb").is_dir() else {
         p.parent.name: p for p in sorted((root / "trials").glob("*/tb")) if p.is_dir()}
     drawn = []
     curves = run_figures.training_curves_png({name: run_figures.read_scalars(tb) for name, tb in runs.items()})
     if curves:
         drawn.append(("training curves (loss and kNN accuracy per run)", curves))
-    folder = root / "trials" / str(best["trial"]) if best is not None else root
-    for path in sorted(folder.glob("eval-*.json")):
-        evaluation = _read_json(path)
-        title = f"{path.stem[5:]} confusion matrix" + (f" ({best['trial']})" if best is not None else "")
+    if best is not None:
+        evals = {p.name: _read_json(p) for p in sorted((root / "trials" / str(best["trial"])).glob("eval-*.json"))}
+    for name, evaluation in sorted(evals.items()):
+        title = f"{Path(name).stem[5:]} confusion matrix" + (f" ({best['trial']})" if best is not None else "")
         png = run_figures.confusion_png(evaluation, title) if isinstance(evaluation, dict) else None
         if png:
             drawn.append((title, png))
@@ -351,7 +351,7 @@ def render_report(root: str | Path) -> str:
     tables = [p for p in sorted(root.iterdir()) if p.is_file() and p.suffix.lower() in (".csv", ".tsv", ".md")
               and p.name not in repeated]
     figures = find_figures(root)
-    drawn = _drawn_figures(root, best)
+    drawn = _drawn_figures(root, best, evals)
 
     figure_body = ("\n".join([_figure(p, root) for p in figures] + [_embedded(name, png) for name, png in drawn])
                    or '<p class="note">No figures (*.png) found.</p>')

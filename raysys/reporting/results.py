@@ -179,7 +179,8 @@ def _label(g: dict) -> str:
     return g["method"]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported when a plot is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,7 +198,7 @@ def plot_vs_param(groups: list[dict], benchmark: str, param: str, path: str | Pa
                   swept=("cluster",)) -> None:
     """Fig. 5 style: accuracy vs ``param`` with error bars, one line per ``swept`` method; every other
     method (baseline, supervised) is a horizontal reference line."""
-    plt = _pyplot()
+    plt = pyplot()
     metric = f"{benchmark}_acc"
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in swept:
@@ -223,7 +224,7 @@ def plot_methods(groups: list[dict], benchmark: str, path: str | Path, title: st
                  ylabel: str | None = None) -> None:
     """Fig. 3 style: one bar per method (mean over seeds, standard deviation as error bar) of
     ``metric`` (default ``<benchmark>_acc``), in %."""
-    plt = _pyplot()
+    plt = pyplot()
     metric = metric or f"{benchmark}_acc"
     shown = [g for g in groups if g.get(metric) is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -305,7 +306,7 @@ def _curves(groups: list[dict], metric: str) -> dict[str, list[dict]]:
 def plot_vs_precision(groups: list[dict], benchmark: str, path: str | Path, title: str) -> None:
     """Accuracy against removed-pair precision, one line per mode (error bars: spread over seeds in both
     directions), the baseline's mean ± spread as a band."""
-    plt = _pyplot()
+    plt = pyplot()
     metric = f"{benchmark}_acc"
     fig, ax = plt.subplots(figsize=(6, 4))
     base = _baseline(groups, metric)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from raysys.reporting.results import pyplot
+
 CURVES = (("train/loss", "contrastive / task loss"), ("train/knn_acc", "kNN monitor accuracy (val)"))
 MAX_CURVES = 40  # runs drawn in one training-curve figure; more would be an unreadable tangle
 
@@ -24,19 +26,10 @@ def read_scalars(tb_dir: Path, tags=tuple(tag for tag, _ in CURVES)) -> dict[str
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in tags if tag in present}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -46,7 +39,7 @@ def training_curves_png(runs: dict[str, dict[str, list[tuple[int, float]]]]) -> 
     runs = {name: curves for name, curves in sorted(runs.items())[:MAX_CURVES] if curves}
     if not runs:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(11, 3.8))
     for ax, (tag, title) in zip(axes, CURVES):
         for i, (name, curves) in enumerate(runs.items()):
@@ -74,7 +67,7 @@ def confusion_png(evaluation: dict, title: str) -> bytes | None:
     shown = np.flatnonzero(counts.sum(axis=1) + counts.sum(axis=0))  # classes neither true nor predicted add nothing
     counts = counts[np.ix_(shown, shown)]
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    plt = _pyplot()
+    plt = pyplot()
     size = 2.5 + 0.35 * len(shown)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
