@@ -48,7 +48,7 @@ def configure(parser):
         pretrain = {"max_images": args.max_images or preset["mix_images"], "mix_data": args.mix_data}
         # Linear, fine-tuned and supervised side by side; fine-tuning gets the supervised baseline's budget.
         return dict(variants=variants, pretrain=pretrain, encoder=args.encoder, param="method", swept=[],
-                    plot="bars", fine_tune_epochs=preset["supervised_epochs"])
+                    plot="bars", fine_tune_epochs=preset["fine_tune_epochs"])
 
     return build
 

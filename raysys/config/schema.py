@@ -21,6 +21,8 @@ from raysys.storage import check_storage, write_text_atomic
 
 BACKBONES = ("resnet18", "resnet50")
 SCHEDULES = ("constant", "cosine")
+# Between the linear probe's 128-unit dense layer and its class layer (raysys.eval.linear)
+PROBE_ACTIVATIONS = ("none", "relu")
 AMP_MODES = ("none", "bf16", "fp16")
 SYNC_BN_MODES = ("auto", "on", "off")
 AUGMENT_ON = ("data", "worker")
@@ -121,7 +123,8 @@ class PretrainConfig:
     max_failures: int = 2
     # Evaluation after pretraining (linear probe on the labeled benchmarks).
     eval_benchmarks: list = field(default_factory=lambda: ["msl", "hirise"])
-    eval_hidden: int = 0
+    eval_hidden: int = 0  # 0: one linear layer; 128: the paper's dense layer (raysys.eval.linear)
+    eval_activation: str = "none"  # between the dense layer and the class layer: none (the paper's reading) or relu
     eval_epochs: int = 100
     # Online kNN monitor: each epoch, kNN accuracy of the backbone on a small labeled subset of this
     # benchmark's train (bank) and val (queries) splits -- never test -- logged and reported to Tune.
@@ -202,7 +205,7 @@ class PretrainConfig:
             (self.max_images is None or self.max_images >= self.batch_size,
              f"--max-images {self.max_images} is smaller than one batch ({self.batch_size}); raise it or lower --batch-size"),
         ]
-        for ok, message in checks + self._self_cluster_checks():
+        for ok, message in checks + self._self_cluster_checks() + self._eval_checks():
             if not ok:
                 raise ConfigError(message)
         for path, option in ((self.data, "--data"), (self.init_weights, "--init-weights"), (self.mix_data, "--mix-data"),
@@ -214,6 +217,9 @@ class PretrainConfig:
         except ValueError as exc:
             raise ConfigError(f"augmentation: {exc}") from None
         return self if self.storage is None else self.replace(storage=check_storage(self.storage))
+
+    def _eval_checks(self) -> list[tuple[bool, str]]:
+        return [(self.eval_activation in PROBE_ACTIVATIONS, f"eval_activation: choose one of {list(PROBE_ACTIVATIONS)}")]
 
     def _self_cluster_checks(self) -> list[tuple[bool, str]]:
         return [

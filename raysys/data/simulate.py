@@ -83,9 +83,12 @@ MSL_DIR, HIRISE_DIR, ROVER_DIR, DIVERSE_DIR = (
 STAMP = "raysys-simulate.json"
 GENERATOR_VERSION = 3  # 3: each held-out traverse drives back over its path as a traverse of its own
 
+# hirise_test: the demo's test split has the real one's 1,793 originals and class counts (at 1,000 originals in all
+# it would hold 166, one or two of some classes, and balanced accuracy would move 6 points per image).
 PRESETS = {
     "smoke": dict(size=32, count=600, msl=400, hirise=400, diverse_classes=100, diverse_per_class=4),
-    "demo": dict(size=64, count=5000, msl=1800, hirise=1000, diverse_classes=100, diverse_per_class=20),
+    "demo": dict(size=64, count=5000, msl=1800, hirise=1000, hirise_test=1793, diverse_classes=100,
+                 diverse_per_class=20),
     "paper": dict(size=227, count=100_000, msl=MSL_TOTAL, hirise=HIRISE_TOTAL, diverse_classes=1000,
                   diverse_per_class=100),
 }
@@ -141,10 +144,14 @@ def plan_msl_counts(total: int) -> dict[str, np.ndarray]:
     return out
 
 
-def plan_hirise_counts(originals: int) -> dict[str, np.ndarray]:
-    """Per-class HiRISE *original* counts per split for about ``originals`` originals (real ones at 10815)."""
+def plan_hirise_counts(originals: int, test: int | None = None) -> dict[str, np.ndarray]:
+    """Per-class HiRISE *original* counts per split for about ``originals`` originals (real ones at 10815), the
+    test split with ``test`` originals instead when given (the real class shares either way)."""
     s = originals / HIRISE_TOTAL
-    return {split: apportion(round(sum(c) * s), c) for split, c in HIRISE_ORIGINALS.items()}
+    sizes = {split: round(sum(c) * s) for split, c in HIRISE_ORIGINALS.items()}
+    if test is not None:
+        sizes["test"] = test
+    return {split: apportion(sizes[split], c) for split, c in HIRISE_ORIGINALS.items()}
 
 
 def msl_name(sol: int, uid: int, rng: np.random.Generator) -> str:
@@ -208,10 +215,10 @@ def plan_msl(total: int, seed: int) -> ScenePlan:
                      rng.standard_normal((n, _LATENT)), splits, copies, np.asarray(sols))
 
 
-def plan_hirise(originals: int, seed: int) -> ScenePlan:
+def plan_hirise(originals: int, seed: int, test: int | None = None) -> ScenePlan:
     """Plan the HiRISE dataset: one entry per original; train/val originals get all six copies."""
     rng = np.random.default_rng([seed, 2])
-    counts = plan_hirise_counts(originals)
+    counts = plan_hirise_counts(originals, test)
     n = sum(int(c.sum()) for c in counts.values())
     # Crops come from a few hundred source products; crop numbers are unique within a product.
     n_products = max(1, n // 25)
@@ -999,9 +1006,10 @@ def write_msl(root: Path, total: int, size: int, seed: int, bar=None) -> None:
     _write_lines(root / "class_map.csv", (f"{i},{name}" for i, name in enumerate(MSL_CLASSES)))
 
 
-def write_hirise(root: Path, originals: int, size: int, seed: int, bar=None) -> None:
-    """Write the HiRISE v3.2 layout under ``root`` (the ``hirise-map-proj-v3_2`` folder)."""
-    plan = plan_hirise(originals, seed)
+def write_hirise(root: Path, originals: int, size: int, seed: int, bar=None, test: int | None = None) -> None:
+    """Write the HiRISE v3.2 layout under ``root`` (the ``hirise-map-proj-v3_2`` folder); ``test``: see
+    :func:`plan_hirise_counts`."""
+    plan = plan_hirise(originals, seed, test)
     (root / "map-proj-v3_2").mkdir(parents=True, exist_ok=True)
     _write_planned(plan, root / "map-proj-v3_2", render_hirise, size, seed, 2, bar or _NullBar())
     rows = [(f"{n}{'-' + k if k else ''}.jpg", int(lab), s)
@@ -1085,15 +1093,15 @@ def _dataset_jobs(out: Path, cfg: dict, seed: int):
     """(key, folder, stamp params, number of files, writer) for each dataset."""
     s = cfg["size"]
     msl_files = int(sum(v.sum() for k, v in plan_msl_counts(cfg["msl"]).items() if k != "train_originals"))
-    hc = plan_hirise_counts(cfg["hirise"])
+    hc = plan_hirise_counts(cfg["hirise"], cfg.get("hirise_test"))
     hirise_files = int((hc["train"].sum() + hc["val"].sum()) * (1 + len(HIRISE_AUGS)) + hc["test"].sum())
     dv = cfg["diverse_classes"] * cfg["diverse_per_class"]
     base = {"generator": "raysys.data.simulate", "version": GENERATOR_VERSION, "seed": seed, "size": s}
     return [
         ("msl", out / MSL_DIR, {**base, "msl": cfg["msl"]}, msl_files,
          lambda root, bar: write_msl(root, cfg["msl"], s, seed, bar)),
-        ("hirise", out / HIRISE_DIR, {**base, "hirise_originals": cfg["hirise"]}, hirise_files,
-         lambda root, bar: write_hirise(root, cfg["hirise"], s, seed, bar)),
+        ("hirise", out / HIRISE_DIR, {**base, "hirise_originals": cfg["hirise"], "hirise_test": cfg.get("hirise_test")},
+         hirise_files, lambda root, bar: write_hirise(root, cfg["hirise"], s, seed, bar, cfg.get("hirise_test"))),
         ("rover", out / ROVER_DIR, {**base, "count": cfg["count"]}, cfg["count"],
          lambda root, bar: write_rover(root, cfg["count"], s, seed, bar)),
         ("diverse", out / DIVERSE_DIR,

@@ -39,6 +39,13 @@ def data_roots(cfg) -> dict[str, Path]:
     return {k: Path(v) for k, v in formats.discover(cfg.data).items()}
 
 
+def is_simulated(root) -> bool:
+    """Whether a dataset folder was written by the simulator (its stamp file is there), not a real download."""
+    from raysys.data.simulate import STAMP
+
+    return (Path(root) / STAMP).is_file()
+
+
 def has_hidden_labels(root) -> bool:
     """Whether the simulator left its hidden labels in this folder (diagnostics only, never trained on)."""
     root = Path(root)

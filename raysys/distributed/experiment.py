@@ -27,7 +27,7 @@ def evaluate_run(run: dict, cfg: PretrainConfig) -> list[dict]:
     for name, root in sorted(run["benchmarks"].items()):
         for encoder, model in (("pretrained", pretrained), ("random-init", random_init)):
             tag = name if encoder == "pretrained" else f"{name}-random-init"
-            result = evaluate(model, root, out, tag, cfg.image_size, hidden=cfg.eval_hidden,
+            result = evaluate(model, root, out, tag, cfg.image_size, hidden=cfg.eval_hidden, activation=cfg.eval_activation,
                               epochs=cfg.eval_epochs, seed=cfg.seed, cache_dir=out / "feature-cache")
             metrics = result["metrics"]
             rows.append({"benchmark": name, "encoder": encoder, "accuracy": metrics["accuracy"],

@@ -37,7 +37,13 @@ from raysys.config import PretrainConfig, make_config
 from raysys.config.presets import SWEEP_PRESETS
 from raysys.config.schema import check_saved
 from raysys.data.augment import AugmentConfig
-from raysys.data.sources import attach_clusters, heldout_manifest, resolve_data
+from raysys.data.formats import discover
+from raysys.data.sources import (
+    attach_clusters,
+    heldout_manifest,
+    is_simulated,
+    resolve_data,
+)
 from raysys.distributed.clustering import ENCODERS, cluster_assignments, cluster_quality
 from raysys.distributed.runtime import (
     check_cluster,
@@ -68,14 +74,18 @@ METHOD_FRAMEWORKS = {name: name for name in OBJECTIVES if name != "simclr"}
 # mixed-domain pretraining (a pool, not a rule), the pretext tasks, the untrained encoder (random-init) and
 # the supervised reference. Every contrastive method runs in the base config's framework (SimCLR or MoCo v2).
 METHOD_RULES = {"baseline": "instance", "mixed": "instance", **{name: name for name in RULES if name != "instance"},
-                **{name: "instance" for name in METHOD_FRAMEWORKS}, "random-init": "instance", "supervised": None}
+                **{name: "instance" for name in METHOD_FRAMEWORKS}, "random-init": "instance", "supervised": None,
+                "supervised-transfer": None}
+# The supervised references: from scratch, or from a weights file (--supervised-weights: Wagstaff et al.'s
+# transfer learning, the benchmark authors' baseline). Both train in the trial's own process.
+SUPERVISED_METHODS = ("supervised", "supervised-transfer")
 PRETEXT_METHODS = tuple(name for name in METHOD_FRAMEWORKS if not OBJECTIVES[name].contrastive)
 METHODS = tuple(METHOD_RULES)
 # What a variant may set (PretrainConfig fields, and the clustering's own: K and the noisy oracle's noise);
 # the rest comes from the base config.
 PARAMS = ("k", "noise", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma", "cluster_mode")
 CLUSTER_PARAMS = ("k", "noise")
-SWEEP_VERSION = 1  # bump when a SweepSpec field changes meaning or goes; from_dict then reads the old form
+SWEEP_VERSION = 2  # 2: the supervised reference's step budget replaces its epoch count. Bump when a SweepSpec field changes meaning or goes; from_dict then reads the old form
 FINAL_FILE = "final.json"  # a finished trial's result, in its run folder
 TRIAL_DRIVER_CPUS = 0.1  # a trial's own process mostly waits on its TorchTrainer
 BENCHMARKS = ("msl", "hirise")
@@ -111,7 +121,8 @@ class SweepSpec:
     seeds: int = 1
     encoder: str = "texture"
     encoder_settings: dict = field(default_factory=dict)  # texture encoder (TextureConfig fields); {}: its defaults
-    supervised_epochs: int = 30
+    supervised_steps: int = 1000  # optimizer steps per benchmark, whatever its size (the preset's)
+    supervised_weights: str | None = None  # start the supervised reference from this backbone weights file
     max_concurrent: int | None = None
     storage: str | None = None  # Tune state, trial checkpoints and results for every node; None: ``out``
     place_recognition: bool = False  # also score each encoder by place recognition on held-out traverses
@@ -123,7 +134,10 @@ class SweepSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "SweepSpec":
         """A saved spec; a newer version or an unknown key is an error naming it. Files without a version are
-        version 1. The base config is checked the same way (:meth:`PretrainConfig.from_dict`)."""
+        version 1. The base config is checked the same way (:meth:`PretrainConfig.from_dict`). A version-1
+        sweep's supervised epoch count is dropped: its unfinished supervised trials train on the step budget."""
+        if d.get("version", 1) < 2:
+            d = {k: v for k, v in d.items() if k != "supervised_epochs"}
         check_saved(cls, d, d.get("version", 1), SWEEP_VERSION, "sweep", "start a new sweep (a new --out)")
         PretrainConfig.from_dict(d["base"])
         return cls(**{**d, "version": SWEEP_VERSION})
@@ -185,7 +199,7 @@ def _trial_resources(spec: SweepSpec, concurrent: int):
     cpus = ray.cluster_resources().get("CPU", 1.0)
 
     def resources(config: dict) -> tune.PlacementGroupFactory:
-        if config["variant"]["method"] == "supervised":
+        if config["variant"]["method"] in SUPERVISED_METHODS:
             bundle = {"CPU": max(TRIAL_DRIVER_CPUS, min(1.0, (cpus - 1.0) / concurrent))}
             if base.gpus_per_worker:
                 bundle["GPU"] = base.gpus_per_worker
@@ -205,7 +219,7 @@ def _evaluate(model_dir: Path, benchmarks: dict, cfg: PretrainConfig) -> dict:
     model, cache = load_model(model_dir), model_dir / "feature-cache"
     metrics = {}
     for name, root in benchmarks.items():
-        result = evaluate(model, root, model_dir, name, cfg.image_size, hidden=cfg.eval_hidden,
+        result = evaluate(model, root, model_dir, name, cfg.image_size, hidden=cfg.eval_hidden, activation=cfg.eval_activation,
                           epochs=cfg.eval_epochs, seed=cfg.seed, cache_dir=cache, progress=False)
         metrics.update(_accuracies(name, result["metrics"]))
         knn = evaluate_knn(model, root, cfg.image_size, cache_dir=cache, progress=False)
@@ -246,18 +260,19 @@ def trial_config(spec: SweepSpec, params: dict) -> PretrainConfig:
 def what_ran(method: str, cfg: PretrainConfig) -> dict:
     """The framework and pair rule a trial trained with, so that a MoCo v2 baseline is never read as SimCLR's;
     the references without a pretraining objective have neither."""
-    if method in ("supervised", "random-init"):
+    if method in (*SUPERVISED_METHODS, "random-init"):
         return {"framework": None, "pair_rule": None}
     return {"framework": cfg.framework, "pair_rule": cfg.pair_rule if cfg.objective.contrastive else None}
 
 
-def _supervised(cfg: PretrainConfig, benchmarks: dict, out: Path, epochs: int) -> dict:
-    """The supervised reference: the same backbone trained from scratch on each benchmark's labels."""
+def _supervised(cfg: PretrainConfig, benchmarks: dict, out: Path, steps: int, weights: str | None) -> dict:
+    """The supervised reference: the same backbone trained on each benchmark's labels for the same number of
+    steps, from scratch or from a weights file."""
     metrics = {}
     for name, root in benchmarks.items():
         result = train_supervised(root, out / name, backbone=cfg.backbone, width=cfg.width,
-                                  small_stem=cfg.small_stem, image_size=cfg.image_size, epochs=epochs,
-                                  seed=cfg.seed, progress=False)
+                                  small_stem=cfg.small_stem, image_size=cfg.image_size, steps=steps,
+                                  seed=cfg.seed, progress=False, init_weights=weights)
         metrics.update(_accuracies(name, result["metrics"]))
     return metrics
 
@@ -271,11 +286,12 @@ def _random_init(cfg: PretrainConfig, benchmarks: dict, out: Path) -> dict:
 
 
 def _reference(method: str, spec: SweepSpec, cfg: PretrainConfig, benchmarks: dict, out: Path) -> dict:
-    """The results of a reference trial, which pretrains nothing: supervised from scratch, or the untrained
-    encoder (with place recognition when the sweep scores it: what pretraining must beat)."""
-    if method == "supervised":
+    """The results of a reference trial, which pretrains nothing: supervised (from scratch or from weights), or
+    the untrained encoder (with place recognition when the sweep scores it: what pretraining must beat)."""
+    if method in SUPERVISED_METHODS:
         start = time.perf_counter()
-        return {**_supervised(cfg, benchmarks, out, spec.supervised_epochs),
+        weights = spec.supervised_weights if method == "supervised-transfer" else None
+        return {**_supervised(cfg, benchmarks, out, spec.supervised_steps, weights),
                 "pretrain_seconds": time.perf_counter() - start}
     metrics = _random_init(cfg, benchmarks, out)
     return {**metrics, **(_place_recognition(out, cfg) if spec.place_recognition else {})}
@@ -304,7 +320,7 @@ def run_trial(config: dict) -> None:
     manifest, benchmarks = resolve_data(cfg)
     final = {"trial": name, **params, "lr": cfg.lr, **what_ran(method, cfg)}
 
-    if method in ("supervised", "random-init"):
+    if method in (*SUPERVISED_METHODS, "random-init"):
         final.update(_reference(method, spec, cfg, benchmarks, out))
         _finish(out, cfg.storage, final)
         return
@@ -552,24 +568,34 @@ def _tuner(spec: SweepSpec, concurrent: int, writer: ResultsWriter, restore: str
     )
 
 
+def real_benchmarks(spec: SweepSpec) -> set[str]:
+    """The benchmarks a sweep evaluated on real datasets (not the simulator's), where published numbers apply."""
+    data = PretrainConfig.from_dict(spec.base).data
+    if data is None:
+        return set()
+    return {name for name, root in discover(data).items() if name in BENCHMARKS and not is_simulated(root)}
+
+
 def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[str]:
     """``summary.md`` (the reproduce command, the grouped table, the best trial) and one plot per benchmark;
     returns the names of the files written."""
     out = Path(spec.out)
     groups = report.group(rows)
     table = report.grouped_table(groups, spec.plot, spec.param, spec.swept, spec.place_recognition, rows)
-    plots, readings = [], []
+    plots, readings, real = [], [], real_benchmarks(spec)
     for bench in BENCHMARKS:
         if any(g.get(f"{bench}_acc") is not None for g in groups):
             path = out / f"{spec.name}-{bench}.png"
             if spec.plot == "bars":
-                report.plot_methods(groups, bench, path, f"{bench.upper()}: methods compared ({spec.name})")
+                report.plot_methods(groups, bench, path, f"{bench.upper()}: methods compared ({spec.name})",
+                                    published=bench in real)
             elif spec.plot == "precision":
                 report.plot_vs_precision(groups, bench, path, f"{bench.upper()}: accuracy vs removed-pair precision")
                 readings.append(report.precision_reading(groups, bench))
             else:
                 report.plot_vs_param(groups, bench, spec.param, path,
-                                     f"{bench.upper()}: accuracy vs {spec.param} ({spec.name})", spec.swept)
+                                     f"{bench.upper()}: accuracy vs {spec.param} ({spec.name})", spec.swept,
+                                     published=bench in real)
             plots.append(path.name)
     if spec.place_recognition and any(g.get("place_recall1") is not None for g in groups):
         path = out / f"{spec.name}-place.png"
@@ -578,6 +604,8 @@ def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[
         plots.append(path.name)
     best = max((r for r in rows if r.get("msl_acc") is not None), key=lambda r: r["msl_acc"], default=None)
     lines = [f"# {spec.name}", "", f"Reproduce: `{spec.command}`", "", table, ""] + [f"{r}\n" for r in readings]
+    if real:
+        lines += [report.published_note(sorted(real)), ""]
     if best:
         lines += [f"Best trial on MSL: **{best['trial']}** ({100 * best['msl_acc']:.1f} %).", ""]
     lines += [f"![{p}]({p})" for p in plots]
@@ -616,6 +644,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--supervised", action=argparse.BooleanOptionalAction, default=None,
                    help="add (or, --no-supervised, skip) the supervised reference runs (default: the preset's; "
                         "the demo preset skips them to finish in 15 minutes)")
+    p.add_argument("--supervised-weights", help="start the supervised reference from this backbone weights file "
+                   "(e.g. ImageNet weights of the same architecture: the benchmark authors' transfer learning) "
+                   "instead of from scratch; implies --supervised")
 
 
 def _check_cluster_variants(variants: list[dict], encoder: str) -> None:
@@ -669,12 +700,17 @@ def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None 
     TextureConfig.from_dict(encoder_settings)  # a bad texture setting stops here, before Ray starts
     if args.fine_tune_epochs is not None:  # the option wins over the script's default
         fields["fine_tune_epochs"] = args.fine_tune_epochs
-    if supervised and (preset["supervised"] if args.supervised is None else args.supervised):
+    if args.supervised_weights and not Path(args.supervised_weights).is_file():
+        raise ConfigError(f"--supervised-weights {args.supervised_weights} is not a file; pass a backbone weights file")
+    if args.supervised_weights and supervised:
+        variants = [*variants, variant("supervised-transfer")]
+        fields["supervised_weights"] = str(Path(args.supervised_weights).resolve())
+    elif supervised and (preset["supervised"] if args.supervised is None else args.supervised):
         variants = [*variants, variant("supervised")]
     spec = SweepSpec(
         name=name, out=out, base=base.to_dict(), variants=variants, seeds=seeds,
         storage=storage.check_storage(args.storage) if args.storage else None, asha=args.asha,
-        supervised_epochs=preset["supervised_epochs"], max_concurrent=args.max_concurrent,
+        supervised_steps=preset["supervised_steps"], max_concurrent=args.max_concurrent,
         encoder_settings=encoder_settings,
         command=" ".join(["python", *map(shlex.quote, sys.argv)]), **fields,
     )

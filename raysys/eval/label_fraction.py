@@ -29,7 +29,13 @@ from raysys.config.presets import DEFAULT_FRACTIONS
 from raysys.data.sampling import check_fractions, check_seeds, stratified_subset
 from raysys.errors import ConfigError, DataError, ModelFileError
 from raysys.eval.features import benchmark_features
-from raysys.eval.linear import linear_probe, load_benchmark, majority_baseline
+from raysys.eval.linear import (
+    PROBE_BATCH_SIZE,
+    PROBE_LR,
+    linear_probe,
+    load_benchmark,
+    majority_baseline,
+)
 from raysys.models import ContrastiveModel
 from raysys.models.io import load_saved
 
@@ -38,8 +44,8 @@ from raysys.models.io import load_saved
 
 def fraction_curve(
     train_x, train_y, train_groups, test_x, test_y, num_classes: int, fractions=DEFAULT_FRACTIONS, seeds=3,
-    probe_epochs: int = 100, hidden: int = 0, lr: float = 1e-3, batch_size: int = 256, progress: bool = True,
-    desc: str = "fractions",
+    probe_epochs: int = 100, hidden: int = 0, lr: float = PROBE_LR, batch_size: int = PROBE_BATCH_SIZE,
+    progress: bool = True, desc: str = "fractions",
 ) -> list[dict]:
     """Fit a probe per (fraction, seed) on a :func:`stratified_subset` of the given train features and score
     it on the test features; rows ``{fraction, seed, n_train, accuracy, balanced_accuracy}``."""

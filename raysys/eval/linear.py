@@ -22,12 +22,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from raysys.config.schema import PROBE_ACTIVATIONS
 from raysys.data.formats import class_names, read_manifest
 from raysys.errors import ConfigError, DataError
 from raysys.eval.features import LABELED_SPLITS, benchmark_features
 from raysys.models.io import load_saved, model_digest, resolve_model_file, run_folder
 
 DEFAULT_IMAGE_SIZE = 32
+# The probe's optimiser is the paper's (Appendix A, Table 3, "used in all contrastive training / linear evaluation
+# experiments"): Adam at 3e-4, weight decay 1e-6, batch 128. The paper gives no probe epoch count; ours is the
+# pretraining preset's eval_epochs (smoke 30, demo 100) or --epochs.
+PROBE_LR, PROBE_WEIGHT_DECAY, PROBE_BATCH_SIZE = 3e-4, 1e-6, 128
+# Sec. 4.4's "single dense / linear layer of 128 neurons" is read as one linear layer of 128 units before the class
+# layer, so the probe stays linear (a rank-128 map); activation "relu" makes it an MLP (PROBE_ACTIVATIONS).
 
 
 # ----------------------------------------------------------------------------- probe and metrics
@@ -63,16 +70,20 @@ def classification_metrics(y_true, y_pred, num_classes: int) -> dict:
 
 
 class LinearProbe(nn.Module):
-    """Standardize with the train statistics, then a linear layer (``hidden=0``) or the paper's
-    ``Linear(D, hidden) -> ReLU -> Linear(hidden, C)``."""
+    """Standardize with the train statistics, then a linear layer (``hidden=0``) or the paper's dense layer,
+    ``Linear(D, hidden) -> Linear(hidden, C)``, with a ReLU between them when ``activation="relu"``."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int, hidden: int = 0):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int, hidden: int = 0,
+                 activation: str = "none"):
         super().__init__()
+        if activation not in PROBE_ACTIVATIONS:
+            raise ValueError(f"probe activation {activation!r} is unknown; choose one of {PROBE_ACTIVATIONS}")
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
         dim = mean.numel()
         if hidden:
-            self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+            between = [nn.ReLU()] if activation == "relu" else []
+            self.net = nn.Sequential(nn.Linear(dim, hidden), *between, nn.Linear(hidden, num_classes))
         else:
             self.net = nn.Linear(dim, num_classes)
 
@@ -95,8 +106,9 @@ def _check_probe_inputs(x, y, num_classes: int, what: str) -> None:
 
 
 def train_probe(
-    train_x, train_y, num_classes: int, hidden: int = 0, epochs: int = 100, lr: float = 1e-3,
-    weight_decay: float = 0.0, batch_size: int = 256, seed: int = 0,
+    train_x, train_y, num_classes: int, hidden: int = 0, epochs: int = 100, lr: float = PROBE_LR,
+    weight_decay: float = PROBE_WEIGHT_DECAY, batch_size: int = PROBE_BATCH_SIZE, seed: int = 0,
+    activation: str = "none",
 ) -> LinearProbe:
     """Fit a :class:`LinearProbe` on CPU with Adam and cross-entropy; the result depends only on the
     inputs and ``seed`` (initialisation and shuffling use their own generator; global RNG untouched)."""
@@ -109,7 +121,7 @@ def train_probe(
     std = torch.where(std > 0, std, torch.ones_like(std))  # constant features: leave them centred, not NaN
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        probe = LinearProbe(mean, std, num_classes, hidden)
+        probe = LinearProbe(mean, std, num_classes, hidden, activation)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(probe.net.parameters(), lr=lr, weight_decay=weight_decay)
     xs = (x - mean) / std  # standardize once; the net then trains on standardized rows directly
@@ -123,8 +135,9 @@ def train_probe(
 
 
 def linear_probe(
-    train_x, train_y, test_x, test_y, num_classes: int, hidden: int = 0, epochs: int = 100, lr: float = 1e-3,
-    weight_decay: float = 0.0, batch_size: int = 256, seed: int = 0,
+    train_x, train_y, test_x, test_y, num_classes: int, hidden: int = 0, epochs: int = 100, lr: float = PROBE_LR,
+    weight_decay: float = PROBE_WEIGHT_DECAY, batch_size: int = PROBE_BATCH_SIZE, seed: int = 0,
+    activation: str = "none",
 ) -> dict:
     """Train a probe on (``train_x``, ``train_y``) and score it on the test split.
 
@@ -134,7 +147,7 @@ def linear_probe(
     _check_probe_inputs(test_x, test_y, num_classes, "test")
     if test_x.shape[1] != np.shape(train_x)[1]:
         raise ValueError(f"train and test features differ in width ({np.shape(train_x)[1]} vs {test_x.shape[1]})")
-    probe = train_probe(train_x, train_y, num_classes, hidden, epochs, lr, weight_decay, batch_size, seed)
+    probe = train_probe(train_x, train_y, num_classes, hidden, epochs, lr, weight_decay, batch_size, seed, activation)
     return _probe_metrics(probe, train_x, train_y, test_x, test_y, num_classes)
 
 
@@ -179,8 +192,8 @@ def load_benchmark(root: str | Path):
 
 def evaluate(
     model, benchmark_root, out_dir, name: str, image_size: int, hidden: int = 0, epochs: int = 100, seed: int = 0,
-    cache_dir=None, lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 256, device=None,
-    progress: bool = True,
+    cache_dir=None, lr: float = PROBE_LR, weight_decay: float = PROBE_WEIGHT_DECAY,
+    batch_size: int = PROBE_BATCH_SIZE, device=None, progress: bool = True, activation: str = "none",
 ) -> dict:
     """Linear evaluation of ``model``'s frozen features on one benchmark; writes ``eval-<name>.json``.
 
@@ -191,14 +204,14 @@ def evaluate(
     if not name or Path(name).name != name:
         raise ValueError(f"name {name!r} must be a plain file-name part (no folders)")
     manifest, names = load_benchmark(benchmark_root)
-    data = benchmark_features(model, manifest, image_size, cache_dir=cache_dir, batch_size=batch_size,
-                              device=device, progress=progress)
+    data = benchmark_features(model, manifest, image_size, cache_dir=cache_dir, device=device, progress=progress)
     for split in ("train", "test"):
         if len(data[split]["y"]) == 0:
             raise DataError(f"benchmark {benchmark_root}: no {split} image could be decoded ({len(data['skipped'])} skipped)")
     if model_digest(model) != data["model_digest"]:
         raise RuntimeError("the model changed during feature extraction; the evaluation is void")
-    settings = dict(hidden=hidden, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed)
+    settings = dict(hidden=hidden, activation=activation, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                    batch_size=batch_size, seed=seed)
     (train_x, train_y), (test_x, test_y) = ((data[s]["x"], data[s]["y"]) for s in ("train", "test"))
     probe = train_probe(train_x, train_y, len(names), **settings)
     result = {
@@ -238,8 +251,15 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--benchmark", required=True, action="append", help="labeled dataset folder (MSL v2.1, HiRISE v3.2, ...); repeatable")
     p.add_argument("--out", help="where eval-<benchmark>.json goes (default: the run folder)")
     p.add_argument("--image-size", type=int, help=f"pixels (default: the run's image_size, else {DEFAULT_IMAGE_SIZE})")
-    p.add_argument("--hidden", type=int, choices=(0, 128), default=0, help="0: linear probe; 128: the paper's 128-unit dense layer")
-    p.add_argument("--epochs", type=int, default=100, help="probe training epochs")
+    p.add_argument("--hidden", type=int, choices=(0, 128), default=0,
+                   help="0: one linear layer (default); 128: the paper's 128-unit dense layer before the class layer")
+    p.add_argument("--activation", choices=PROBE_ACTIVATIONS, default="none",
+                   help="with --hidden 128: none keeps the probe linear (the paper's reading, default), relu makes it an MLP")
+    p.add_argument("--epochs", type=int, default=100, help="probe training epochs (default: %(default)s; the paper gives none)")
+    p.add_argument("--lr", type=float, default=PROBE_LR, help="probe Adam learning rate (default: %(default)s, Appendix A)")
+    p.add_argument("--weight-decay", type=float, default=PROBE_WEIGHT_DECAY,
+                   help="probe weight decay (default: %(default)s, Appendix A)")
+    p.add_argument("--batch-size", type=int, default=PROBE_BATCH_SIZE, help="probe batch size (default: %(default)s, Appendix A)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", help="feature cache (default: <out>/feature-cache)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
@@ -258,8 +278,10 @@ def _benchmark_names(roots: list[str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """``raysys linear-eval``: evaluate one saved model on each ``--benchmark``; prints a table."""
-    if args.epochs < 1:
-        raise ConfigError(f"--epochs must be at least 1 (got {args.epochs})")
+    if args.epochs < 1 or args.batch_size < 1:
+        raise ConfigError(f"--epochs and --batch-size must be at least 1 (got {args.epochs} and {args.batch_size})")
+    if args.lr <= 0 or args.weight_decay < 0:
+        raise ConfigError(f"--lr must be positive and --weight-decay non-negative (got {args.lr} and {args.weight_decay})")
     if args.image_size is not None and args.image_size < 8:
         raise ConfigError(f"--image-size must be at least 8 (got {args.image_size})")
     missing = [b for b in args.benchmark if not Path(b).is_dir()]
@@ -275,7 +297,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for root, name in zip(args.benchmark, _benchmark_names(args.benchmark)):
         r = evaluate(model, root, out, name, image_size, hidden=args.hidden, epochs=args.epochs, seed=args.seed,
-                     cache_dir=cache_dir, device=args.device)
+                     cache_dir=cache_dir, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
+                     device=args.device, activation=args.activation)
         metrics = r["metrics"]
         rows.append((name, metrics["accuracy"], metrics["balanced_accuracy"], r["majority"]["accuracy"], len(r["skipped"])))
     width = max(len("benchmark"), *(len(r[0]) for r in rows))

@@ -1,8 +1,13 @@
-"""The supervised baseline -- the same backbone trained from scratch with labels on a benchmark's train
-split -- and fine-tuning of a pretrained encoder, in one training loop.
+"""The supervised reference, "supervised, from scratch" -- the same backbone trained with labels on a
+benchmark's train split -- its transfer-learning variant from a weights file, and fine-tuning of a pretrained
+encoder, in one training loop.
 
 Every comparison in the paper (Fig. 3, the horizontal line of Fig. 5, Table 2) puts "supervised" beside the
-contrastive encoders; this module produces it. Fine-tuning (:func:`fine_tune`, or ``init_model=`` of
+contrastive encoders. The benchmarks' own supervised baseline (Wagstaff et al. 2021: 74.5 % MSL v2.1, 92.8 %
+HiRISE v3.2) is transfer learning, an ImageNet-pretrained AlexNet fine-tuned on the labels; no weights can be
+downloaded here, so the default trains from scratch, and ``init_weights=`` is that reading for a user who has
+weights of the same architecture. It trains for a step budget (``steps=``) rather than an epoch count, so a
+small benchmark is not under-trained. Fine-tuning (:func:`fine_tune`, or ``init_model=`` of
 :func:`train_supervised`) is the third read-out beside the frozen linear probe and the from-scratch
 baseline: it starts from the pretrained weights (the caller's model is copied, never changed) and trains
 the backbone with a lower learning rate (default ``lr / 10``) than the new linear head (``lr``), so the
@@ -59,6 +64,7 @@ from raysys.eval.linear import (
     majority_baseline,
 )
 from raysys.models import ContrastiveModel
+from raysys.models.backbones import load_init_weights
 from raysys.models.io import MODEL_FILE, load_saved, model_digest, save_model
 
 RESULT_FILE = "supervised.json"
@@ -69,7 +75,7 @@ SUPERVISED_AUGMENT = {"crop_scale": (0.5, 1.0)}
 _EVAL_BATCH = 512
 
 
-def _check_settings(backbone, width, image_size, epochs, batch_size, lr, backbone_lr, weight_decay,
+def _check_settings(backbone, width, image_size, epochs, steps, batch_size, lr, backbone_lr, weight_decay,
                     augment) -> AugmentConfig:
     """Validate the cheap arguments before any image is decoded; return the augmentation config."""
     checks = [
@@ -77,6 +83,7 @@ def _check_settings(backbone, width, image_size, epochs, batch_size, lr, backbon
         (width > 0, f"width must be > 0 (got {width})"),
         (isinstance(image_size, int) and image_size >= 8, f"image_size must be an integer >= 8 (got {image_size!r})"),
         (isinstance(epochs, int) and epochs >= 1, f"epochs must be an integer >= 1 (got {epochs!r})"),
+        (steps is None or (isinstance(steps, int) and steps >= 1), f"steps must be an integer >= 1 (got {steps!r})"),
         (isinstance(batch_size, int) and batch_size >= 2,
          f"batch_size must be an integer >= 2 (got {batch_size!r}); BatchNorm needs two samples per batch"),
         (lr > 0, f"lr must be > 0 (got {lr})"),
@@ -144,6 +151,16 @@ def _predict(model: ContrastiveModel, head: nn.Module, images: torch.Tensor, ima
     return torch.cat(parts).numpy() if parts else np.zeros(0, np.int64)
 
 
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch of :func:`_train_epoch` (the last partial batch is dropped)."""
+    return 1 if n_train <= batch_size else n_train // batch_size
+
+
+def epochs_for_steps(steps: int, n_train: int, batch_size: int) -> int:
+    """The fewest epochs that make at least ``steps`` optimizer steps on ``n_train`` images."""
+    return math.ceil(steps / steps_per_epoch(n_train, batch_size))
+
+
 def _train_epoch(model, head, optimizer, scheduler, images, labels, cfg, batch_size, shuffle_gen, aug_gen):
     """One pass over the train images in shuffled batches (the last partial batch is dropped when there is
     more than one batch, so BatchNorm never sees a batch of one); returns (mean loss, train accuracy)."""
@@ -167,13 +184,18 @@ def _train_epoch(model, head, optimizer, scheduler, images, labels, cfg, batch_s
     return total_loss / seen, correct / seen
 
 
-def _run_kind(init_model, lr: float, backbone_lr: float | None) -> tuple:
-    """From scratch or fine-tuning: (pretrained copy, its name) -- both None from scratch -- the method name,
-    and the backbone lr, which defaults to ``lr`` from scratch and to ``lr / 10`` when fine-tuning."""
+def _run_kind(init_model, init_weights, lr: float, backbone_lr: float | None) -> tuple:
+    """From scratch, from a weights file or fine-tuning: (pretrained copy, its name) -- both None unless
+    fine-tuning -- the method name, and the backbone lr, which defaults to ``lr`` from scratch and to
+    ``lr / 10`` otherwise."""
+    if init_model is not None and init_weights is not None:
+        raise ConfigError("give init_model (fine-tune a raysys model) or init_weights (a weights file), not both")
+    if init_weights is not None and not Path(init_weights).is_file():
+        raise ConfigError(f"init_weights {init_weights} is not a file; pass a backbone weights file")
     init, init_name = _initial_model(init_model) if init_model is not None else (None, None)
-    method = "supervised" if init is None else "fine-tune"
+    method = "fine-tune" if init is not None else "supervised-transfer" if init_weights is not None else "supervised"
     if backbone_lr is None:
-        backbone_lr = lr if init is None else lr * FINE_TUNE_BACKBONE_LR_FACTOR
+        backbone_lr = lr if method == "supervised" else lr * FINE_TUNE_BACKBONE_LR_FACTOR
     return init, init_name, method, backbone_lr
 
 
@@ -188,13 +210,18 @@ def _check_decoded(benchmark_root, data: dict, skipped: list[dict]) -> None:
         raise DataError(f"benchmark {benchmark_root} has a single decodable train image; supervised training needs at least 2")
 
 
-def _prepare_model(init, backbone: str, width: float, small_stem: bool, num_classes: int, seed: int, device):
-    """The model to train and a new seeded head, both moved to ``device``: a fresh seeded model, or the
-    pretrained copy ``init``, whose own architecture then replaces the arguments in the results. Returns
-    (model, head, (backbone, width, small_stem), digest of the initial weights when fine-tuning, else None)."""
+def _prepare_model(init, init_weights, backbone: str, width: float, small_stem: bool, num_classes: int, seed: int,
+                   device):
+    """The model to train and a new seeded head, both moved to ``device``: a fresh seeded model (loaded from
+    ``init_weights`` when given), or the pretrained copy ``init``, whose own architecture then replaces the
+    arguments in the results. Returns (model, head, (backbone, width, small_stem), digest of the initial
+    weights unless from scratch, else None)."""
     if init is None:
         model, head = _seeded_model(backbone, width, small_stem, num_classes, seed)
         arch, init_digest = (backbone, width, small_stem), None
+        if init_weights is not None:
+            load_init_weights(model, init_weights)  # logs what did not match; fails when nothing does
+            init_digest = model_digest(model)
     else:
         model, head = init, _seeded_head(init.feature_dim, num_classes, seed)
         arch = (init.spec["backbone_name"], init.spec["width"], init.spec["small_stem"])
@@ -219,8 +246,8 @@ def _fit(model, head, on_device: dict, data: dict, cfg: AugmentConfig, *, epochs
     """Train for ``epochs``; val accuracy after each epoch goes into the history only (the final model is
     reported, never the best). Returns (history, optimizer steps per epoch)."""
     train_x, train_y = on_device["train"]
-    steps_per_epoch = 1 if len(train_y) <= batch_size else len(train_y) // batch_size
-    optimizer, scheduler = _optimizer(model, head, lr, backbone_lr, weight_decay, epochs * steps_per_epoch)
+    per_epoch = steps_per_epoch(len(train_y), batch_size)
+    optimizer, scheduler = _optimizer(model, head, lr, backbone_lr, weight_decay, epochs * per_epoch)
     shuffle_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator().manual_seed(seed + 1)  # own stream: shuffling and augmentation draws stay apart
 
@@ -235,7 +262,7 @@ def _fit(model, head, on_device: dict, data: dict, cfg: AugmentConfig, *, epochs
             row["val_accuracy"] = float(np.mean(val_pred == data["val"][1]))
         history.append(row)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})
-    return history, steps_per_epoch
+    return history, per_epoch
 
 
 def _scores(model, head, data: dict, on_device: dict, num_classes: int, image_size: int) -> tuple[dict, dict]:
@@ -280,63 +307,53 @@ def _write_results(model, head, result: dict, out_dir, result_file: str, times: 
 
 
 def train_supervised(
-    benchmark_root,
-    out_dir,
-    *,
-    backbone: str = "resnet18",
-    width: float = 1.0,
-    small_stem: bool = False,
-    image_size: int = 32,
-    epochs: int = 30,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-6,
-    seed: int = 0,
-    augment: dict | None = None,
-    device=None,
-    progress: bool = True,
-    init_model=None,
-    backbone_lr: float | None = None,
+    benchmark_root, out_dir, *, backbone: str = "resnet18", width: float = 1.0, small_stem: bool = False,
+    image_size: int = 32, epochs: int = 30, steps: int | None = None, batch_size: int = 128, lr: float = 1e-3,
+    weight_decay: float = 1e-6, seed: int = 0, augment: dict | None = None, device=None, progress: bool = True,
+    init_model=None, backbone_lr: float | None = None, init_weights: str | Path | None = None,
 ) -> dict:
-    """Train the backbone + a linear head with labels on ``benchmark_root``'s train split: from scratch, or,
-    with ``init_model`` (a :class:`ContrastiveModel` or saved-model path), fine-tuned from its weights.
+    """Train the backbone + a linear head with labels on ``benchmark_root``'s train split: from scratch; from a
+    backbone weights file ``init_weights`` (e.g. ImageNet weights of the architecture: the transfer-learning
+    reading, method ``supervised-transfer``); or fine-tuned from ``init_model`` (a :class:`ContrastiveModel` or
+    saved-model path, whose architecture replaces ``backbone``, ``width`` and ``small_stem``; the caller's model
+    is left unchanged). From scratch the backbone learns at ``lr`` unless ``backbone_lr`` is given, otherwise at
+    ``lr / 10``; the new head at ``lr``. ``steps`` replaces ``epochs`` by the fewest epochs making that many steps.
 
-    When fine-tuning, the architecture is ``init_model``'s (``backbone``, ``width`` and ``small_stem`` are
-    ignored), the caller's model is left unchanged, and the backbone learns at ``backbone_lr`` (default
-    ``lr / 10``) while the new head learns at ``lr``; from scratch both use ``lr`` unless ``backbone_lr``
-    is given. Writes ``out_dir/model.pt`` (the trainer's format, loadable by
-    :func:`raysys.models.io.load_model`) and ``out_dir/supervised.json`` or ``fine-tune.json`` (test
-    metrics of the trained classifier via :func:`raysys.eval.linear.classification_metrics`, val metrics,
-    majority baseline, history, timing). Returns that dict plus ``model_path``. Bad arguments or a
-    benchmark without train/test rows raise a one-line :class:`~raysys.errors.RaysysError` (a
-    :class:`ValueError`) before any image is decoded.
+    Writes ``out_dir/model.pt`` (loadable by :func:`raysys.models.io.load_model`) and ``supervised.json`` or
+    ``fine-tune.json`` (test metrics via :func:`raysys.eval.linear.classification_metrics`, val metrics, majority
+    baseline, history, timing); returns that dict plus ``model_path``. Bad arguments or a benchmark without
+    train/test rows raise a one-line :class:`~raysys.errors.RaysysError` before any image is decoded.
     """
     t_start = time.perf_counter()
-    aug_cfg = _check_settings(backbone, width, image_size, epochs, batch_size, lr, backbone_lr, weight_decay, augment)
+    aug_cfg = _check_settings(backbone, width, image_size, epochs, steps, batch_size, lr, backbone_lr, weight_decay,
+                              augment)
     manifest, names = load_benchmark(benchmark_root)
-    init, init_name, method, backbone_lr = _run_kind(init_model, lr, backbone_lr)
+    init, init_name, method, backbone_lr = _run_kind(init_model, init_weights, lr, backbone_lr)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     data, skipped = _decode_splits(manifest, image_size)
     _check_decoded(benchmark_root, data, skipped)
+    if steps is not None:
+        epochs = epochs_for_steps(steps, len(data["train"][1]), batch_size)
     t_decoded = time.perf_counter()
 
-    model, head, (backbone, width, small_stem), init_digest = _prepare_model(init, backbone, width, small_stem,
-                                                                             len(names), seed, device)
+    model, head, (backbone, width, small_stem), init_digest = _prepare_model(init, init_weights, backbone, width,
+                                                                             small_stem, len(names), seed, device)
+    init_name = str(Path(init_weights).resolve()) if init_weights is not None else init_name
     on_device = {s: (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)) for s, (x, y) in data.items()}
-    history, steps_per_epoch = _fit(model, head, on_device, data, aug_cfg, epochs=epochs, batch_size=batch_size, lr=lr,
-                                    backbone_lr=backbone_lr, weight_decay=weight_decay, seed=seed,
-                                    image_size=image_size, desc=method, progress=progress)
+    history, per_epoch = _fit(model, head, on_device, data, aug_cfg, epochs=epochs, batch_size=batch_size, lr=lr,
+                              backbone_lr=backbone_lr, weight_decay=weight_decay, seed=seed, image_size=image_size,
+                              desc=method, progress=progress)
     t_trained = time.perf_counter()
 
     config = {**_settings(backbone, width, small_stem, image_size, epochs, batch_size, lr, weight_decay, seed, aug_cfg),
-              "method": method, "backbone_lr": backbone_lr,
-              **({} if init is None else {"init_model": init_name, "init_model_digest": init_digest})}
+              "method": method, "backbone_lr": backbone_lr, "step_budget": steps,
+              **({} if init_name is None else {"init_model": init_name, "init_model_digest": init_digest})}
     scores, val_scores = _scores(model, head, data, on_device, len(names), image_size)
     result = {"method": method, "benchmark": str(Path(benchmark_root).resolve()), "class_names": names,
               "config": config, **scores, "counts": _counts(manifest, data, len(names)), "skipped": skipped,
               "epochs": epochs, "history": history, "device": str(device), **val_scores}
-    images_trained = epochs * steps_per_epoch * min(batch_size, len(data["train"][1]))
-    return _write_results(model, head, result, out_dir, RESULT_FILE if init is None else FINE_TUNE_FILE,
+    images_trained = epochs * per_epoch * min(batch_size, len(data["train"][1]))
+    return _write_results(model, head, result, out_dir, FINE_TUNE_FILE if method == "fine-tune" else RESULT_FILE,
                           (t_start, t_decoded, t_trained), images_trained)
 
 

@@ -137,7 +137,7 @@ def results_table(groups: list[dict], param: str = "k", swept=("cluster",), rows
         extra = "".join(f" {_num(g.get(key))} |" for key in ("cluster_nmi", "cluster_traverse_nmi",
                                                              "removed_precision", "removed_recall")) if clusters else ""
         lines.append(
-            f"{_what(g, g['method'])} {'–' if value is None else f'{value:g}'} "
+            f"{_what(g, METHOD_LABELS.get(g['method'], g['method']))} {'–' if value is None else f'{value:g}'} "
             f"| {g['n']} | {_pct(g['msl_acc'], g['msl_acc_std'])} | {_pct(g['msl_balanced_acc'], g['msl_balanced_acc_std'])} "
             f"| {_pct(g['hirise_acc'], g['hirise_acc_std'])} | {_pct(g['hirise_balanced_acc'], g['hirise_balanced_acc_std'])} "
             f"| {_pct(g['msl_knn_acc'], g['msl_knn_acc_std'])} | {_pct(g['hirise_knn_acc'], g['hirise_knn_acc_std'])} "
@@ -168,6 +168,11 @@ def methods_table(groups: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The supervised references' names in tables and plots: neither is the paper's supervised baseline as such
+# (raysys.eval.supervised).
+METHOD_LABELS = {"supervised": "supervised, from scratch", "supervised-transfer": "supervised, from weights"}
+
+
 def _label(g: dict) -> str:
     """A method's name with the parameter that defines it (``cluster K=10``, ``mixed r=0.5``)."""
     if g["method"] == "cluster" and g.get("noise") is not None:
@@ -176,7 +181,7 @@ def _label(g: dict) -> str:
         return f"cluster K={g['k']}"
     if g.get("mix_ratio"):
         return f"{g['method']} r={g['mix_ratio']:g}"
-    return g["method"]
+    return METHOD_LABELS.get(g["method"], g["method"])
 
 
 def pyplot():
@@ -189,15 +194,35 @@ def pyplot():
     return plt
 
 
+# Published test accuracies on the real benchmarks (shared facts: the paper's Table 2 and the benchmark authors'),
+# drawn as reference lines only where a sweep evaluated on the real datasets.
+PUBLISHED = {
+    "msl": (("paper: SimCLR baseline, linear eval", 75.60), ("Wagstaff et al.: supervised transfer", 74.5)),
+    "hirise": (("paper: SimCLR baseline, linear eval", 89.70), ("Wagstaff et al.: supervised transfer", 92.8)),
+}
+
+
+def _published_lines(ax, benchmark: str) -> None:
+    for i, (source, value) in enumerate(PUBLISHED.get(benchmark, ())):
+        ax.axhline(value, linestyle="-.", color=f"C{6 + i}", label=f"{source} ({value:.1f}%, published)")
+
+
+def published_note(benchmarks) -> str:
+    """One line per real benchmark with the published numbers a sweep's table can be read against."""
+    return "\n".join(f"Published on real {b.upper()}: " + "; ".join(f"{s} {v:.1f} %" for s, v in PUBLISHED[b]) + "."
+                     for b in benchmarks if b in PUBLISHED)
+
+
 def _legend_below(ax) -> None:
     """The legend under the axes, never over the data (the figure grows to hold it)."""
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
 
 
 def plot_vs_param(groups: list[dict], benchmark: str, param: str, path: str | Path, title: str,
-                  swept=("cluster",)) -> None:
+                  swept=("cluster",), published: bool = False) -> None:
     """Fig. 5 style: accuracy vs ``param`` with error bars, one line per ``swept`` method; every other
-    method (baseline, supervised) is a horizontal reference line."""
+    method (baseline, supervised) is a horizontal reference line, and so are the published numbers when
+    ``published`` (the benchmark is the real dataset)."""
     plt = pyplot()
     metric = f"{benchmark}_acc"
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -211,6 +236,8 @@ def plot_vs_param(groups: list[dict], benchmark: str, param: str, path: str | Pa
             ax.axhline(100 * g[metric], linestyle="--" if g["method"] == "baseline" else ":",
                        color="gray" if g["method"] == "baseline" else "black",
                        label=f"{_label(g)} ({100 * g[metric]:.1f}%)")
+    if published:
+        _published_lines(ax, benchmark)
     ax.set_xlabel(param)
     ax.set_ylabel(f"{benchmark.upper()} test accuracy (%)")
     ax.set_title(title)
@@ -221,9 +248,9 @@ def plot_vs_param(groups: list[dict], benchmark: str, param: str, path: str | Pa
 
 
 def plot_methods(groups: list[dict], benchmark: str, path: str | Path, title: str, metric: str | None = None,
-                 ylabel: str | None = None) -> None:
+                 ylabel: str | None = None, published: bool = False) -> None:
     """Fig. 3 style: one bar per method (mean over seeds, standard deviation as error bar) of
-    ``metric`` (default ``<benchmark>_acc``), in %."""
+    ``metric`` (default ``<benchmark>_acc``), in %, with the published numbers as lines when ``published``."""
     plt = pyplot()
     metric = metric or f"{benchmark}_acc"
     shown = [g for g in groups if g.get(metric) is not None]
@@ -236,6 +263,9 @@ def plot_methods(groups: list[dict], benchmark: str, path: str | Path, title: st
     ax.set_ylabel(ylabel or f"{benchmark.upper()} test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
+    if published:
+        _published_lines(ax, benchmark)
+        _legend_below(ax)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 

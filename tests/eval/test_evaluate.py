@@ -137,7 +137,7 @@ def test_probe_separates_linearly_separable_clusters(hidden):
     tx, ty = gaussian_clusters(50, seed=0)  # same centres (same seed), fresh noise below
     tx = tx + np.random.default_rng(1).normal(0, 0.5, tx.shape).astype(np.float32)
     # scale and offset are standardized away; 13 steps per epoch
-    m = ev.linear_probe(x * 40 + 7, y, tx * 40 + 7, ty, num_classes=4, hidden=hidden, epochs=30, batch_size=32)
+    m = ev.linear_probe(x * 40 + 7, y, tx * 40 + 7, ty, num_classes=4, hidden=hidden, epochs=100, batch_size=32)
     assert m["accuracy"] >= 0.99 and m["balanced_accuracy"] >= 0.99
     assert m["train_accuracy"] == 1.0
     assert m["n_train"] == 400 and m["n_test"] == 200
@@ -153,7 +153,7 @@ def test_probe_on_random_labels_is_near_chance():
     assert 0.19 < m["balanced_accuracy"] < 0.31
 
 
-def test_hidden_layer_is_the_papers_dense_variant_and_solves_xor():
+def test_dense_layer_is_linear_by_default_and_the_relu_variant_solves_xor():
     rng = np.random.default_rng(0)
     corners = rng.choice([-1.0, 1.0], size=(600, 2))
     y = (corners[:, 0] * corners[:, 1] > 0).astype(np.int64)  # XOR: no linear boundary exists
@@ -161,10 +161,15 @@ def test_hidden_layer_is_the_papers_dense_variant_and_solves_xor():
     xtr, ytr, xte, yte = x[:400], y[:400], x[400:], y[400:]
     linear = ev.linear_probe(xtr, ytr, xte, yte, num_classes=2, hidden=0, epochs=50)
     dense = ev.linear_probe(xtr, ytr, xte, yte, num_classes=2, hidden=128, epochs=50)
-    assert linear["accuracy"] < 0.75 and dense["accuracy"] > 0.97
+    mlp = ev.linear_probe(xtr, ytr, xte, yte, num_classes=2, hidden=128, epochs=50, activation="relu")
+    assert linear["accuracy"] < 0.75 and dense["accuracy"] < 0.75 and mlp["accuracy"] > 0.97
     net = ev.train_probe(xtr, ytr, 2, hidden=128, epochs=1).net
-    assert [type(m) for m in net] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
-    assert (net[0].in_features, net[0].out_features, net[2].out_features) == (2, 128, 2)
+    assert [type(m) for m in net] == [torch.nn.Linear, torch.nn.Linear]
+    assert (net[0].in_features, net[0].out_features, net[1].out_features) == (2, 128, 2)
+    relu = ev.train_probe(xtr, ytr, 2, hidden=128, epochs=1, activation="relu").net
+    assert [type(m) for m in relu] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+    with pytest.raises(ValueError, match="probe activation 'tanh' is unknown"):
+        ev.train_probe(xtr, ytr, 2, hidden=128, epochs=1, activation="tanh")
 
 
 def test_probe_is_deterministic_from_seed_and_leaves_global_rng_alone():

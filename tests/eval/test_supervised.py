@@ -236,3 +236,36 @@ def test_fine_tune_from_a_model_object_leaves_it_unchanged_and_equals_the_file_r
     assert "does not exist" in _one_line_error(lambda: fine_tune(tmp_path / "nowhere", bench, tmp_path / "x"))
     assert "backbone_lr" in _one_line_error(
         lambda: train_supervised(bench, tmp_path / "x", init_model=pretrained, backbone_lr=0.0, progress=False))
+
+
+# ----------------------------------------------------------------------------- step budget and weights file
+
+
+def test_step_budget_sets_the_epochs_from_the_train_split_size(bench, tmp_path):
+    # 26 train images in batches of 8: 3 steps per epoch (the partial batch is dropped), so 10 steps need 4 epochs
+    assert supervised.steps_per_epoch(26, 8) == 3 and supervised.steps_per_epoch(5, 8) == 1
+    assert supervised.epochs_for_steps(10, 26, 8) == 4 and supervised.epochs_for_steps(9, 26, 8) == 3
+    result = train_supervised(bench, tmp_path, seed=0, **{**SETTINGS, "epochs": 1}, steps=10)
+    assert result["epochs"] == 4 and len(result["history"]) == 4
+    assert result["config"]["step_budget"] == 10 and result["config"]["epochs"] == 4
+    assert "steps" in _one_line_error(lambda: train_supervised(bench, tmp_path / "x", steps=0, progress=False))
+
+
+def test_weights_file_starts_the_supervised_reference_from_its_weights(bench, tmp_path, monkeypatch):
+    pretrained = pretrained_model(tmp_path / "pretrained")
+    weights = tmp_path / "backbone.pt"
+    torch.save(pretrained.backbone.state_dict(), weights)  # a bare backbone state dict, as torchvision ships
+    seen = record_first_epoch(monkeypatch)
+    out = tmp_path / "transfer"
+    result = train_supervised(bench, out, seed=0, init_weights=weights, **{**SETTINGS, "epochs": 2})
+
+    expected = pretrained.backbone.state_dict()
+    assert all(torch.equal(seen["state"][f"backbone.{k}"], v) for k, v in expected.items())
+    assert [lr for lr, _ in seen["groups"]] == pytest.approx([3e-4, 3e-3])  # fine-tuning's rates
+    assert result["method"] == "supervised-transfer" and (out / RESULT_FILE).is_file()
+    assert result["config"]["init_model"] == str(weights.resolve())
+    assert "not both" in _one_line_error(lambda: train_supervised(
+        bench, tmp_path / "y", init_weights=weights, init_model=tmp_path / "pretrained", progress=False))
+    assert "not a file" in _one_line_error(lambda: train_supervised(
+        bench, tmp_path / "y", init_weights=tmp_path / "missing.pt", progress=False))
+    assert not (tmp_path / "y").exists()
