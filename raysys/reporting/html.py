@@ -215,7 +215,8 @@ def _drawn_figures(root: Path, best: dict | None, evals: dict[str, dict]) -> lis
         drawn.append(("training curves (loss and kNN accuracy per run)", curves))
     if best is not None:
         evals = {p.name: _read_json(p) for p in sorted((root / "trials" / str(best["trial"])).glob("eval-*.json"))}
-    for name, evaluation in sorted(evals.items()):
+    # the pretrained encoder's matrices first, then the untrained reference's (eval-*-random-init.json)
+    for name, evaluation in sorted(evals.items(), key=lambda item: (item[0].endswith("-random-init.json"), item[0])):
         title = f"{Path(name).stem[5:]} confusion matrix" + (f" ({best['trial']})" if best is not None else "")
         png = run_figures.confusion_png(evaluation, title) if isinstance(evaluation, dict) else None
         if png:
@@ -296,11 +297,12 @@ def _eval_section(evals: dict[str, dict]) -> str:
     return html_table(header, rows)
 
 
-def _record_tables(name: str, data) -> str:
-    """Every top-level list of flat records in a JSON file as a table (e.g. summary.json's linear_eval)."""
+def _record_tables(name: str, data, skip=()) -> str:
+    """Every top-level list of flat records in a JSON file as a table (e.g. summary.json's linear_eval), but the
+    keys in ``skip``."""
     parts = []
     for key, value in data.items() if isinstance(data, dict) else []:
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        if key not in skip and isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             columns = list(dict.fromkeys(k for v in value for k in v))
             parts.append(f"<h3>{_e(name)}: {_e(key)}</h3>" + html_table(columns, [[v.get(c) for c in columns] for v in value]))
     return "\n".join(parts)
@@ -363,7 +365,8 @@ def render_report(root: str | Path) -> str:
         sections.append(_section("Results", _results_section(rows, best, sweep), "results"))
     if evals:
         sections.append(_section("Linear evaluation", _eval_section(evals), "linear-eval"))
-    records = "\n".join(_record_tables(n, d) for n, d in jsons.items()
+    skip = ("linear_eval",) if evals else ()  # a run's summary.json repeats its eval-*.json files
+    records = "\n".join(_record_tables(n, d, skip) for n, d in jsons.items()
                         if not n.startswith("eval-") and n != "sweep.json")  # sweep.json is the configuration
     if records.strip():
         sections.append(_section("Summaries", records, "summaries"))

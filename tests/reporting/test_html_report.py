@@ -134,9 +134,13 @@ def test_partial_run_folder(tmp_path):
     page = hr.write_report(tmp_path).read_text()
     assert "<td>eval-msl.json</td><td>/data/msl</td><td>0.7532</td><td>0.3418</td><td>–</td><td>0.3101</td><td>158</td><td>128</td>" in page
     assert "<pre>python experiments/pretrain.py --preset demo</pre>" in page
-    assert "<td>msl</td><td>pretrained</td><td>0.7532</td>" in page
     assert "<td>augment.size</td><td>32</td>" in page
     assert "Figures (0)" in page and "Best trial" not in page and "data:image/png" not in page
+    # summary.json's linear_eval repeats the eval files: shown only where they are missing
+    assert "<td>msl</td><td>pretrained</td><td>0.7532</td>" not in page
+    (tmp_path / "eval-msl.json").unlink()
+    page = hr.write_report(tmp_path).read_text()
+    assert "<td>msl</td><td>pretrained</td><td>0.7532</td>" in page and "summary.json: linear_eval" in page
 
 
 def test_empty_folder(tmp_path):
@@ -199,3 +203,7 @@ def test_run_page_has_its_curves_and_confusion_matrix(tmp_path):
     put(tmp_path / "eval-hirise.json", json.dumps({"metrics": {"accuracy": 0.5, "confusion_matrix": [[1, 1], [1, 1]]}}))
     embedded = embedded_figures(hr.write_report(tmp_path).read_text())
     assert sorted(embedded) == ["hirise confusion matrix", "training curves (loss and kNN accuracy per run)"]
+    put(tmp_path / "eval-hirise-random-init.json", json.dumps({"metrics": {"confusion_matrix": [[2, 0], [2, 0]]}}))
+    put(tmp_path / "eval-msl.json", json.dumps({"metrics": {"confusion_matrix": [[1, 0], [0, 1]]}}))
+    embedded = embedded_figures(hr.write_report(tmp_path).read_text())  # in page order
+    assert list(embedded)[1:] == ["hirise confusion matrix", "msl confusion matrix", "hirise-random-init confusion matrix"]
