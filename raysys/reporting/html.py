@@ -45,6 +45,7 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; 
 h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
 h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
 .wide { overflow-x: auto; max-width: 100%; }
+.wide td { white-space: nowrap; }
 table { border-collapse: collapse; margin: .8em 0; font-size: 90%; }
 td:first-child { white-space: nowrap; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; vertical-align: top; }
@@ -168,7 +169,7 @@ def markdown_to_html(text: str) -> str:
             body = [r for r in block[1:] if not all(re.fullmatch(r":?-{3,}:?", c) for c in r)]
             head = "".join(f"<th>{_inline_md(c)}</th>" for c in block[0])
             rows = "".join("<tr>" + "".join(f"<td>{_inline_md(c)}</td>" for c in r) + "</tr>" for r in body)
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            out.append(f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>')
             continue
         heading = re.match(r"(#{1,6})\s+(.*)", line)
         if heading:
