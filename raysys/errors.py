@@ -44,6 +44,10 @@ class ClusterError(RaysysError):
     """Bad input to the clustering step."""
 
 
+class StorageError(RaysysError):
+    """Shared storage failed after bounded retries (unreachable, refused, full); what is already there stays."""
+
+
 class PositionsError(ConfigError):
     """The metadata cannot give a positions sidecar."""
 

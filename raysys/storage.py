@@ -5,17 +5,24 @@ and cluster caches, so ``--storage`` names shared storage (``s3://bucket/prefix`
 mount). Everything here goes through ``pyarrow.fs`` (the layer Ray Train/Tune use for
 ``storage_path``), so one code path serves local folders, ``file://`` URIs and object stores.
 
-Checks are offline: :func:`check_storage` looks at the URI's form only and never contacts S3 or
-GCS (that would need credentials and network at argument-parsing time); a filesystem is built only
-when :func:`filesystem` is first needed. Credentials come from the platform's usual chain (instance
-profile, ``~/.aws``, environment): none are ever passed through this module.
+Two checks: :func:`check_storage` looks at the URI's form only, offline, while arguments are parsed;
+:func:`check_reachable` then contacts remote storage once, before any training (the bucket exists and
+takes a write). Endpoint and credentials come from the platform's usual chain -- the AWS variables
+(``AWS_ENDPOINT_URL`` for an S3-compatible store such as MinIO or Ceph, ``AWS_ACCESS_KEY_ID``, ...),
+``~/.aws``, an instance profile -- and are never passed through this module.
+
+Remote operations are retried with exponential backoff (:data:`RETRIES` attempts, on top of the AWS
+SDK's own); when all fail they raise :class:`~raysys.errors.StorageError`, and what storage already
+holds is untouched: every write is atomic.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,12 +30,18 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
-from raysys.errors import ConfigError
+from raysys.errors import ConfigError, StorageError
+
+log = logging.getLogger(__name__)
 
 # Schemes pyarrow.fs.FileSystem.from_uri resolves natively. (``mock://`` is left out on purpose:
 # every from_uri call returns a fresh, empty in-memory filesystem, so nothing written survives.)
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs")
 SCHEMES = ("file",) + REMOTE_SCHEMES
+
+OBJECT_STORES = ("s3", "gs", "gcs")  # schemes whose URI's host is a bucket
+RETRIES = 4  # attempts per remote operation
+BACKOFF_S = 1.0  # the wait after the first failed attempt, doubled after each further one
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -95,6 +108,52 @@ def _check_local_folder(path: str, option: str) -> str:
     return path
 
 
+def check_reachable(uri: str, option: str = "--storage") -> None:
+    """Contact remote storage once, before any work: its bucket must exist and take a write (a small
+    object, deleted again). Raises :class:`ConfigError`, one line naming the URI and the fix; local
+    folders were checked by :func:`check_storage` already."""
+    if is_local(uri):
+        return
+    scheme, bucket = _scheme(uri), urlsplit(uri).netloc
+    try:
+        fs, path = filesystem(uri)
+        if scheme in OBJECT_STORES and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise ConfigError(f"{option} {uri}: bucket {bucket!r} does not exist; create it (for S3: "
+                              f"aws s3 mb {scheme}://{bucket}) or name an existing bucket")
+        probe = f"{path}/.raysys-write-check-{uuid.uuid4().hex}"
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"")
+        fs.delete_file(probe)
+    except OSError as exc:
+        raise ConfigError(f"{option} {uri}: storage cannot be reached or written ({_first_line(exc)}); check the "
+                          "endpoint (AWS_ENDPOINT_URL for an S3-compatible store), the credentials and the network, "
+                          "or pass a local folder") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def retrying(what: str, uri: str, operation, *args):
+    """``operation(*args)``, retried with backoff when remote storage fails (a network error, a stopped
+    server); a missing file is an answer, not a failure. After :data:`RETRIES` attempts: StorageError."""
+    for attempt in range(1, RETRIES + 1):
+        try:
+            return operation(*args)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if is_local(uri):
+                raise
+            if attempt == RETRIES:
+                raise StorageError(f"{what} {uri} failed {RETRIES} times ({_first_line(exc)}); what storage "
+                                   "already holds is intact: when it is reachable again, rerun the same command "
+                                   "(with --resume for a sweep)") from exc
+            wait = BACKOFF_S * 2 ** (attempt - 1)
+            log.warning("storage: %s %s failed (%s); retrying in %.0f s", what, uri, _first_line(exc), wait)
+            time.sleep(wait)
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem holding ``uri`` and the path inside it.
 
@@ -122,17 +181,26 @@ def join(uri: str, *parts: str) -> str:
 
 def exists(uri: str) -> bool:
     """True if a file or folder exists at ``uri``."""
-    fs, path = filesystem(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    def look():
+        fs, path = filesystem(uri)
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return retrying("looking up", uri, look)
+
+
+def read_bytes(uri: str) -> bytes:
+    """The bytes of the file at ``uri`` (FileNotFoundError if there is none)."""
+    def read():
+        fs, path = filesystem(uri)
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            raise FileNotFoundError(f"{uri}: no such file")
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    return retrying("reading", uri, read)
 
 
 def read_text(uri: str) -> str:
     """The UTF-8 text of the file at ``uri`` (FileNotFoundError if there is none)."""
-    fs, path = filesystem(uri)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise FileNotFoundError(f"{uri}: no such file")
-    with fs.open_input_stream(path) as stream:
-        return stream.read().decode("utf-8")
+    return read_bytes(uri).decode("utf-8")
 
 
 def write_text_atomic(uri: str, text: str) -> None:
@@ -154,7 +222,27 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         _write_local_atomic(path, data)
     else:
-        _write_remote_atomic(fs, path, data)
+        retrying("writing", uri, _write_remote_atomic, fs, path, data)
+
+
+def put_if_absent(local_file: str | os.PathLike, uri: str) -> bool:
+    """Publish a cache entry: copy ``local_file`` to ``uri`` unless something is there already; True if
+    copied. Entries are keyed by what they were computed from, so two nodes racing on one key both
+    upload the same content, each upload atomic: a reader sees one complete copy, never a mix."""
+    if exists(uri):
+        return False
+    write_bytes_atomic(uri, Path(local_file).read_bytes())
+    return True
+
+
+def fetch_if_present(uri: str, local_file: str | os.PathLike) -> bool:
+    """Copy the file at ``uri`` to ``local_file`` (atomically) if storage has it; True if copied."""
+    try:
+        data = read_bytes(uri)
+    except FileNotFoundError:
+        return False
+    _write_local_atomic(os.path.abspath(local_file), data)
+    return True
 
 
 def _write_local_atomic(path: str, data: bytes) -> None:
@@ -226,16 +314,21 @@ def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
     src = Path(local_dir).expanduser().resolve()
     if not src.is_dir():
         raise FileNotFoundError(f"upload_dir: {local_dir} is not a folder")
-    fs, path = filesystem(uri)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(src), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    def copy():
+        fs, path = filesystem(uri)
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(str(src), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    retrying("uploading to", uri, copy)
 
 
 def download_dir(uri: str, local_dir: str | os.PathLike) -> None:
     """Copy the folder at ``uri`` recursively into ``local_dir`` (created if missing)."""
-    fs, path = filesystem(uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"download_dir: {uri} is not a folder")
     dest = Path(local_dir).expanduser().resolve()
-    dest.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+    def copy():
+        fs, path = filesystem(uri)
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            raise FileNotFoundError(f"download_dir: {uri} is not a folder")
+        dest.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    retrying("downloading from", uri, copy)

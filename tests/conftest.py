@@ -16,3 +16,63 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# The live object store: an S3-compatible server (moto) on 127.0.0.1, reached the way a user's own MinIO or
+# Ceph is, through the standard AWS variables. Set at import, before any Ray process starts, so Ray's workers
+# inherit them; the server itself starts only when a test asks for it.
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = _free_port()
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="raysys-test",
+                  AWS_SECRET_ACCESS_KEY="raysys-test", AWS_DEFAULT_REGION="us-east-1")
+
+
+class ObjectStore:
+    """The moto server; ``stop()`` makes it unreachable and ``start()`` brings it back with its data."""
+
+    def __init__(self, port: int):
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+        self._server_class, self.port, self.server = ThreadedMotoServer, port, None
+
+    def start(self) -> None:
+        self.server = self._server_class(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def bucket(self, name: str) -> str:
+        """A new, empty bucket; its ``s3://`` URI."""
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def object_store():
+    store = ObjectStore(S3_PORT)
+    store.start()
+    yield store
+    store.stop()
+
+
+@pytest.fixture
+def s3_bucket(object_store, request):
+    """A fresh bucket on the live object store, named after the test."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    return object_store.bucket(f"{name}-{uuid.uuid4().hex[:8]}")

@@ -13,6 +13,7 @@ import pytest
 
 from raysys import storage
 from raysys.config import ConfigError
+from raysys.errors import StorageError
 
 
 def tree(root):
@@ -256,6 +257,7 @@ def bucket(tmp_path, monkeypatch):
         return state["fs"], uri[len("s3://bucket/"):]
 
     monkeypatch.setattr(storage, "filesystem", fake_filesystem)
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.0)
     state["root"] = root
     return state
 
@@ -272,9 +274,14 @@ def test_remote_round_trip(bucket):
     assert os.listdir(target.parent) == ["results.csv"]  # temporary key moved, not left behind
 
 
-def test_remote_failure_mid_upload_keeps_old_content(bucket):
+def failing_upload(failures):
+    """A Delegating filesystem whose next ``failures[0]`` uploads break halfway (a connection reset)."""
     class FailingUpload(Delegating):
         def open_output_stream(self, path, metadata):
+            if failures[0] <= 0:
+                return self.inner.open_output_stream(path, metadata=metadata)
+            failures[0] -= 1
+
             class Half:
                 def __init__(self, stream):
                     self.stream = stream
@@ -291,13 +298,27 @@ def test_remote_failure_mid_upload_keeps_old_content(bucket):
                     return self.stream.closed
 
             return pa.PythonFile(Half(self.inner.open_output_stream(path)), mode="w")
+    return FailingUpload
 
+
+def test_remote_failure_mid_upload_keeps_old_content(bucket):
     uri = "s3://bucket/r/results.csv"
     storage.write_text_atomic(uri, "old\n")
-    bucket["fs"] = pafs.PyFileSystem(FailingUpload(bucket["fs"]))
-    with pytest.raises(ConnectionError):
+    failures = [storage.RETRIES]
+    bucket["fs"] = pafs.PyFileSystem(failing_upload(failures)(bucket["fs"]))
+    with pytest.raises(StorageError, match=r"s3://bucket/r/results.csv failed 4 times \(connection reset"):
         storage.write_text_atomic(uri, "new content\n" * 50)
+    assert failures == [0], "every attempt was made"
     assert (bucket["root"] / "r" / "results.csv").read_text() == "old\n"
+    assert os.listdir(bucket["root"] / "r") == ["results.csv"]
+
+
+def test_remote_failure_that_passes_is_retried(bucket):
+    uri = "s3://bucket/r/results.csv"
+    failures = [storage.RETRIES - 1]
+    bucket["fs"] = pafs.PyFileSystem(failing_upload(failures)(bucket["fs"]))
+    storage.write_text_atomic(uri, "new\n")
+    assert (bucket["root"] / "r" / "results.csv").read_text() == "new\n"
     assert os.listdir(bucket["root"] / "r") == ["results.csv"]
 
 

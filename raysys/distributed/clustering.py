@@ -13,7 +13,9 @@ Encoders:
   uses labels, says so in a warning, and marks its table ``raysys.uses_labels = true``.
 
 Cache layout under ``cache_dir`` (every write goes to a temporary file renamed into place, and a file
-lock per entry makes concurrent trials wait for one another instead of computing the same thing twice):
+lock per entry makes concurrent trials wait for one another instead of computing the same thing twice;
+with ``shared`` storage -- a sweep's ``--storage`` -- each entry is also kept there under the same
+relative path, fetched when this node lacks it and published put-if-absent, so other nodes reuse it):
 
 * ``encoders/texture-<data>-<settings>-s<seed>.pt``: a trained texture encoder;
 * ``features/<encoder digest>-<data digest>.npz``: ``image_id`` and ``features`` of one encoder;
@@ -52,6 +54,7 @@ from raysys.models import texture
 from raysys.models.backbones import embed
 from raysys.models.io import load_model, model_digest
 from raysys.models.texture import cluster_features, cluster_quality
+from raysys import storage
 from raysys.storage import atomic_local_path
 
 log = logging.getLogger(__name__)
@@ -103,6 +106,19 @@ def _locked(file: Path):
     file.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(file) + ".lock"):
         yield
+
+
+@contextmanager
+def _entry(file: Path, cache: Path, shared: str | None):
+    """Hold the cache entry ``file`` (its lock); with ``shared`` storage, fetch it from there first if this node
+    lacks it, and publish it there afterwards (put-if-absent) once the block has it."""
+    uri = storage.join(shared, file.relative_to(cache).as_posix()) if shared else None
+    with _locked(file):
+        if uri and not file.is_file():
+            storage.fetch_if_present(uri, file)
+        yield
+        if uri and file.is_file():
+            storage.put_if_absent(file, uri)
 
 
 def _write_parquet(table: pa.Table, file: Path) -> None:
@@ -230,11 +246,11 @@ def decoded_images(manifest: pa.Table, image_size: int, progress: bool = True) -
 
 
 def _texture_encoder(manifest: pa.Table, data_key: str, image_size: int, seed: int, cache: Path,
-                     progress: bool, settings: dict) -> torch.nn.Module:
+                     shared: str | None, progress: bool, settings: dict) -> torch.nn.Module:
     """The texture encoder for this pool, seed and settings: from the cache, or trained and cached."""
     cfg = texture.TextureConfig.from_dict(settings)
     file = cache / "encoders" / f"texture-{data_key}-{_short_hash(cfg.to_dict())}-s{seed}.pt"
-    with _locked(file):
+    with _entry(file, cache, shared):
         if not file.is_file():
             rows, images = decoded_images(manifest, image_size, progress)
             labels = _labels(manifest)[rows]
@@ -251,9 +267,9 @@ def _texture_encoder(manifest: pa.Table, data_key: str, image_size: int, seed: i
 
 
 def _resolve_encoder(encoder: str, manifest: pa.Table, data_key: str, image_size: int, seed: int, cache: Path,
-                     progress: bool, encoder_kw: dict) -> torch.nn.Module:
+                     shared: str | None, progress: bool, encoder_kw: dict) -> torch.nn.Module:
     if encoder == "texture":
-        return _texture_encoder(manifest, data_key, image_size, seed, cache, progress, encoder_kw)
+        return _texture_encoder(manifest, data_key, image_size, seed, cache, shared, progress, encoder_kw)
     if encoder_kw:
         raise ClusterError(f"encoder settings {sorted(encoder_kw)} apply only to --encoder texture")
     try:
@@ -318,7 +334,7 @@ def _oracle(manifest: pa.Table, k, cache: Path, noise: float = 0.0, seed: int = 
 def cluster_assignments(
     manifest: pa.Table, encoder: str, k: int, seed: int = 0, cache_dir: str | Path = DEFAULT_CACHE_DIR,
     image_size: int = DEFAULT_IMAGE_SIZE, progress: bool = True, encoder_seed: int | None = None, noise: float = 0.0,
-    **encoder_kw,
+    shared: str | None = None, **encoder_kw,
 ) -> pa.Table:
     """Cluster ids of the manifest's images: a table ``image_id`` (string), ``cluster_id`` (int32).
 
@@ -326,7 +342,8 @@ def cluster_assignments(
     :class:`raysys.models.texture.TextureConfig`), ``"oracle"`` (true labels; K ignored; ``noise``: the fraction
     of them replaced by random ids, drawn with ``seed``, see :func:`noisy_labels`) or a saved raysys model.
     Features come from Ray Data (the caller starts Ray) and are cached per (encoder, data); each K and
-    seed reruns only k-means, itself cached as Parquet (see the module docstring). Schema metadata:
+    seed reruns only k-means, itself cached as Parquet (see the module docstring), and also in ``shared``
+    storage when given (the oracle's cheap table is not). Schema metadata:
     ``raysys.encoder``, ``raysys.k``, ``raysys.seed``, ``raysys.uses_labels`` (``true`` only for the
     oracle), ``raysys.quality`` (JSON NMI/purity against known labels, ``{}`` without) and
     ``raysys.cache_file``. ``seed`` seeds k-means and, unless ``encoder_seed`` is given, the texture encoder.
@@ -344,17 +361,17 @@ def cluster_assignments(
         raise ClusterError(f"image_size must be at least 8 pixels, got {image_size}")
     data_key = data_digest(manifest, image_size)
     model = _resolve_encoder(encoder, manifest, data_key, image_size, seed if encoder_seed is None else encoder_seed,
-                             cache, progress, encoder_kw)
+                             cache, shared, progress, encoder_kw)
     feature_key = f"{model_digest(model)}-{data_key}"
     feature_file = cache / "features" / f"{feature_key}.npz"
     cluster_file = cache / "clusters" / f"{feature_key}-k{k}-s{seed}.parquet"
     if cluster_file.is_file():
         return pq.read_table(cluster_file)
-    with _locked(feature_file):
-        if not feature_file.is_file():
-            _save_features(feature_file, *extract_features(model, manifest, image_size, progress))
-    with _locked(cluster_file):
+    with _entry(cluster_file, cache, shared):
         if not cluster_file.is_file():
+            with _entry(feature_file, cache, shared):  # inside: features are not fetched when the clusters were
+                if not feature_file.is_file():
+                    _save_features(feature_file, *extract_features(model, manifest, image_size, progress))
             image_ids, features = _load_features(feature_file)
             k = _check_k(k, len(image_ids))  # undecodable files may have left fewer images than rows
             ids = cluster_features(features, k, seed)

@@ -11,7 +11,7 @@ from pathlib import Path
 import ray
 
 from raysys.errors import ConfigError
-from raysys.storage import is_local, upload_dir
+from raysys.storage import is_local, join, upload_dir
 
 
 def init_ray() -> None:
@@ -64,7 +64,15 @@ def check_cluster(cfg, concurrent: int = 1) -> None:
                           f"cluster has at most {most.get('GPU', 0):g}; drop --gpus-per-worker to train on CPU or add GPU nodes")
 
 
+def shared_copy(out: Path, storage: str | None, *parts: str) -> str | None:
+    """Where the run folder ``out`` (or ``parts`` of it) is published: under ``storage``, unless that is
+    ``out`` itself or unset (None)."""
+    if not storage or (is_local(storage) and Path(storage).resolve() == Path(out).resolve()):
+        return None
+    return join(storage, *parts) if parts else storage
+
+
 def publish_run(out: Path, storage: str | None) -> None:
     """Copy the run folder to ``storage`` (beside its checkpoints), where every node and the user can reach it."""
-    if storage and not (is_local(storage) and Path(storage).resolve() == Path(out).resolve()):
-        upload_dir(out, storage)
+    if shared := shared_copy(out, storage):
+        upload_dir(out, shared)

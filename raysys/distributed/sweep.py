@@ -392,7 +392,8 @@ def trial_clusters(spec: SweepSpec, manifest, k: int, seed: int, noise: float | 
     encoder = baseline_encoder(spec, seed) if spec.encoder == "baseline" else spec.encoder
     return cluster_assignments(manifest, encoder, k or None, seed=seed, cache_dir=Path(spec.out) / "cache",
                                image_size=spec.base["image_size"], progress=progress,
-                               encoder_seed=spec.base["seed"], noise=noise or 0.0, **spec.encoder_settings)
+                               encoder_seed=spec.base["seed"], noise=noise or 0.0,
+                               shared=storage.join(spec.storage, "cache") if spec.storage else None, **spec.encoder_settings)
 
 
 def prepare_clusters(spec: SweepSpec) -> None:
@@ -513,6 +514,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
     """Run (or resume) the sweep; write results.csv, summary.md and plots; return the result rows."""
     out = Path(spec.out).resolve()
     spec = dataclasses.replace(spec, out=str(out))
+    if spec.storage:
+        storage.check_reachable(spec.storage)
     experiments = [storage.join(spec.storage_root, stage.name) for stage in spec.stages()]
     started = [e for e in experiments if storage.exists(e)]
     if started and not resume:

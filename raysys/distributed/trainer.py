@@ -31,10 +31,11 @@ from raysys.distributed.runtime import (
     check_cluster,
     init_ray,
     publish_run,
+    shared_copy,
     worker_resources,
 )
 from raysys.distributed.worker import STATE_FILE, train_loop
-from raysys.errors import ConfigError
+from raysys.errors import ConfigError, StorageError
 from raysys.eval.knn import load_monitor_data
 from raysys.methods.pairs import RULES, default_radius
 from raysys.methods.pretext import has_colour
@@ -118,6 +119,7 @@ def _trainer(cfg: PretrainConfig, manifest: pa.Table, out: Path, dataset, monito
     return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "num_images": manifest.num_rows, "tb_dir": str(out / "tb"),
+                           "tb_storage": shared_copy(out, cfg.storage, "tb"),
                            "labels": bool(pc.any(pc.greater_equal(manifest.column("label"), 0)).as_py()),
                            "knn_monitor": monitor, "concurrent": concurrent},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
@@ -156,6 +158,8 @@ def pretrain(
                           "(from `raysys cluster --k K --out FILE`) or let the model make them (--self-cluster-k K)")
     check_colour(cfg, manifest)
     cfg = complete_spatial_defaults(cfg, manifest)
+    if cfg.storage:
+        storage.check_reachable(cfg.storage)
     init_ray()
     check_cluster(cfg, concurrent)  # before anything is written: a rejected run leaves the folder as it was
     out = Path(cfg.out).resolve()
@@ -165,9 +169,13 @@ def pretrain(
     dataset = pretrain_dataset(manifest, cfg.augment_config, cfg.image_size, report, cache=cfg.cache_decoded,
                                seed=cfg.seed, views=cfg.augment_on == "data" and cfg.objective.inputs == "views")
     start = time.perf_counter()
-    result = _trainer(cfg, manifest, out, dataset, _knn_monitor_data(cfg, benchmarks or {}), callbacks,
-                      worker_resources(cfg, ray.cluster_resources().get("CPU", 1.0), reserved_cpus, concurrent),
-                      concurrent).fit()
+    trainer = _trainer(cfg, manifest, out, dataset, _knn_monitor_data(cfg, benchmarks or {}), callbacks,
+                       worker_resources(cfg, ray.cluster_resources().get("CPU", 1.0), reserved_cpus, concurrent),
+                       concurrent)
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        raise _storage_failure(cfg.storage) or exc
     seconds = time.perf_counter() - start
     skipped = write_file_report(report, out)["skipped"]
     if result.checkpoint is None:
@@ -177,6 +185,19 @@ def pretrain(
     return {"metrics": result.metrics, "out": out, "benchmarks": benchmarks or {}, "config": cfg,
             "skipped_files": len(skipped), "seconds": seconds,
             "timing": run_timing(start - begin, seconds, time.perf_counter() - start - seconds, result.metrics or {})}
+
+
+def _storage_failure(uri: str | None) -> StorageError | None:
+    """When a run fails, whether lost storage is why (checkpoints can no longer be written): a
+    StorageError saying so and how to continue, or None."""
+    if not uri or storage.is_local(uri):
+        return None
+    try:
+        storage.check_reachable(uri)
+    except ConfigError as exc:
+        return StorageError(f"training stopped: {exc}. The checkpoints already in storage are intact; when it is "
+                            "back, rerun the same command to continue from the last one")
+    return None
 
 
 def run_timing(before_fit: float, fit: float, after_fit: float, metrics: dict) -> dict:

@@ -23,6 +23,7 @@ import ray.train.torch
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from raysys import storage
 from raysys.config import PretrainConfig
 from raysys.data.augment import to_float, two_views
 from raysys.data.schema import BATCH_META, VIEW1, VIEW2
@@ -33,6 +34,7 @@ from raysys.methods.objectives import DIAGNOSTICS, ObjectiveContext, make_object
 from raysys.methods.self_clusters import SelfClusters
 from raysys.models import ContrastiveModel, load_init_weights
 from raysys.models.sync_bn import convert_sync_batchnorm
+from raysys.errors import StorageError
 from raysys.models.texture import cluster_quality
 
 STATE_FILE = "state.pt"
@@ -304,6 +306,18 @@ def report(metrics: dict, state: dict | None) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+def sync_tensorboard(tb_dir: str, uri: str | None) -> None:
+    """Copy rank 0's TensorBoard files to shared storage after every epoch: rank 0 may run on any node, and
+    the user watches from another. A failed sync is only a warning -- the next epoch's catches up, and the
+    checkpoint (which does fail the run) is what must not be lost."""
+    if uri is None or not os.path.isdir(tb_dir):
+        return
+    try:
+        storage.upload_dir(tb_dir, uri)
+    except StorageError as exc:
+        print(f"[raysys] warning: TensorBoard files not synced this epoch: {exc}", flush=True)
+
+
 def train_loop(config: dict) -> dict:
     """One Ray Train worker: the contrastive training loop with per-epoch checkpoints."""
     w = set_up(config)
@@ -320,6 +334,7 @@ def train_loop(config: dict) -> dict:
                 if key not in ("epoch", "start_epoch", "step"):
                     writer.add_scalar(f"train/{key}", value, w.step)
             writer.flush()
+            sync_tensorboard(config["tb_dir"], config.get("tb_storage"))
         report(metrics, checkpoint_state(w, epoch) if w.rank == 0 else None)
     if writer is not None:
         writer.close()

@@ -391,3 +391,32 @@ def test_cli_errors_are_one_line(tmp_path, capsys, kw, message):
     assert run_command("raysys cluster", cl.run, cli_args(data=folder, cache_dir=tmp_path / "cache", **kw)) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_texture_cache_is_shared_through_object_storage(ray_session, small_pool, s3_bucket, tmp_path, monkeypatch):
+    """A second node (a fresh cache folder) with the same shared storage recomputes nothing; a new K there
+    reuses the shared features and runs only k-means."""
+    import boto3
+
+    shared = f"{s3_bucket}/sweep/cache"
+    kw = dict(image_size=16, progress=False, width=0.125, epochs=1, batch_size=32, shared=shared)
+    first = cl.cluster_assignments(small_pool, "texture", 4, cache_dir=tmp_path / "node-a", **kw)
+    def keys():
+        return [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket[5:])["Contents"]
+                if not o["Key"].endswith("/")]  # not pyarrow's folder markers
+
+    assert sorted(k.split("/")[2] for k in keys()) == ["clusters", "encoders", "features"], keys()
+
+    def recompute(*args, **kwargs):
+        raise AssertionError("recomputed what the shared cache holds")
+
+    monkeypatch.setattr(tx, "train_texture_encoder", recompute)
+    monkeypatch.setattr(cl, "extract_features", recompute)
+    real_kmeans = cl.cluster_features
+    monkeypatch.setattr(cl, "cluster_features", recompute)
+    again = cl.cluster_assignments(small_pool, "texture", 4, cache_dir=tmp_path / "node-b", **kw)
+    assert again.equals(first)
+    monkeypatch.setattr(cl, "cluster_features", real_kmeans)
+    other_k = cl.cluster_assignments(small_pool, "texture", 3, cache_dir=tmp_path / "node-c", **kw)
+    assert set(other_k.column("cluster_id").to_pylist()) == {0, 1, 2}
+    assert len(keys()) == 4  # the new K's clusters published
