@@ -106,12 +106,17 @@ def _sweep_cmd(out, *extra):
             "--no-supervised", "--k", "4", *extra]
 
 
-def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
-    """SIGKILL the sweep driver (no chance to save anything) after its first trial; --resume finishes."""
-    out = tmp_path / "sweep"
+def test_killed_driver_resumes_from_object_storage_alone(object_store, s3_bucket, tmp_path):
+    """SIGKILL the sweep driver (no chance to save anything) after its first trial. With the object store down,
+    --resume stops at once with one line; once it is back, --resume on a fresh --out (another machine) finishes
+    from what is in storage alone, without rerunning the finished trial."""
+    from raysys import storage
+
+    shared, out, fresh = f"{s3_bucket}/sweep", tmp_path / "sweep", tmp_path / "fresh-node"
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}
-    proc = subprocess.Popen(_sweep_cmd(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_sweep_cmd(out, "--storage", shared), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: len(report.read_results_csv(out / "results.csv")) >= 1 or proc.poll() is not None,
                   600, "the first trial to finish")
@@ -125,15 +130,28 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     finished = {r["trial"] for r in report.read_results_csv(out / "results.csv")}
     assert len(finished) == 1
 
-    resumed = subprocess.run(_sweep_cmd(out, "--resume"), cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=900)
+    object_store.stop()
+    try:
+        down = subprocess.run(_sweep_cmd(fresh, "--storage", shared, "--resume"), cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        object_store.start()
+    assert down.returncode == 2, down.stderr[-3000:]
+    assert down.stderr.strip().splitlines()[-1].startswith(f"sweep_k: error: --storage {shared}: storage cannot be "
+                                                           "reached or written"), down.stderr[-3000:]
+    assert not (fresh / "trials").exists(), "nothing started while storage was down"
+
+    resumed = subprocess.run(_sweep_cmd(fresh, "--storage", shared, "--resume"), cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=900)
     _kill_processes_mentioning(ray_tmp)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    rows = report.read_results_csv(out / "results.csv")
+    rows = report.read_results_csv(fresh / "results.csv")
     assert sorted(r["method"] for r in rows) == ["baseline", "cluster"], "every trial exactly once"
     for name in finished:
-        starts = (out / "trials" / name / "attempts.log").read_text().splitlines()
+        starts = storage.read_text(storage.join(shared, "trials", name, "attempts.log")).splitlines()
         assert len(starts) == 1, f"finished trial {name} was rerun"
+        assert not (fresh / "trials" / name / "attempts.log").exists(), f"finished trial {name} was started again"
+    assert storage.read_bytes(storage.join(shared, "results.csv")) == (fresh / "results.csv").read_bytes()
 
 
 def _agent_ports() -> list[str]:

@@ -100,29 +100,48 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, builtin_root, tmp_pa
     assert metrics["start_epoch"] >= 1, "the restarted worker group must resume from a checkpoint"
 
 
-def _latest_state(out: Path) -> dict:
-    latest = max(_checkpoints(out / "ray" / "pretrain"), key=lambda p: p.name)
-    return torch.load(latest / "state.pt", weights_only=True)
+def _latest_state(uri: str) -> dict:
+    """The newest checkpoint's state in storage (``uri``: the run's ``--storage``), read back through pyarrow."""
+    import io
+
+    import pyarrow.fs as pafs
+
+    from raysys import storage
+
+    fs, path = storage.filesystem(storage.join(uri, "pretrain"))
+    latest = max(i.path for i in fs.get_file_info(pafs.FileSelector(path))
+                 if i.base_name.startswith("checkpoint_") and i.type == pafs.FileType.Directory)
+    with fs.open_input_stream(f"{latest}/state.pt") as stream:
+        return torch.load(io.BytesIO(stream.read()), weights_only=True)
 
 
-def test_rerun_with_same_folder_resumes_moco_with_its_queue(ray_session, builtin_root, tmp_path):
-    """MoCo v2 + ESS-MB, 1 epoch, then rerun in the same folder for 2: training continues from the checkpoint
-    and so does the key queue (its pointer advances from where it stopped instead of from 0). The views
-    come from Ray Data's tasks here (``augment_on="data"``), from the worker elsewhere."""
+def test_rerun_on_a_fresh_node_resumes_moco_with_its_queue_from_object_storage(ray_session, builtin_root, s3_bucket,
+                                                                                tmp_path):
+    """MoCo v2 + ESS-MB, 1 epoch with ``--storage`` on the live object store, then rerun for 2 with a new,
+    empty ``--out`` (a fresh node): training continues from the checkpoint in storage, and so does the key
+    queue (its pointer advances from where it stopped instead of from 0). The views come from Ray Data's
+    tasks here (``augment_on="data"``), from the worker elsewhere."""
+    import boto3
+
     from raysys.data.sources import resolve_data
     from raysys.distributed.trainer import pretrain
 
-    out = tmp_path / "run"
-    options = dict(out=str(out), builtin_root=builtin_root, framework="moco", pair_rule="ess-mb", queue_size=1000,
-                   augment_on="data")
-    first = pretrain(make_config("smoke", epochs=1, **options).validate())
+    shared = f"{s3_bucket}/run"
+    options = dict(builtin_root=builtin_root, framework="moco", pair_rule="ess-mb", queue_size=1000,
+                   augment_on="data", storage=shared)
+    first = pretrain(make_config("smoke", epochs=1, out=str(tmp_path / "node-a"), **options).validate())
     assert first["metrics"]["epoch"] == 1 and first["metrics"]["start_epoch"] == 0
     assert first["metrics"]["positives_per_anchor"] > 1, "ESS-MB must add spatial positives to the instance one"
-    queue1 = _latest_state(out)["objective"]["queue"]
-    again = pretrain(make_config("smoke", epochs=2, **options).validate())
-    assert again["metrics"]["start_epoch"] == 1, "a rerun in the same folder must continue, not restart"
+    listed = boto3.client("s3").list_objects_v2(Bucket=s3_bucket.removeprefix("s3://"))["Contents"]
+    keys = {o["Key"].removeprefix("run/") for o in listed}
+    assert any(k.startswith("tb/events.out.tfevents") for k in keys), sorted(keys)
+    assert any(k.startswith("pretrain/checkpoint_") and k.endswith("/state.pt") for k in keys), sorted(keys)
+    assert {"model.pt", "config.json"} <= keys
+    queue1 = _latest_state(shared)["objective"]["queue"]
+    again = pretrain(make_config("smoke", epochs=2, out=str(tmp_path / "node-b"), **options).validate())
+    assert again["metrics"]["start_epoch"] == 1, "a rerun with the same storage must continue, not restart"
     assert again["metrics"]["epoch"] == 2
-    queue2 = _latest_state(out)["objective"]["queue"]
+    queue2 = _latest_state(shared)["objective"]["queue"]
 
     cfg = make_config("smoke", **options)
     pool = resolve_data(cfg)[0].num_rows
