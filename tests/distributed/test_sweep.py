@@ -164,9 +164,22 @@ def _trial_nodes(out: Path, trial: str) -> set:
     return {w["node_id"] for w in json.loads((out / "trials" / trial / "workers.json").read_text())}
 
 
-def test_job_on_two_nodes_survives_losing_a_node(tmp_path):
-    """`ray job submit` to a 2-node `ray start` cluster: the first trial's Train workers run on both nodes;
-    the worker node is then SIGKILLed while the second trial trains, which finishes on the head node."""
+def _stored(uri: str) -> list[str]:
+    """Every file under ``uri``, relative to it, listed through pyarrow."""
+    import pyarrow.fs as pafs
+
+    from raysys import storage
+
+    fs, path = storage.filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(path) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+def test_job_on_two_nodes_survives_losing_a_node(object_store, s3_bucket, tmp_path):
+    """`ray job submit` to a 2-node `ray start` cluster with storage on the object store: the first trial's
+    Train workers run on both nodes, and its checkpoints and TensorBoard events land in storage; the worker
+    node is then SIGKILLed while the second trial trains, which resumes from storage on the head node."""
+    from raysys import storage
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs_port, dash_port, worker_raylet_port = free_port(), free_port(), free_port()
     # Local `ray start` clusters enable token authentication; the CLI must be told to send the token.
@@ -181,11 +194,11 @@ def test_job_on_two_nodes_survives_losing_a_node(tmp_path):
         subprocess.run([ray_cli, "start", f"--address=127.0.0.1:{gcs_port}", "--num-cpus=2",
                         f"--node-manager-port={worker_raylet_port}", f"--object-manager-port={free_port()}",
                         *_agent_ports()], env=env, check=True, capture_output=True, timeout=180)
-        out, shared = tmp_path / "sweep", tmp_path / "shared-storage"
+        out, shared = tmp_path / "sweep", f"{s3_bucket}/shared-storage"
         # SPREAD (not STRICT_SPREAD): after the node is lost both workers must fit on the head.
         submit = [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash_port}", "--",
                   *_sweep_cmd(out, "--workers", "2", "--cpus-per-worker", "0.5", "--placement", "SPREAD",
-                              "--epochs", "8", "--storage", str(shared))]
+                              "--epochs", "8", "--storage", shared)]
         attempts = []
 
         def submitted():  # the job agent comes up some seconds after `ray start` returns
@@ -203,9 +216,9 @@ def test_job_on_two_nodes_survives_losing_a_node(tmp_path):
         first, second = "baseline-t0.5-s0", "cluster-k4-t0.5-s0"
         _wait_for(lambda: (out / "trials" / first / "workers.json").exists() or job.poll() is not None, 600,
                   "the first trial to finish")
-        checkpoints = shared / "trials" / second / "pretrain"
-        _wait_for(lambda: len([p for p in checkpoints.glob("checkpoint_*") if p.is_dir()]) >= 2 or job.poll() is not None, 600,
-                  "the second trial's second checkpoint")
+        checkpoints = storage.join(shared, "trials", second, "pretrain")
+        _wait_for(lambda: len({f.split("/")[0] for f in _stored(checkpoints) if f.startswith("checkpoint_")}) >= 2
+                  or job.poll() is not None, 600, "the second trial's second checkpoint")
         time.sleep(3)  # Train registers a reported checkpoint on its 2 s poll: let the first one register
         assert not (out / "trials" / second / "final.json").exists(), "the second trial ended before the node loss"
         _kill_processes_mentioning(f"--node_manager_port={worker_raylet_port}")  # the worker node's raylet
@@ -218,9 +231,12 @@ def test_job_on_two_nodes_survives_losing_a_node(tmp_path):
     assert sorted(r["trial"] for r in report.read_results_csv(out / "results.csv")) == [first, second]
     assert len(_trial_nodes(out, first)) == 2, "the first trial's workers must span both nodes"
     assert len(_trial_nodes(out, second)) == 1, "after the node loss the workers run on the head alone"
-    final = json.loads((shared / "trials" / second / "final.json").read_text())
+    final = json.loads(storage.read_text(storage.join(shared, "trials", second, "final.json")))
     assert final["resumed_from_epoch"] >= 1 and final["msl_acc"] is not None, "resumed from a checkpoint, then evaluated"
-    assert report.read_results_csv(shared / "results.csv") == report.read_results_csv(out / "results.csv")
+    assert storage.read_bytes(storage.join(shared, "results.csv")) == (out / "results.csv").read_bytes()
+    spanned = _stored(storage.join(shared, "trials", first))
+    assert any(f.startswith("tb/events.out.tfevents") for f in spanned), spanned
+    assert any(f.startswith("pretrain/checkpoint_") and f.endswith("/state.pt") for f in spanned), spanned
 
 
 def _kill_processes_mentioning(text: str) -> None:
