@@ -59,6 +59,10 @@ CASES = [
     ("GPUs on a CPU cluster", "pretrain", lambda t: ["--gpus-per-worker", "1"], "needs 1 GPU(s) but the cluster has at most 0"),
     ("unknown storage scheme", "pretrain", lambda t: ["--storage", "ftp://host/x"], "unknown scheme 'ftp://'"),
     ("unknown storage scheme (sweep)", "sweep_k", lambda t: ["--storage", "ftp://host/x"], "unknown scheme 'ftp://'"),
+    ("missing bucket", "pretrain", lambda t: ["--storage", "s3://no-such-bucket/run"],
+     "bucket 'no-such-bucket' does not exist; create it"),
+    ("missing bucket (sweep)", "sweep_k", lambda t: ["--storage", "s3://no-such-bucket/sweep"],
+     "bucket 'no-such-bucket' does not exist; create it"),
     ("missing dataset", "pretrain", lambda t: ["--data", str(t / "nowhere")], "does not exist"),
     ("empty dataset", "pretrain", lambda t: ["--data", str((t / "empty").resolve())] if (t / "empty").mkdir() is None else [],
      "is empty"),
@@ -99,7 +103,7 @@ def existing_run(tmp_path):
 
 
 @pytest.mark.parametrize("what,command,extra,expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_touches_nothing(ray_session, tmp_path, existing_run, capsys,
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(ray_session, object_store, tmp_path, existing_run, capsys,
                                                           what, command, extra, expected):
     before = _snapshot(existing_run)
     argv = ["--preset", "smoke", "--out", str(existing_run), *extra(tmp_path)]

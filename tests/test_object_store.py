@@ -81,3 +81,33 @@ def test_server_down_is_retried_then_reported(object_store, s3_bucket, monkeypat
     finally:
         object_store.start()
     assert keys(s3_bucket) == {"sweep/results.csv": b"new\n"}
+
+
+def test_tensorboard_synced_each_epoch_is_read_from_the_store(object_store, s3_bucket, tmp_path, monkeypatch, capsys):
+    """What the workers do after every epoch, and what a user's TensorBoard does with it: read the trial's
+    scalars straight from ``s3://`` (TensorBoard's S3 reader uses boto3, which honours AWS_ENDPOINT_URL)."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    from torch.utils.tensorboard import SummaryWriter
+
+    from raysys.distributed.worker import sync_tensorboard
+
+    tb, uri = tmp_path / "trials" / "t0" / "tb", f"{s3_bucket}/sweep/trials/t0/tb"
+    with SummaryWriter(str(tb)) as writer:
+        writer.add_scalar("train/loss", 2.0, 0)
+        writer.flush()
+        sync_tensorboard(str(tb), uri)  # epoch 1
+        writer.add_scalar("train/loss", 1.5, 1)
+        writer.flush()
+        sync_tensorboard(str(tb), uri)  # epoch 2: the grown file replaces the first copy
+    runs = EventMultiplexer()
+    runs.AddRunsFromDirectory(f"{s3_bucket}/sweep")
+    runs.Reload()
+    assert [(e.step, e.value) for e in runs.Scalars("trials/t0/tb", "train/loss")] == [(0, 2.0), (1, 1.5)]
+
+    monkeypatch.setattr(storage, "RETRIES", 1)
+    object_store.stop()
+    try:
+        sync_tensorboard(str(tb), uri)  # a warning, not a failed run: the checkpoint is what must not be lost
+    finally:
+        object_store.start()
+    assert "warning: TensorBoard files not synced this epoch" in capsys.readouterr().out

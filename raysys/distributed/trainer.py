@@ -151,6 +151,8 @@ def pretrain(
     """
     cfg = cfg.validate()
     begin = time.perf_counter()
+    if cfg.storage:
+        storage.check_reachable(cfg.storage)
     if manifest is None:
         manifest, benchmarks = resolve_data(cfg)  # fails fast, before Ray starts
     if cfg.pair_rule == "cluster" and not cfg.self_cluster_k and "cluster_id" not in manifest.column_names:
@@ -158,8 +160,6 @@ def pretrain(
                           "(from `raysys cluster --k K --out FILE`) or let the model make them (--self-cluster-k K)")
     check_colour(cfg, manifest)
     cfg = complete_spatial_defaults(cfg, manifest)
-    if cfg.storage:
-        storage.check_reachable(cfg.storage)
     init_ray()
     check_cluster(cfg, concurrent)  # before anything is written: a rejected run leaves the folder as it was
     out = Path(cfg.out).resolve()

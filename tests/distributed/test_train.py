@@ -150,3 +150,52 @@ def test_rerun_on_a_fresh_node_resumes_moco_with_its_queue_from_object_storage(r
     assert len(queue1["keys"]) == size and int(queue1["filled"]) == min(size, keys_per_epoch)
     assert int(queue1["ptr"]) == keys_per_epoch % size
     assert int(queue2["ptr"]) == (int(queue1["ptr"]) + keys_per_epoch) % size, "the queue must continue, not restart"
+
+
+def test_storage_lost_mid_run_stops_with_a_clear_error_and_the_rerun_continues(ray_session, builtin_root, object_store,
+                                                                              s3_bucket, tmp_path):
+    """The object store stops after the first checkpoint: the run ends with StorageError (not a hang, not a
+    bare Ray traceback), the checkpoint in storage is intact, and once the store is back the same command
+    continues from it."""
+    from raysys.distributed.trainer import pretrain
+    from raysys.errors import StorageError
+
+    shared = f"{s3_bucket}/run"
+    cfg = make_config("smoke", epochs=3, out=str(tmp_path / "run"), builtin_root=builtin_root, storage=shared,
+                      max_failures=0).validate()
+
+    def stop_after_first_checkpoint():  # once Train has registered it (its snapshot in storage names it)
+        from raysys import storage
+
+        snapshot = storage.join(shared, "pretrain", "checkpoint_manager_snapshot.json")
+        while True:
+            try:
+                if "checkpoint_" in storage.read_text(snapshot):
+                    object_store.stop()
+                    return
+            except (OSError, ValueError):  # not written yet
+                pass
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=stop_after_first_checkpoint, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(StorageError, match=r"training stopped: --storage s3://.*: storage cannot be reached"):
+            pretrain(cfg)
+    finally:
+        watcher.join(timeout=60)
+        object_store.start()
+    kept = _checkpoint_names(shared)
+    assert kept, "the checkpoint written before the store went down is still there"
+    again = pretrain(cfg)
+    assert again["metrics"]["start_epoch"] >= 1 and again["metrics"]["epoch"] == 3
+
+
+def _checkpoint_names(uri: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    from raysys import storage
+
+    fs, path = storage.filesystem(storage.join(uri, "pretrain"))
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return [i.base_name for i in infos if i.base_name.startswith("checkpoint_") and i.type == pafs.FileType.Directory]
