@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from raysys.config import PretrainConfig
+from raysys.distributed.runtime import publish_run
 from raysys.distributed.trainer import pretrain
 from raysys.eval.linear import evaluate
 from raysys.models import ContrastiveModel
@@ -58,4 +59,5 @@ def pretrain_and_evaluate(cfg: PretrainConfig, run_eval: bool = True) -> dict:
                "command": " ".join(["python", *map(shlex.quote, sys.argv)])}  # shown by report.html
     (Path(run["out"]) / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"report: {write_report(run['out'])}")
+    publish_run(Path(run["out"]), cfg.storage)  # the evaluations and the report join the run in shared storage
     return summary

@@ -29,12 +29,22 @@ def _scalars(tb_dir: Path) -> set[str]:
     return set(acc.Tags()["scalars"])
 
 
-def test_smoke_pretrain_and_linear_eval(ray_session, builtin_root, tmp_path):
+def test_smoke_pretrain_and_linear_eval(ray_session, builtin_root, s3_bucket, tmp_path):
+    """The smoke run with ``--storage`` on the live object store: its run folder (evaluations and report
+    included), checkpoints and TensorBoard events land in the bucket."""
+    import boto3
+
     from raysys.distributed.experiment import pretrain_and_evaluate
 
-    cfg = make_config("smoke", out=str(tmp_path / "run"), builtin_root=builtin_root).validate()
+    shared = f"{s3_bucket}/run"
+    cfg = make_config("smoke", out=str(tmp_path / "run"), builtin_root=builtin_root, storage=shared).validate()
     summary = pretrain_and_evaluate(cfg)
     out = tmp_path / "run"
+    listed = boto3.client("s3").list_objects_v2(Bucket=s3_bucket.removeprefix("s3://"))["Contents"]
+    stored = {o["Key"].removeprefix("run/") for o in listed}
+    assert {"config.json", "model.pt", "eval-msl.json", "eval-hirise.json", "summary.json", "report.html"} <= stored
+    assert any(k.startswith("tb/events.out.tfevents") for k in stored), sorted(stored)
+    assert any(k.startswith("pretrain/checkpoint_") and k.endswith("/state.pt") for k in stored), sorted(stored)
 
     assert summary["metrics"]["epoch"] == cfg.epochs
     assert json.loads((out / "config.json").read_text())["epochs"] == cfg.epochs
