@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs")
 SCHEMES = ("file",) + REMOTE_SCHEMES
 
-OBJECT_STORES = ("s3", "gs", "gcs")  # schemes whose URI's host is a bucket
+# Schemes whose URI's host is a bucket, and how their users create one.
+MAKE_BUCKET = {"s3": "aws s3 mb s3://{}", "gs": "gcloud storage buckets create gs://{}",
+               "gcs": "gcloud storage buckets create gs://{}"}
 RETRIES = 4  # attempts per remote operation
 BACKOFF_S = 1.0  # the wait after the first failed attempt, doubled after each further one
 
@@ -117,9 +119,9 @@ def check_reachable(uri: str, option: str = "--storage") -> None:
     scheme, bucket = _scheme(uri), urlsplit(uri).netloc
     try:
         fs, path = filesystem(uri)
-        if scheme in OBJECT_STORES and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-            raise ConfigError(f"{option} {uri}: bucket {bucket!r} does not exist; create it (for S3: "
-                              f"aws s3 mb {scheme}://{bucket}) or name an existing bucket")
+        if scheme in MAKE_BUCKET and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise ConfigError(f"{option} {uri}: bucket {bucket!r} does not exist; create it "
+                              f"({MAKE_BUCKET[scheme].format(bucket)}) or name an existing bucket")
         probe = f"{path}/.raysys-write-check-{uuid.uuid4().hex}"
         with fs.open_output_stream(probe) as stream:
             stream.write(b"")

@@ -48,7 +48,7 @@ def test_start_check_names_the_uri_and_the_fix(s3_bucket, monkeypatch):
     storage.check_reachable(f"{s3_bucket}/run")
     assert keys(s3_bucket) == {}, "the write check cleans up after itself"
     with pytest.raises(ConfigError, match=r"--storage s3://no-such-bucket-x/run: bucket 'no-such-bucket-x' does "
-                                          r"not exist; create it \(for S3: aws s3 mb s3://no-such-bucket-x\)"):
+                                          r"not exist; create it \(aws s3 mb s3://no-such-bucket-x\)"):
         storage.check_reachable("s3://no-such-bucket-x/run")
     from helpers import free_port
 

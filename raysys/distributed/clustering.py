@@ -43,6 +43,7 @@ import ray
 import torch
 from filelock import FileLock
 
+from raysys import storage
 from raysys.config import PretrainConfig
 from raysys.data import formats
 from raysys.data.schema import image_key
@@ -54,7 +55,6 @@ from raysys.models import texture
 from raysys.models.backbones import embed
 from raysys.models.io import load_model, model_digest
 from raysys.models.texture import cluster_features, cluster_quality
-from raysys import storage
 from raysys.storage import atomic_local_path
 
 log = logging.getLogger(__name__)

@@ -29,12 +29,12 @@ from raysys.data.augment import to_float, two_views
 from raysys.data.schema import BATCH_META, VIEW1, VIEW2
 from raysys.distributed.pipeline import train_batches
 from raysys.distributed.runtime import torch_threads
+from raysys.errors import StorageError
 from raysys.eval.knn import knn_monitor_score
 from raysys.methods.objectives import DIAGNOSTICS, ObjectiveContext, make_objective
 from raysys.methods.self_clusters import SelfClusters
 from raysys.models import ContrastiveModel, load_init_weights
 from raysys.models.sync_bn import convert_sync_batchnorm
-from raysys.errors import StorageError
 from raysys.models.texture import cluster_quality
 
 STATE_FILE = "state.pt"
