@@ -110,8 +110,9 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, builtin_root, tmp_pa
     assert metrics["start_epoch"] >= 1, "the restarted worker group must resume from a checkpoint"
 
 
-def _latest_state(uri: str) -> dict:
-    """The newest checkpoint's state in storage (``uri``: the run's ``--storage``), read back through pyarrow."""
+def _stored_states(uri: str) -> dict[int, dict]:
+    """{epoch: state} of every complete checkpoint in storage (``uri``: the run's ``--storage``), read back
+    through pyarrow; a checkpoint whose upload was cut off has no ``state.pt`` and is left out."""
     import io
 
     import pyarrow.fs as pafs
@@ -119,65 +120,23 @@ def _latest_state(uri: str) -> dict:
     from raysys import storage
 
     fs, path = storage.filesystem(storage.join(uri, "pretrain"))
-    latest = max(i.path for i in fs.get_file_info(pafs.FileSelector(path))
-                 if i.base_name.startswith("checkpoint_") and i.type == pafs.FileType.Directory)
-    with fs.open_input_stream(f"{latest}/state.pt") as stream:
-        return torch.load(io.BytesIO(stream.read()), weights_only=True)
+    states = {}
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        file = f"{info.path}/state.pt"
+        if info.base_name.startswith("checkpoint_") and fs.get_file_info(file).type == pafs.FileType.File:
+            with fs.open_input_stream(file) as stream:
+                state = torch.load(io.BytesIO(stream.read()), weights_only=True)
+            states[state["data_position"]["epoch"]] = state
+    return states
 
 
-def test_rerun_on_a_fresh_node_resumes_moco_with_its_queue_from_object_storage(ray_session, builtin_root, s3_bucket,
-                                                                                tmp_path):
-    """MoCo v2 + ESS-MB, 1 epoch with ``--storage`` on the live object store, then rerun for 2 with a new,
-    empty ``--out`` (a fresh node): training continues from the checkpoint in storage, and so does the key
-    queue (its pointer advances from where it stopped instead of from 0). The views come from Ray Data's
-    tasks here (``augment_on="data"``), from the worker elsewhere."""
-    import boto3
+def _stop_after_first_checkpoint(object_store, uri: str) -> threading.Thread:
+    """Stop the object store once Train has registered a checkpoint (its snapshot in storage names one)."""
+    from raysys import storage
 
-    from raysys.data.sources import resolve_data
-    from raysys.distributed.trainer import pretrain
+    snapshot = storage.join(uri, "pretrain", "checkpoint_manager_snapshot.json")
 
-    shared = f"{s3_bucket}/run"
-    options = dict(builtin_root=builtin_root, framework="moco", pair_rule="ess-mb", queue_size=1000,
-                   augment_on="data", storage=shared)
-    first = pretrain(make_config("smoke", epochs=1, out=str(tmp_path / "node-a"), **options).validate())
-    assert first["metrics"]["epoch"] == 1 and first["metrics"]["start_epoch"] == 0
-    assert first["metrics"]["positives_per_anchor"] > 1, "ESS-MB must add spatial positives to the instance one"
-    listed = boto3.client("s3").list_objects_v2(Bucket=s3_bucket.removeprefix("s3://"))["Contents"]
-    keys = {o["Key"].removeprefix("run/") for o in listed}
-    assert any(k.startswith("tb/events.out.tfevents") for k in keys), sorted(keys)
-    assert any(k.startswith("pretrain/checkpoint_") and k.endswith("/state.pt") for k in keys), sorted(keys)
-    assert {"model.pt", "config.json"} <= keys
-    queue1 = _latest_state(shared)["objective"]["queue"]
-    again = pretrain(make_config("smoke", epochs=2, out=str(tmp_path / "node-b"), **options).validate())
-    assert again["metrics"]["start_epoch"] == 1, "a rerun with the same storage must continue, not restart"
-    assert again["metrics"]["epoch"] == 2
-    queue2 = _latest_state(shared)["objective"]["queue"]
-
-    cfg = make_config("smoke", **options)
-    pool = resolve_data(cfg)[0].num_rows
-    size = pool - cfg.batch_size  # clamped: the queue can never hold an image twice
-    keys_per_epoch = (pool // cfg.batch_size) * cfg.batch_size
-    assert len(queue1["keys"]) == size and int(queue1["filled"]) == min(size, keys_per_epoch)
-    assert int(queue1["ptr"]) == keys_per_epoch % size
-    assert int(queue2["ptr"]) == (int(queue1["ptr"]) + keys_per_epoch) % size, "the queue must continue, not restart"
-
-
-def test_storage_lost_mid_run_stops_with_a_clear_error_and_the_rerun_continues(ray_session, builtin_root, object_store,
-                                                                              s3_bucket, tmp_path):
-    """The object store stops after the first checkpoint: the run ends with StorageError (not a hang, not a
-    bare Ray traceback), the checkpoint in storage is intact, and once the store is back the same command
-    continues from it."""
-    from raysys.distributed.trainer import pretrain
-    from raysys.errors import StorageError
-
-    shared = f"{s3_bucket}/run"
-    cfg = make_config("smoke", epochs=3, out=str(tmp_path / "run"), builtin_root=builtin_root, storage=shared,
-                      max_failures=0).validate()
-
-    def stop_after_first_checkpoint():  # once Train has registered it (its snapshot in storage names it)
-        from raysys import storage
-
-        snapshot = storage.join(shared, "pretrain", "checkpoint_manager_snapshot.json")
+    def watch():
         while True:
             try:
                 if "checkpoint_" in storage.read_text(snapshot):
@@ -187,25 +146,52 @@ def test_storage_lost_mid_run_stops_with_a_clear_error_and_the_rerun_continues(r
                 pass
             time.sleep(0.5)
 
-    watcher = threading.Thread(target=stop_after_first_checkpoint, daemon=True)
+    watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    return watcher
+
+
+def test_store_lost_mid_run_then_a_fresh_node_continues_moco_with_its_queue(ray_session, builtin_root, object_store,
+                                                                           s3_bucket, tmp_path):
+    """MoCo v2 + ESS-MB with ``--storage`` on the live object store, which stops once Train has registered the
+    first checkpoint: the run ends with StorageError (not a hang, not a bare Ray traceback), its checkpoint
+    intact in storage. With the store back, a rerun with a new, empty ``--out`` (a fresh node) continues from
+    that checkpoint, and so does the key queue (its pointer advances from where it stopped instead of from 0).
+    The views come from Ray Data's tasks here (``augment_on="data"``), from the worker elsewhere."""
+    import boto3
+
+    from raysys.data.sources import resolve_data
+    from raysys.distributed.trainer import pretrain
+    from raysys.errors import StorageError
+
+    shared, epochs = f"{s3_bucket}/run", 10  # 10: still training when the store stops, seconds after a checkpoint
+    options = dict(builtin_root=builtin_root, framework="moco", pair_rule="ess-mb", queue_size=1000,
+                   augment_on="data", storage=shared, max_failures=0, epochs=epochs)
+    watcher = _stop_after_first_checkpoint(object_store, shared)
     try:
         with pytest.raises(StorageError, match=r"training stopped: --storage s3://.*: storage cannot be reached"):
-            pretrain(cfg)
+            pretrain(make_config("smoke", out=str(tmp_path / "node-a"), **options).validate())
     finally:
-        watcher.join(timeout=60)
+        watcher.join(timeout=120)
         object_store.start()
-    kept = _checkpoint_names(shared)
-    assert kept, "the checkpoint written before the store went down is still there"
-    again = pretrain(cfg)
-    assert again["metrics"]["start_epoch"] >= 1 and again["metrics"]["epoch"] == 3
+    kept = _stored_states(shared)
+    assert kept, "the checkpoint written before the store went down is intact"
 
+    again = pretrain(make_config("smoke", out=str(tmp_path / "node-b"), **options).validate())
+    resumed = again["metrics"]["start_epoch"]
+    assert resumed in kept and resumed < epochs, "a rerun with the same storage must continue, not restart"
+    assert again["metrics"]["epoch"] == epochs
+    assert again["metrics"]["positives_per_anchor"] > 1, "ESS-MB must add spatial positives to the instance one"
+    listed = boto3.client("s3").list_objects_v2(Bucket=s3_bucket.removeprefix("s3://"))["Contents"]
+    keys = {o["Key"].removeprefix("run/") for o in listed}
+    assert any(k.startswith("tb/events.out.tfevents") for k in keys), sorted(keys)
+    assert {"model.pt", "config.json"} <= keys
 
-def _checkpoint_names(uri: str) -> list[str]:
-    import pyarrow.fs as pafs
-
-    from raysys import storage
-
-    fs, path = storage.filesystem(storage.join(uri, "pretrain"))
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return [i.base_name for i in infos if i.base_name.startswith("checkpoint_") and i.type == pafs.FileType.Directory]
+    cfg = make_config("smoke", **options)
+    pool = resolve_data(cfg)[0].num_rows
+    size = pool - cfg.batch_size  # clamped: the queue can never hold an image twice
+    keys_per_epoch = (pool // cfg.batch_size) * cfg.batch_size
+    queue1, queue2 = kept[resumed]["objective"]["queue"], _stored_states(shared)[epochs]["objective"]["queue"]
+    assert len(queue1["keys"]) == size and int(queue1["filled"]) == min(size, resumed * keys_per_epoch)
+    assert int(queue1["ptr"]) == resumed * keys_per_epoch % size
+    assert int(queue2["ptr"]) == epochs * keys_per_epoch % size, "the queue must continue, not restart"
