@@ -21,15 +21,23 @@ def ray_session():
 # The live object store: an S3-compatible server (moto) on 127.0.0.1, reached the way a user's own MinIO or
 # Ceph is, through the standard AWS variables. Set at import, before any Ray process starts, so Ray's workers
 # inherit them; the server itself starts only when a test asks for it.
-def _free_port() -> int:
+def _store_port() -> int:
+    """A free port outside the OS's ephemeral range and Ray's worker ports (10002-19999), so nothing that asks
+    for "any port" -- Ray's processes, the two-node test -- takes it while the server is stopped."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for port in random.sample(range(20000, 30000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-29999 for the test object store")
 
 
-S3_PORT = _free_port()
+S3_PORT = _store_port()
 os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="raysys-test",
                   AWS_SECRET_ACCESS_KEY="raysys-test", AWS_DEFAULT_REGION="us-east-1")
 
