@@ -30,7 +30,7 @@ LAYOUT_JS = """
 <script>window.addEventListener('load', () => {
   const rows = [...document.querySelectorAll('h2')].map(h => [h.textContent, Math.round(h.getBoundingClientRect().top)]);
   const imgs = [...document.querySelectorAll('img')].map(i => Math.round(i.getBoundingClientRect().top));
-  document.title = JSON.stringify({sections: rows, images: imgs, height: document.body.scrollHeight});
+  document.title = JSON.stringify({sections: rows, images: imgs, height: document.documentElement.scrollHeight});
 });</script>
 """
 

@@ -139,14 +139,14 @@ def _first_line(exc: BaseException) -> str:
 def retrying(what: str, uri: str, operation, *args):
     """``operation(*args)``, retried with backoff when remote storage fails (a network error, a stopped
     server); a missing file is an answer, not a failure. After :data:`RETRIES` attempts: StorageError."""
+    if is_local(uri):  # a local error (permissions, a full disk) does not pass by waiting
+        return operation(*args)
     for attempt in range(1, RETRIES + 1):
         try:
             return operation(*args)
         except FileNotFoundError:
             raise
         except OSError as exc:
-            if is_local(uri):
-                raise
             if attempt == RETRIES:
                 raise StorageError(f"{what} {uri} failed {RETRIES} times ({_first_line(exc)}); what storage "
                                    "already holds is intact: when it is reachable again, rerun the same command "

@@ -16,6 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 
 
+def bucket_keys(bucket_uri: str) -> list[str]:
+    """Every object key in a bucket of the test object store, listed with boto3 (independently of pyarrow);
+    the empty ``folder/`` markers pyarrow keeps for folders are left out."""
+    import boto3
+
+    listed = boto3.client("s3").list_objects_v2(Bucket=bucket_uri.removeprefix("s3://")).get("Contents", [])
+    return [o["Key"] for o in listed if not o["Key"].endswith("/")]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

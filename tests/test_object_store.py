@@ -6,17 +6,16 @@ import threading
 
 import boto3
 import pytest
+from helpers import bucket_keys
 
 from raysys import storage
 from raysys.errors import ConfigError, StorageError
 
 
 def keys(bucket_uri: str) -> dict:
-    """{key: bytes} of every object in the bucket, read with boto3 (independently of pyarrow); the empty
-    ``folder/`` markers pyarrow keeps for folders are left out."""
+    """{key: bytes} of every object in the bucket, read with boto3 (independently of pyarrow)."""
     s3, bucket = boto3.client("s3"), bucket_uri.removeprefix("s3://")
-    listed = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", []) if not o["Key"].endswith("/")]
-    return {key: s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in listed}
+    return {key: s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in bucket_keys(bucket_uri)}
 
 
 def test_round_trip_folders_and_put_if_absent(s3_bucket, tmp_path):

@@ -114,10 +114,9 @@ def _entry(file: Path, cache: Path, shared: str | None):
     lacks it, and publish it there afterwards (put-if-absent) once the block has it."""
     uri = storage.join(shared, file.relative_to(cache).as_posix()) if shared else None
     with _locked(file):
-        if uri and not file.is_file():
-            storage.fetch_if_present(uri, file)
+        fetched = uri is not None and not file.is_file() and storage.fetch_if_present(uri, file)
         yield
-        if uri and file.is_file():
+        if uri and not fetched and file.is_file():  # fetched: storage has it already
             storage.put_if_absent(file, uri)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from helpers import bucket_keys
 
 from raysys.data import formats, simulate
 from raysys.data.schema import make_manifest
@@ -396,16 +397,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys, kw, message):
 def test_texture_cache_is_shared_through_object_storage(ray_session, small_pool, s3_bucket, tmp_path, monkeypatch):
     """A second node (a fresh cache folder) with the same shared storage recomputes nothing; a new K there
     reuses the shared features and runs only k-means."""
-    import boto3
-
     shared = f"{s3_bucket}/sweep/cache"
     kw = dict(image_size=16, progress=False, width=0.125, epochs=1, batch_size=32, shared=shared)
     first = cl.cluster_assignments(small_pool, "texture", 4, cache_dir=tmp_path / "node-a", **kw)
-    def keys():
-        return [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket[5:])["Contents"]
-                if not o["Key"].endswith("/")]  # not pyarrow's folder markers
-
-    assert sorted(k.split("/")[2] for k in keys()) == ["clusters", "encoders", "features"], keys()
+    keys = bucket_keys(s3_bucket)
+    assert sorted(k.split("/")[2] for k in keys) == ["clusters", "encoders", "features"], keys
 
     def recompute(*args, **kwargs):
         raise AssertionError("recomputed what the shared cache holds")
@@ -419,4 +415,4 @@ def test_texture_cache_is_shared_through_object_storage(ray_session, small_pool,
     monkeypatch.setattr(cl, "cluster_features", real_kmeans)
     other_k = cl.cluster_assignments(small_pool, "texture", 3, cache_dir=tmp_path / "node-c", **kw)
     assert set(other_k.column("cluster_id").to_pylist()) == {0, 1, 2}
-    assert len(keys()) == 4  # the new K's clusters published
+    assert len(bucket_keys(s3_bucket)) == 4  # the new K's clusters published

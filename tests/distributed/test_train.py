@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import bucket_keys
 
 from raysys.config import make_config
 
@@ -32,16 +33,13 @@ def _scalars(tb_dir: Path) -> set[str]:
 def test_smoke_pretrain_and_linear_eval(ray_session, builtin_root, s3_bucket, tmp_path):
     """The smoke run with ``--storage`` on the live object store: its run folder (evaluations and report
     included), checkpoints and TensorBoard events land in the bucket."""
-    import boto3
-
     from raysys.distributed.experiment import pretrain_and_evaluate
 
     shared = f"{s3_bucket}/run"
     cfg = make_config("smoke", out=str(tmp_path / "run"), builtin_root=builtin_root, storage=shared).validate()
     summary = pretrain_and_evaluate(cfg)
     out = tmp_path / "run"
-    listed = boto3.client("s3").list_objects_v2(Bucket=s3_bucket.removeprefix("s3://"))["Contents"]
-    stored = {o["Key"].removeprefix("run/") for o in listed}
+    stored = {k.removeprefix("run/") for k in bucket_keys(s3_bucket)}
     assert {"config.json", "model.pt", "eval-msl.json", "eval-hirise.json", "summary.json", "report.html"} <= stored
     assert any(k.startswith("tb/events.out.tfevents") for k in stored), sorted(stored)
     assert any(k.startswith("pretrain/checkpoint_") and k.endswith("/state.pt") for k in stored), sorted(stored)
@@ -158,8 +156,6 @@ def test_store_lost_mid_run_then_a_fresh_node_continues_moco_with_its_queue(ray_
     intact in storage. With the store back, a rerun with a new, empty ``--out`` (a fresh node) continues from
     that checkpoint, and so does the key queue (its pointer advances from where it stopped instead of from 0).
     The views come from Ray Data's tasks here (``augment_on="data"``), from the worker elsewhere."""
-    import boto3
-
     from raysys.data.sources import resolve_data
     from raysys.distributed.trainer import pretrain
     from raysys.errors import StorageError
@@ -182,8 +178,7 @@ def test_store_lost_mid_run_then_a_fresh_node_continues_moco_with_its_queue(ray_
     assert resumed in kept and resumed < epochs, "a rerun with the same storage must continue, not restart"
     assert again["metrics"]["epoch"] == epochs
     assert again["metrics"]["positives_per_anchor"] > 1, "ESS-MB must add spatial positives to the instance one"
-    listed = boto3.client("s3").list_objects_v2(Bucket=s3_bucket.removeprefix("s3://"))["Contents"]
-    keys = {o["Key"].removeprefix("run/") for o in listed}
+    keys = {k.removeprefix("run/") for k in bucket_keys(s3_bucket)}
     assert any(k.startswith("tb/events.out.tfevents") for k in keys), sorted(keys)
     assert {"model.pt", "config.json"} <= keys
 
