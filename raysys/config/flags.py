@@ -62,6 +62,11 @@ def add_pretrain_arguments(p) -> None:
                    "ess-mw (spatial positives from capture positions: needs a positions sidecar)")
     p.add_argument("--cluster-mode", choices=CLUSTER_MODES, help="cluster rule: eliminate same-cluster negatives "
                    "(paper Eq. 2, default) or attract them as positives")
+    p.add_argument("--decoupled", action="store_true", default=None, help="take the positives out of the loss's "
+                   "denominator (Yeh et al.'s decoupling): with --pair-rule instance it is DCL, with cluster the "
+                   "paper's Eq. 2 as printed; default off (the positive stays: elimination's effect alone)")
+    p.add_argument("--max-steps", type=int, help="step budget: stop after this many optimizer steps (the epochs "
+                   "are derived from the pool size; the lr schedule ends there)")
     p.add_argument("--cluster-ids", help="cluster table of the pool (image_id,cluster_id; Parquet or CSV), e.g. "
                    "from `raysys cluster --out FILE`")
     _add_self_cluster_arguments(p)

@@ -76,6 +76,9 @@ class PretrainConfig:
     init_weights: str | None = None
     # Optimisation (Appendix A: Adam, lr 3e-4, weight decay 1e-6, temperature 0.5, batch 128).
     epochs: int = 400
+    # A step budget instead: training stops after max_steps optimizer steps, the epochs (and the lr
+    # schedule's length) derived from the pool size at start (pretrain). None: ``epochs`` decides.
+    max_steps: int | None = None
     batch_size: int = 128  # global batch: split evenly across workers
     lr: float = 3e-4
     weight_decay: float = 1e-6
@@ -84,6 +87,9 @@ class PretrainConfig:
     warmup_epochs: int = 0
     pair_rule: str = "instance"  # instance (SimCLR), cluster (needs cluster ids), label (oracle)
     cluster_mode: str = "eliminate"  # cluster rule: eliminate (Eq. 2) or attract
+    # Loss reading: True takes the positives out of every denominator (decoupling; with the cluster rule the
+    # paper's Eq. 2 as printed, with the instance rule DCL). False keeps them: elimination's effect alone.
+    decoupled: bool = False
     cluster_ids: str | None = None  # image_id,cluster_id table (raysys cluster --out) for pair_rule cluster
     # Self-clustering (IFND): pair_rule cluster with ids from the model itself -- K clusters of its backbone
     # features, made before epoch self_cluster_warmup and every self_cluster_every epochs after (0: off).
@@ -129,6 +135,15 @@ class PretrainConfig:
     # Online kNN monitor: each epoch, kNN accuracy of the backbone on a small labeled subset of this
     # benchmark's train (bank) and val (queries) splits -- never test -- logged and reported to Tune.
     knn_monitor: str | None = "msl"
+    # Evaluation curve (the false-negative study): every eval_every optimizer steps, and at step 0, kNN accuracy
+    # of the backbone on pool images never pretrained on (hidden labels), two folds of traverses each the
+    # other's bank; saved as curve.json in the run folder and logged to TensorBoard. 0: off (it replaces the
+    # per-epoch kNN monitor when on).
+    eval_every: int = 0
+    # Paired batches (the study): each epoch's batches and views are a function of (seed, epoch, step), not of
+    # Ray's scheduling, so two runs of one seed that differ only in the loss see identical data. The decoded
+    # pool is held in the object store whole: for pools that fit in memory.
+    paired_batches: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "augment", {**self.augment, "size": self.image_size})
@@ -174,6 +189,10 @@ class PretrainConfig:
             (self.batch_size // max(self.workers, 1) >= 2 or self.workers < 1,
              f"--batch-size {self.batch_size} over {self.workers} workers leaves fewer than 2 images per worker; raise --batch-size"),
             (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
+            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})"),
+            (self.eval_every >= 0, f"eval_every must be >= 0 steps (got {self.eval_every}); 0 turns the curve off"),
+            (not (self.paired_batches and self.augment_on == "data"),
+             "paired batches make the views in the worker from the step's seed; drop --augment-on data"),
             (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
             (self.framework in FRAMEWORKS, f"--framework {self.framework!r} is unknown; choose one of {list(FRAMEWORKS)}"),
             (self.framework not in FRAMEWORKS or OBJECTIVES[self.framework].contrastive or self.pair_rule == "instance",

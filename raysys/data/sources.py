@@ -89,6 +89,16 @@ def resolve_data(cfg) -> tuple[pa.Table, dict[str, Path]]:
     return manifest, benchmarks
 
 
+def unseen_pool(cfg, manifest: pa.Table) -> pa.Table:
+    """Rows of the data's rover pool that ``manifest`` (what a run pretrains on) does not hold: the rest of a
+    ``max_images`` subset and the held-out traverses, with the simulator's hidden labels where it left them."""
+    roots = data_roots(cfg)
+    if "rover" not in roots:
+        return manifest.slice(0, 0)
+    pool = read_pool(roots["rover"])
+    return pool.filter(pc.invert(pc.is_in(pool.column("image_id"), value_set=manifest.column("image_id"))))
+
+
 def attach_cluster_file(manifest: pa.Table, path: str) -> pa.Table:
     """Attach ``image_id,cluster_id`` from a Parquet or CSV file, which must cover every pool image."""
     import pyarrow.csv

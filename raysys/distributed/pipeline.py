@@ -25,7 +25,9 @@ import pyarrow as pa
 import ray
 
 from raysys.data.decode import CONVERTED_MODES, DecodeError, decode
+from raysys.data.paired import canonical_order
 from raysys.data.schema import VIEW1, VIEW2, image_key
+from raysys.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,18 @@ def pretrain_dataset(
     permuted = manifest.take(np.random.default_rng(seed).permutation(manifest.num_rows))
     decoded = decoded_dataset(permuted, image_size, report, cache)
     return two_view_dataset(decoded, augment) if views else decoded.randomize_block_order()
+
+
+def decoded_pool(manifest: pa.Table, image_size: int, report=None, max_bytes: int = 4 << 30) -> dict[str, np.ndarray]:
+    """The whole pool decoded by Ray Data's tasks, gathered as arrays in canonical order (image key): what
+    paired batches (:mod:`raysys.data.paired`) draw from. Refuses a pool whose pixels exceed ``max_bytes``."""
+    needed = manifest.num_rows * image_size * image_size * 3
+    if needed > max_bytes:
+        raise ConfigError(f"paired batches hold the decoded pool in memory: {manifest.num_rows} images at "
+                          f"{image_size} px need {needed / 2**30:.1f} GiB (limit {max_bytes / 2**30:.0f} GiB); "
+                          "lower --max-images or --image-size")
+    parts = list(decoded_dataset(manifest, image_size, report).iter_batches(batch_size=None, batch_format="numpy"))
+    return canonical_order({key: np.concatenate([part[key] for part in parts]) for key in parts[0]})
 
 
 def train_batches(stream, batch_size: int, shuffle_buffer: int | None, pin_memory: bool = False):

@@ -51,7 +51,7 @@ from raysys.distributed.runtime import (
     publish_run,
     torch_threads,
 )
-from raysys.distributed.trainer import SELF_CLUSTERS_FILE, pretrain
+from raysys.distributed.trainer import CURVE_FILE, SELF_CLUSTERS_FILE, pretrain
 from raysys.errors import ConfigError, run_command
 from raysys.eval.knn import evaluate_knn
 from raysys.eval.linear import evaluate
@@ -62,6 +62,7 @@ from raysys.methods.pairs import RULES
 from raysys.models import ContrastiveModel
 from raysys.models.io import MODEL_FILE, load_model, save_model
 from raysys.models.texture import TextureConfig
+from raysys.reporting import fn_study
 from raysys.reporting import results as report
 from raysys.reporting.html import write_report
 
@@ -83,8 +84,12 @@ PRETEXT_METHODS = tuple(name for name in METHOD_FRAMEWORKS if not OBJECTIVES[nam
 METHODS = tuple(METHOD_RULES)
 # What a variant may set (PretrainConfig fields, and the clustering's own: K and the noisy oracle's noise);
 # the rest comes from the base config.
-PARAMS = ("k", "noise", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma", "cluster_mode")
+PARAMS = ("k", "noise", "temperature", "lr", "mix_ratio", "ess_radius", "ess_sigma", "cluster_mode", "decoupled",
+          "encoder", "arm")
 CLUSTER_PARAMS = ("k", "noise")
+# Not config fields: the clustering's own, the cluster source of one variant (beside the sweep's --encoder:
+# the false-negative study's oracle and self-clustering arms) and a study arm's name (it names the trial).
+TRIAL_PARAMS = (*CLUSTER_PARAMS, "encoder", "arm")
 SWEEP_VERSION = 2  # 2: the supervised reference's step budget replaces its epoch count. Bump when a SweepSpec field changes meaning or goes; from_dict then reads the old form
 FINAL_FILE = "final.json"  # a finished trial's result, in its run folder
 TRIAL_DRIVER_CPUS = 0.1  # a trial's own process mostly waits on its TorchTrainer
@@ -149,7 +154,7 @@ class SweepSpec:
     def grid_defaults(self) -> dict:
         """What a variant's unset parameters are: the base config's (lr and noise only where a variant sets them)."""
         base = PretrainConfig.from_dict(self.base)
-        return {"k": 0, **{p: getattr(base, p) for p in PARAMS if p not in (*CLUSTER_PARAMS, "lr")}}
+        return {"k": 0, **{p: getattr(base, p) for p in PARAMS if p not in (*TRIAL_PARAMS, "lr")}}
 
     def grid(self) -> list[dict]:
         """Every variant with all of :data:`PARAMS` filled in from the base config (what Tune shows)."""
@@ -165,13 +170,21 @@ class SweepSpec:
                 dataclasses.replace(self, variants=[v for v in self.variants if v["method"] != "baseline"])]
 
 
+def encoder_of(spec: SweepSpec, params: dict) -> str:
+    """Where a cluster-aware variant's cluster ids come from: its own ``encoder``, else the sweep's."""
+    return params.get("encoder") or spec.encoder
+
+
 def _trial_params(config: dict) -> dict:
     """A trial's method, parameters and seed: what names its folders."""
     return {**config["variant"], "seed": config["seed"]}
 
 
 def trial_name(params: dict) -> str:
-    """``cluster-k10-t0.5-s1``, ``mixed-r0.25-t0.5-s0``, ``baseline-t0.1-s0``, ``cluster-attract-n0.5-t0.5-s0``."""
+    """``cluster-k10-t0.5-s1``, ``mixed-r0.25-t0.5-s0``, ``baseline-t0.1-s0``, ``cluster-attract-n0.5-t0.5-s0``,
+    ``baseline-dcl-t0.5-s0`` (decoupled); a named study arm: ``oracle-elim-s2``."""
+    if params.get("arm"):
+        return f"{params['arm']}-s{params['seed']}"
     method = params["method"]
     parts = [method]
     if method == "cluster" and params.get("cluster_mode", "eliminate") != "eliminate":
@@ -183,6 +196,8 @@ def trial_name(params: dict) -> str:
                   if params.get(p) is not None and not (p == "k" and params[p] == 0)]  # k 0: the oracle's own K
     if params.get("noise") is not None:
         parts.append(f"n{params['noise']:g}")
+    if params.get("decoupled"):
+        parts.append("dcl")
     if params.get("lr") is not None:
         parts.append(f"lr{params['lr']:g}")
     if method not in (*PRETEXT_METHODS, "random-init"):  # no temperature without a contrastive loss
@@ -248,11 +263,11 @@ def _place_recognition(model_dir: Path, cfg: PretrainConfig) -> dict:
 
 def trial_config(spec: SweepSpec, params: dict) -> PretrainConfig:
     """The base config with the trial's seed, parameters, its method's pair rule and (pretext) framework."""
-    values = {p: params[p] for p in PARAMS if p not in CLUSTER_PARAMS and p in params}  # absent: an older sweep
+    values = {p: params[p] for p in PARAMS if p not in TRIAL_PARAMS and p in params}  # absent: an older sweep
     method = params["method"]
     framework = METHOD_FRAMEWORKS.get(method, spec.base["framework"])
     recipe = {"augment": AugmentConfig.moco_v2().to_dict()} if framework == "moco" != spec.base["framework"] else {}
-    own = {"self_cluster_k": params["k"]} if spec.encoder == "self" and method == "cluster" else {}
+    own = {"self_cluster_k": params["k"]} if encoder_of(spec, params) == "self" and method == "cluster" else {}
     return PretrainConfig.from_dict({**spec.base, **recipe, **values, **own, "seed": params["seed"],
                                      "pair_rule": METHOD_RULES[method] or "instance", "framework": framework})
 
@@ -324,13 +339,14 @@ def run_trial(config: dict) -> None:
         final.update(_reference(method, spec, cfg, benchmarks, out))
         _finish(out, cfg.storage, final)
         return
-    if method == "cluster" and spec.encoder != "self":
-        manifest = attach_clusters(manifest, trial_clusters(spec, manifest, k, cfg.seed, params.get("noise")))
+    encoder = encoder_of(spec, params)
+    if method == "cluster" and encoder != "self":
+        manifest = attach_clusters(manifest, trial_clusters(spec, manifest, k, cfg.seed, params.get("noise"), encoder=encoder))
     run = pretrain(cfg, manifest, benchmarks, callbacks=[TuneReportCallback()],
                    reserved_cpus=TRIAL_DRIVER_CPUS, concurrent=config["concurrent"])
     metrics, cfg = run["metrics"] or {}, run["config"]
     if method == "cluster":
-        final.update(clustering_scores(spec, manifest, out, metrics.get("step", 0)))
+        final.update(clustering_scores(encoder, manifest, out, metrics.get("step", 0)))
     final.update(
         fn_fraction=metrics.get("false_negative_fraction"),
         removed_precision=metrics.get("removed_pair_precision"),
@@ -353,11 +369,11 @@ def run_trial(config: dict) -> None:
     _finish(out, cfg.storage, final)
 
 
-def clustering_scores(spec: SweepSpec, manifest, out: Path, step: int) -> dict:
+def clustering_scores(encoder: str, manifest, out: Path, step: int) -> dict:
     """How the clusters a trial trained with (the manifest's ``cluster_id``; self-clustering: its last table)
     match the hidden classes and the traverses: NMI, purity, and the pair precision and recall elimination
     would get; also written to the trial's TensorBoard."""
-    if spec.encoder == "self":
+    if encoder == "self":
         manifest = attach_clusters(manifest, pq.read_table(out / SELF_CLUSTERS_FILE))
     ids = np.asarray(manifest.column("cluster_id"))
     scores = {f"cluster_{key}": value for key, value in cluster_quality(ids, np.asarray(manifest.column("label"))).items()}
@@ -384,12 +400,14 @@ def baseline_encoder(spec: SweepSpec, seed: int) -> str:
     return str(folder / MODEL_FILE)
 
 
-def trial_clusters(spec: SweepSpec, manifest, k: int, seed: int, noise: float | None = None, progress: bool = False):
+def trial_clusters(spec: SweepSpec, manifest, k: int, seed: int, noise: float | None = None, progress: bool = False,
+                   encoder: str | None = None):
     """A cluster-aware trial's cluster ids: k-means with the trial's seed on the features of one encoder per
     pool (trained, for ``texture``, with the sweep's base seed, as the paper trains one; for ``baseline``, the
     same seed's baseline trial's), from the cache; for the noisy oracle, the labels with a fraction ``noise``
-    replaced (drawn with the trial's seed)."""
-    encoder = baseline_encoder(spec, seed) if spec.encoder == "baseline" else spec.encoder
+    replaced (drawn with the trial's seed). ``encoder``: the variant's own, else the sweep's."""
+    encoder = encoder or spec.encoder
+    encoder = baseline_encoder(spec, seed) if encoder == "baseline" else encoder
     return cluster_assignments(manifest, encoder, k or None, seed=seed, cache_dir=Path(spec.out) / "cache",
                                image_size=spec.base["image_size"], progress=progress,
                                encoder_seed=spec.base["seed"], noise=noise or 0.0,
@@ -400,14 +418,15 @@ def prepare_clusters(spec: SweepSpec) -> None:
     """Train the sweep's clustering encoder and run every trial's k-means once, before the trials, with all
     of the driver's cores (trials then read the cache; none waits on another's encoder). Each seed's own
     pool: with ``max_images`` the seed draws the subset, and the encoder is trained once per pool."""
-    clusterings = sorted({(v["k"], v.get("noise")) for v in spec.grid() if v["method"] == "cluster"}, key=str)
-    if not clusterings or spec.encoder == "self":  # self-clustering happens inside each trial
+    clusterings = sorted({(v["k"], v.get("noise"), encoder_of(spec, v)) for v in spec.grid()
+                          if v["method"] == "cluster" and encoder_of(spec, v) != "self"}, key=str)
+    if not clusterings:  # self-clustering happens inside each trial
         return
     start = time.perf_counter()
     for seed in range(spec.base["seed"], spec.base["seed"] + spec.seeds):
         manifest, _ = resolve_data(PretrainConfig.from_dict({**spec.base, "seed": seed}))
-        for k, noise in clusterings:
-            trial_clusters(spec, manifest, k, seed, noise, progress=True)
+        for k, noise, encoder in clusterings:
+            trial_clusters(spec, manifest, k, seed, noise, progress=True, encoder=encoder)
     print(f"[raysys] clustering for {len(clusterings) * spec.seeds} trial(s), shared: "
           f"{time.perf_counter() - start:.0f} s", flush=True)
 
@@ -438,10 +457,11 @@ def _finish(out: Path, trial_storage: str | None, final: dict) -> None:
 
 class ResultsWriter(tune.Callback):
     """Rewrites ``results.csv`` after every finished trial, so an interrupted sweep keeps its results, and
-    prints one line per finished trial with an ETA for the sweep (from this session's pace)."""
+    prints one line per finished trial with an ETA for the sweep (from this session's pace). ``write``:
+    how the trials' rows become the file (:func:`results_writer`)."""
 
-    def __init__(self, path: Path, storage_root: str | None, total: int):
-        self.path = path
+    def __init__(self, path: Path, storage_root: str | None, total: int, write=report.write_results_csv):
+        self.path, self.write = path, write
         self.storage_root = storage_root
         self.rows = {row["trial"]: row for row in report.read_results_csv(path)}
         self.total, self.done_before, self.started = total, len(self.rows), time.perf_counter()
@@ -450,7 +470,7 @@ class ResultsWriter(tune.Callback):
         if trial.last_result:
             row = result_row(trial.config, trial.last_result)
             self.rows[row["trial"]] = row
-            report.write_results_csv(list(self.rows.values()), self.path)
+            self.write(list(self.rows.values()), self.path)
             publish_files(self.path.parent, self.storage_root, [self.path.name])
             print(self.progress_line(row), flush=True)
 
@@ -461,6 +481,23 @@ class ResultsWriter(tune.Callback):
         score = f", MSL {row['msl_acc']:.1%}" if isinstance(row.get("msl_acc"), float) else ""
         eta = f"ETA {left * pace / 60:.0f} min for the {left} left" if left else "all trials done"
         return f"[raysys] trial {done}/{self.total} done: {row['trial']}{score}; {eta}"
+
+
+def results_writer(spec: SweepSpec):
+    """How a sweep writes ``results.csv`` from its trials' rows: one row per trial, or for a study of steps
+    (``plot="steps"``) one row per trial and evaluation step, read from each trial's ``curve.json``."""
+    if spec.plot != "steps":
+        return report.write_results_csv
+
+    def write(rows: list[dict], path: Path) -> None:
+        long = []
+        for row in rows:
+            uri = storage.join(spec.storage_root, "trials", row["trial"], CURVE_FILE)
+            if storage.exists(uri):
+                long += fn_study.study_rows(row, json.loads(storage.read_text(uri)))
+        fn_study.write_study_csv(long, path)
+
+    return write
 
 
 def result_row(config: dict, result: dict) -> dict:
@@ -535,15 +572,16 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(asdict(spec), indent=2))
-    writer = ResultsWriter(out / "results.csv", spec.storage, total=len(spec.grid()) * spec.seeds)
+    write = results_writer(spec)
+    writer = ResultsWriter(out / "results.csv", spec.storage, total=len(spec.grid()) * spec.seeds, write=write)
     results = []
     for stage, experiment in zip(spec.stages(), experiments):
         prepare_clusters(stage)
         results += list(_tuner(stage, concurrent, writer, experiment if storage.exists(experiment) else None).fit())
     rows = [result_row(r.config, r.metrics) for r in results if r.metrics]
     errors = [str(r.error).splitlines()[0] for r in results if r.error]
-    report.write_results_csv(rows, out / "results.csv")
-    files = write_summary(spec, rows, errors)
+    write(rows, out / "results.csv")
+    files = (write_study_summary if spec.plot == "steps" else write_summary)(spec, rows, errors)
     print(f"report: {write_report(out)}")
     publish_files(out, spec.storage, ["sweep.json", "results.csv", "report.html", *files])
     return rows
@@ -620,12 +658,39 @@ def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[
     return ["summary.md", *plots]
 
 
+def write_study_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[str]:
+    """A study of steps (the false-negative study): ``summary.md`` with the final-step table and its reading,
+    the accuracy and paired-gap plots, and the removed-pair precision/recall plot of label-free arms."""
+    out = Path(spec.out)
+    long = report.read_results_csv(out / "results.csv")
+    arms = [v["arm"] for v in spec.variants]
+    describe = {v["arm"]: fn_study.describe(v) for v in spec.variants}
+    table, reading = fn_study.study_table(long, arms, describe), fn_study.study_reading(long, arms)
+    plots = []
+    for metric, label in (("knn_acc", "kNN accuracy"), ("knn_balanced_acc", "kNN balanced accuracy")):
+        if any(r.get(metric) is not None for r in long):
+            plots.append(f"{spec.name}-{metric}.png")
+            fn_study.plot_study(long, arms, out / plots[-1], metric, label)
+    if fn_study.plot_removed_pairs(long, out / f"{spec.name}-removed-pairs.png"):
+        plots.append(f"{spec.name}-removed-pairs.png")
+    lines = [f"# {spec.name}", "", f"Reproduce: `{spec.command}`", "", table, "", *reading, "",
+             "Gaps are paired: each seed's arm minus the same seed's baseline, which started from the same weights "
+             "and saw the same batches and views; the interval is Student's t over seeds.", ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    if errors:
+        lines += ["", f"{len(errors)} trial(s) failed:"] + [f"- {e}" for e in errors]
+    report.write_atomic(out / "summary.md", "\n".join(lines) + "\n")
+    print(table, *reading, sep="\n")
+    print(f"\nresults: {out / 'results.csv'}\nsummary: {out / 'summary.md'}\nTensorBoard: tensorboard --logdir {out}")
+    return ["summary.md", *plots]
+
+
 # ------------------------------------------------------------------------------------- command line
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="demo",
-                   help=f"one of {', '.join(SWEEP_PRESETS)}: smoke (tests), demo (2-core laptop, ~14 min for sweep_k), paper (GPU cluster) (default: %(default)s)")
+                   help=f"one of {', '.join(SWEEP_PRESETS)}: smoke (tests), demo (2-core laptop, ~14 min for sweep_k), paper (GPU cluster), gpu (the demo model, trials sharing GPUs) (default: %(default)s)")
     p.add_argument("--out", default=None, help="sweep folder (default: runs/<sweep name>)")
     p.add_argument("--data", help="folder holding the pretraining pool and benchmarks (default: built-in data)")
     p.add_argument("--seeds", type=int, help="seeds per configuration")
@@ -643,6 +708,10 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    "epochs per benchmark (beside the linear probe and the supervised baseline; default off)")
     p.add_argument("--asha", action="store_true", help="stop unpromising trials early (ASHA on the per-epoch "
                    "kNN monitor accuracy, measured on the validation split, never on test)")
+    p.add_argument("--decoupled", action="store_true", default=None, help="take the positives out of the loss's "
+                   "denominator (decoupling): the cluster rule then reads as the paper's Eq. 2 as printed, the "
+                   "baseline as DCL; default off, so that cluster-aware trials differ from the baseline only in "
+                   "the negatives they remove (see docs/results.md)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out (and --storage)")
     p.add_argument("--supervised", action=argparse.BooleanOptionalAction, default=None,
                    help="add (or, --no-supervised, skip) the supervised reference runs (default: the preset's; "
@@ -661,10 +730,12 @@ def _check_cluster_variants(variants: list[dict], encoder: str) -> None:
     ks = [v["k"] for v in clustered if "k" in v]
     if any(k < 2 for k in ks):
         raise ConfigError(f"--k values must be at least 2 (got {ks}): one cluster removes every negative")
-    if encoder != "oracle" and len(ks) < len(clustered):
-        raise ConfigError(f"a cluster-aware variant has no K and --encoder {encoder} needs one; pass --k")
-    if encoder != "oracle" and any(v.get("noise") for v in clustered):
-        raise ConfigError(f"--noise applies only to --encoder oracle (the noisy oracle), not {encoder}")
+    for v in clustered:
+        own = v.get("encoder") or encoder
+        if own != "oracle" and "k" not in v:
+            raise ConfigError(f"a cluster-aware variant has no K and --encoder {own} needs one; pass --k")
+        if own != "oracle" and v.get("noise"):
+            raise ConfigError(f"--noise applies only to --encoder oracle (the noisy oracle), not {own}")
     if encoder == "baseline" and clustered and not any(v["method"] == "baseline" for v in variants):
         raise ConfigError("--encoder baseline clusters with the baseline trials' encoders; drop --no-baseline")
 
@@ -680,14 +751,14 @@ def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None 
     preset = SWEEP_PRESETS[args.preset]
     overrides = {**preset["pretrain"], **(pretrain or {}), **{k: v for k, v in dict(
         data=args.data, epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-        placement=args.placement, cpus_per_worker=args.cpus_per_worker,
+        placement=args.placement, cpus_per_worker=args.cpus_per_worker, decoupled=args.decoupled,
     ).items() if v is not None}}
     # Absolute paths: Tune runs each trial with its own working directory.
     out = str(Path(args.out or f"runs/{name}").resolve())
     for key in ("data", "mix_data"):
         if overrides.get(key):
             overrides[key] = str(Path(overrides[key]).resolve())
-    base = make_config(args.preset, out=out, builtin_root=str(Path("data/builtin").resolve()), **overrides).validate()
+    base = make_config(preset.get("base", args.preset), out=out, builtin_root=str(Path("data/builtin").resolve()), **overrides).validate()
     seeds = args.seeds if args.seeds is not None else preset["seeds"]
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1 (got {seeds})")

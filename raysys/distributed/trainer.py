@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -25,8 +26,8 @@ from raysys import storage
 from raysys.config import PretrainConfig
 from raysys.data.decode import load_images
 from raysys.data.schema import image_key
-from raysys.data.sources import resolve_data
-from raysys.distributed.pipeline import FileReport, pretrain_dataset, write_file_report
+from raysys.data.sources import resolve_data, unseen_pool
+from raysys.distributed.pipeline import FileReport, decoded_pool, pretrain_dataset, write_file_report
 from raysys.distributed.runtime import (
     check_cluster,
     init_ray,
@@ -36,7 +37,7 @@ from raysys.distributed.runtime import (
 )
 from raysys.distributed.worker import STATE_FILE, train_loop
 from raysys.errors import ConfigError, StorageError
-from raysys.eval.knn import load_monitor_data
+from raysys.eval.knn import load_curve_data, load_monitor_data
 from raysys.methods.pairs import RULES, default_radius
 from raysys.methods.pretext import has_colour
 from raysys.models.io import MODEL_FILE, save_model
@@ -45,16 +46,36 @@ log = logging.getLogger(__name__)
 
 RUN_NAME = "pretrain"
 SELF_CLUSTERS_FILE = "clusters.parquet"  # a self-clustering run's last cluster table
+CURVE_FILE = "curve.json"  # eval_every: the evaluation curve, the initial weights' digest and the first batch
 
 
 def _knn_monitor_data(cfg: PretrainConfig, benchmarks: dict):
-    """The kNN monitor's decoded images in the object store (workers fetch them), or None when off."""
-    if not cfg.knn_monitor:
+    """The kNN monitor's decoded images in the object store (workers fetch them), or None when off -- or when
+    the evaluation curve (``eval_every``) scores the model more often and on more images."""
+    if not cfg.knn_monitor or cfg.eval_every:
         return None
     if cfg.knn_monitor not in benchmarks:
         log.warning("kNN monitor: no %s benchmark beside the pretraining data; monitor off", cfg.knn_monitor)
         return None
     return ray.put(load_monitor_data(benchmarks[cfg.knn_monitor], cfg.image_size, seed=cfg.seed))
+
+
+def _curve_data(cfg: PretrainConfig, manifest: pa.Table):
+    """The evaluation curve's decoded images in the object store, or None when ``eval_every`` is 0."""
+    if not cfg.eval_every:
+        return None
+    try:
+        data = load_curve_data(unseen_pool(cfg, manifest), cfg.image_size, seed=cfg.seed)
+    except ValueError as exc:
+        raise ConfigError(f"evaluation curve: {exc}; it needs a pool with hidden labels (the built-in data)") from None
+    return ray.put(data)
+
+
+def with_step_budget(cfg: PretrainConfig, pool_size: int) -> PretrainConfig:
+    """A step-budget run's config with the epochs that hold its ``max_steps``; any other config as it is."""
+    if cfg.max_steps is None:
+        return cfg
+    return cfg.replace(epochs=math.ceil(cfg.max_steps / (pool_size // cfg.batch_size)))
 
 
 def check_colour(cfg: PretrainConfig, manifest: pa.Table, sample: int = 64) -> None:
@@ -90,11 +111,13 @@ def complete_spatial_defaults(cfg: PretrainConfig, manifest: pa.Table) -> Pretra
     return cfg
 
 
-def export_model(checkpoint: ray.train.Checkpoint, path: Path, manifest: pa.Table) -> None:
+def export_model(checkpoint: ray.train.Checkpoint, path: Path, manifest: pa.Table, curve_path: Path) -> None:
     """Write the final weights as a standalone ``model.pt`` (no optimizer state) and, for a self-clustering
-    run, its last cluster table as ``clusters.parquet`` beside it."""
+    run, its last cluster table as ``clusters.parquet`` beside it; with an evaluation curve, ``curve_path``."""
     with checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    if state.get("curve"):
+        storage.write_text_atomic(str(curve_path), json.dumps(state["curve"], indent=1))
     save_model(path, state["model"], state["model_spec"], state["config"], data_position=state["data_position"])
     storage.write_text_atomic(str(path.parent / "workers.json"), json.dumps(state.get("workers", []), indent=2))
     if (state.get("self_clusters") or {}).get("epoch", -1) >= 0:
@@ -113,15 +136,18 @@ def export_self_clusters(table: dict, manifest: pa.Table, path: Path) -> None:
         pq.write_table(out.replace_schema_metadata({"raysys.encoder": "self", "raysys.epoch": str(table["epoch"])}), tmp)
 
 
-def _trainer(cfg: PretrainConfig, manifest: pa.Table, out: Path, dataset, monitor, callbacks, resources: dict,
+def _trainer(cfg: PretrainConfig, manifest: pa.Table, out: Path, data: dict, callbacks, resources: dict,
              concurrent: int):
-    """The ``TorchTrainer`` of one run: every rank runs :func:`train_loop`; checkpoints under ``--storage``."""
+    """The ``TorchTrainer`` of one run: every rank runs :func:`train_loop`; checkpoints under ``--storage``.
+    ``data``: the Ray Data stream (``dataset``) or the paired pool's object (``paired_pool``), and the
+    kNN monitor's and the evaluation curve's images (objects or None)."""
     return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "num_images": manifest.num_rows, "tb_dir": str(out / "tb"),
                            "tb_storage": shared_copy(out, cfg.storage, "tb"),
                            "labels": bool(pc.any(pc.greater_equal(manifest.column("label"), 0)).as_py()),
-                           "knn_monitor": monitor, "concurrent": concurrent},
+                           "knn_monitor": data["monitor"], "curve_data": data["curve"],
+                           "paired_pool": data.get("paired_pool"), "concurrent": concurrent},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                      placement_strategy=cfg.placement, resources_per_worker=resources),
         run_config=RunConfig(
@@ -131,7 +157,7 @@ def _trainer(cfg: PretrainConfig, manifest: pa.Table, out: Path, dataset, monito
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),
-        datasets={"train": dataset},
+        datasets={"train": data["dataset"]} if "dataset" in data else {},
     )
 
 
@@ -159,17 +185,21 @@ def pretrain(
         raise ConfigError("--pair-rule cluster needs cluster ids; pass --cluster-ids FILE "
                           "(from `raysys cluster --k K --out FILE`) or let the model make them (--self-cluster-k K)")
     check_colour(cfg, manifest)
-    cfg = complete_spatial_defaults(cfg, manifest)
+    cfg = with_step_budget(complete_spatial_defaults(cfg, manifest), manifest.num_rows)
     init_ray()
     check_cluster(cfg, concurrent)  # before anything is written: a rejected run leaves the folder as it was
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.json")
     report = FileReport.remote()
-    dataset = pretrain_dataset(manifest, cfg.augment_config, cfg.image_size, report, cache=cfg.cache_decoded,
-                               seed=cfg.seed, views=cfg.augment_on == "data" and cfg.objective.inputs == "views")
+    data = {"monitor": _knn_monitor_data(cfg, benchmarks or {}), "curve": _curve_data(cfg, manifest)}
+    if cfg.paired_batches:
+        data["paired_pool"] = ray.put(decoded_pool(manifest, cfg.image_size, report))
+    else:
+        data["dataset"] = pretrain_dataset(manifest, cfg.augment_config, cfg.image_size, report, cache=cfg.cache_decoded,
+                                           seed=cfg.seed, views=cfg.augment_on == "data" and cfg.objective.inputs == "views")
     start = time.perf_counter()
-    trainer = _trainer(cfg, manifest, out, dataset, _knn_monitor_data(cfg, benchmarks or {}), callbacks,
+    trainer = _trainer(cfg, manifest, out, data, callbacks,
                        worker_resources(cfg, ray.cluster_resources().get("CPU", 1.0), reserved_cpus, concurrent),
                        concurrent)
     try:
@@ -180,7 +210,7 @@ def pretrain(
     skipped = write_file_report(report, out)["skipped"]
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint; see the Ray logs under {out / 'ray'}")
-    export_model(result.checkpoint, out / MODEL_FILE, manifest)
+    export_model(result.checkpoint, out / MODEL_FILE, manifest, out / CURVE_FILE)
     publish_run(out, cfg.storage)
     return {"metrics": result.metrics, "out": out, "benchmarks": benchmarks or {}, "config": cfg,
             "skipped_files": len(skipped), "seconds": seconds,

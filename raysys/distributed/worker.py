@@ -8,6 +8,7 @@ checkpoint) -> per epoch :func:`run_epoch` (each batch through :func:`train_step
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import socket
@@ -26,11 +27,12 @@ from torch.utils.tensorboard import SummaryWriter
 from raysys import storage
 from raysys.config import PretrainConfig
 from raysys.data.augment import to_float, two_views
+from raysys.data.paired import PairedBatches, view_seed
 from raysys.data.schema import BATCH_META, VIEW1, VIEW2
 from raysys.distributed.pipeline import train_batches
 from raysys.distributed.runtime import torch_threads
 from raysys.errors import StorageError
-from raysys.eval.knn import knn_monitor_score
+from raysys.eval.knn import knn_curve_point, knn_monitor_score
 from raysys.methods.objectives import DIAGNOSTICS, ObjectiveContext, make_objective
 from raysys.methods.self_clusters import SelfClusters
 from raysys.models import ContrastiveModel, load_init_weights
@@ -42,9 +44,10 @@ LOSS_LOG_EVERY = 10  # steps between TensorBoard's per-step loss points: each on
 
 
 def lr_lambda(cfg: PretrainConfig, steps_per_epoch: int):
-    """Multiplier of the base lr at a given step: linear warm-up, then constant or cosine to zero."""
+    """Multiplier of the base lr at a given step: linear warm-up, then constant or cosine to zero (at the
+    step budget, when there is one)."""
     warmup = cfg.warmup_epochs * steps_per_epoch
-    total = cfg.epochs * steps_per_epoch
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -90,6 +93,12 @@ class Worker:
     step_seconds: float = 0.0  # time spent inside train_step in this run (resumes start again from 0)
     generator: torch.Generator | None = None  # the rank's random stream on its device: views, pretext tasks
     self_clusters: SelfClusters | None = None  # --self-cluster-k: the cluster ids the model makes itself
+    curve: dict = field(default_factory=lambda: {"points": []})  # eval_every: the evaluation curve, with pairing
+    window: dict = field(default_factory=dict)  # diagnostics (and loss) summed since the last curve point
+
+    @property
+    def budget_spent(self) -> bool:
+        return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
 
     @property
     def local_batch(self) -> int:
@@ -107,7 +116,8 @@ def _load_state(w: Worker) -> dict:
     w.optimizer.load_state_dict(state["optimizer"])
     w.scheduler.load_state_dict(state["scheduler"])
     w.scaler.load_state_dict(state["scaler"])
-    return {**state["data_position"], "objective": state.get("objective"), "self_clusters": state.get("self_clusters")}
+    return {**state["data_position"], "objective": state.get("objective"), "self_clusters": state.get("self_clusters"),
+            "curve": state.get("curve")}
 
 
 def _worker_placements(rank: int, world: int) -> list[dict]:
@@ -160,7 +170,20 @@ def set_up(config: dict) -> Worker:
         w.self_clusters = SelfClusters(cfg.self_cluster_k, cfg.self_cluster_warmup, cfg.self_cluster_every, cfg.seed)
         if position.get("self_clusters"):  # a resumed trial continues with the ids it had
             w.self_clusters.load_state_dict(position["self_clusters"])
+    if position.get("curve"):
+        w.curve = position["curve"]
+    elif cfg.eval_every:
+        w.curve["init_weights_sha256"] = weights_digest(w.raw_model)
     return w
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers, in state-dict order: equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _inputs(w: Worker, batch: dict) -> tuple[torch.Tensor, ...]:
@@ -180,6 +203,8 @@ def train_step(w: Worker, batch: dict) -> tuple[torch.Tensor, dict]:
     """One optimisation step on one batch: the objective's loss, backward, optimizer and schedule. The loss
     comes back detached on the device, so the step does not wait for it."""
     meta = {k: batch[k].to(w.device) for k in BATCH_META if k in batch}
+    if w.cfg.paired_batches:  # the same views at this step in every run of the seed
+        w.generator.manual_seed(view_seed(w.cfg.seed, w.step, w.rank))
     if w.self_clusters is not None:
         meta["cluster_id"] = w.self_clusters.lookup(meta["image_id"])
     loss, stats = w.objective.loss(*_inputs(w, batch), meta)
@@ -193,22 +218,44 @@ def train_step(w: Worker, batch: dict) -> tuple[torch.Tensor, dict]:
     return loss.detach(), stats
 
 
-def run_epoch(w: Worker, shard, writer: SummaryWriter | None) -> dict:
-    """One pass over this rank's shard: loss and step totals, data-wait time, per-batch diagnostic means."""
+def _add(sums: dict, counts: dict, key: str, value) -> None:
+    sums[key] = sums.get(key, 0.0) + value
+    counts[key] = counts.get(key, 0) + 1
+
+
+def epoch_batches(w: Worker, shard, epoch: int):
+    """This rank's batches of ``epoch``: paired (a function of the seed) or from the Ray Data shard."""
+    if isinstance(shard, PairedBatches):
+        return shard.epoch(epoch, w.local_batch)
+    return train_batches(shard, w.local_batch, w.cfg.shuffle_buffer, pin_memory=w.device.type == "cuda")
+
+
+def run_epoch(w: Worker, batches, writer: SummaryWriter | None, curve_data=None) -> dict:
+    """One pass over this rank's batches (ending early at the step budget): loss and step totals, data-wait
+    time, per-batch diagnostic means; with ``curve_data``, a curve point every ``eval_every`` steps."""
     w.model.train()
     totals = {"loss": torch.zeros((), device=w.device), "steps": 0, "images": 0, "wait": 0.0}
     sums, counts = {}, {}
+    window_sums, window_counts = w.window.setdefault("sums", {}), w.window.setdefault("counts", {})
     start = t_ready = time.perf_counter()
-    for batch in train_batches(shard, w.local_batch, w.cfg.shuffle_buffer, pin_memory=w.device.type == "cuda"):
+    for batch in batches:
+        if w.budget_spent:
+            break
         totals["wait"] += time.perf_counter() - t_ready
+        if w.step == 0 and "first_batch_image_ids" not in w.curve:
+            w.curve["first_batch_image_ids"] = batch["image_id"].tolist()
         loss, stats = train_step(w, batch)
         totals["loss"] += loss
         totals["steps"] += 1
         totals["images"] += w.local_batch
         for key, value in stats.items():  # floats, or tensors left on the device until the epoch ends
             if key in DIAGNOSTICS and not (isinstance(value, float) and math.isnan(value)):
-                sums[key] = sums.get(key, 0.0) + value
-                counts[key] = counts.get(key, 0) + 1
+                _add(sums, counts, key, value)
+                _add(window_sums, window_counts, key, value)
+        if curve_data is not None:
+            _add(window_sums, window_counts, "loss", loss)
+            if w.step % w.cfg.eval_every == 0 or w.budget_spent:
+                curve_point(w, curve_data, writer)
         if writer is not None and w.step % LOSS_LOG_EVERY == 0:
             writer.add_scalar("train/loss_step", loss.item(), w.step)
         t_ready = time.perf_counter()
@@ -217,6 +264,24 @@ def run_epoch(w: Worker, shard, writer: SummaryWriter | None) -> dict:
     w.step_seconds += totals["elapsed"] - totals["wait"]
     totals["diagnostics"] = {DIAGNOSTICS[k]: float(sums[k]) / counts[k] for k in sums}
     return totals
+
+
+def curve_point(w: Worker, data, writer: SummaryWriter | None) -> None:
+    """Rank 0 adds a point to the evaluation curve: kNN accuracy and balanced accuracy now, and the training
+    loss and false-negative diagnostics averaged since the last point; logged to TensorBoard under study/.
+    The other ranks go on and meet rank 0 at the next step's collective."""
+    sums, counts = w.window.get("sums", {}), w.window.get("counts", {})
+    point = {"step": w.step, **{DIAGNOSTICS.get(k, k): float(sums[k]) / counts[k] for k in sums}}
+    sums.clear()  # in place: run_epoch holds these dicts
+    counts.clear()
+    if w.rank != 0:
+        return
+    point |= knn_curve_point(w.raw_model, data, w.device)
+    w.curve["points"].append(point)
+    if writer is not None:
+        for key, value in point.items():
+            if key != "step":
+                writer.add_scalar(f"study/{key}", value, w.step)
 
 
 def _embed_shard(w: Worker, shard) -> tuple[np.ndarray, ...]:
@@ -291,6 +356,7 @@ def checkpoint_state(w: Worker, epoch: int) -> dict:
         "data_position": {"epoch": epoch + 1, "step": w.step},
         "objective": w.objective.state_dict(),  # MoCo: key encoder and queue, so a resume continues them
         "self_clusters": w.self_clusters.state_dict() if w.self_clusters is not None else None,
+        "curve": w.curve if w.cfg.eval_every else None,
         "config": w.cfg.to_dict(),
         "workers": w.placements,
     }
@@ -322,13 +388,21 @@ def train_loop(config: dict) -> dict:
     """One Ray Train worker: the contrastive training loop with per-epoch checkpoints."""
     w = set_up(config)
     monitor = ray.get(config["knn_monitor"]) if config.get("knn_monitor") is not None else None
+    curve_data = ray.get(config["curve_data"]) if config.get("curve_data") is not None else None
     writer = SummaryWriter(config["tb_dir"], purge_step=w.step) if w.rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
+    if config.get("paired_pool") is not None:
+        shard = PairedBatches(ray.get(config["paired_pool"]), w.cfg.seed, w.rank, w.world)
+    else:
+        shard = ray.train.get_dataset_shard("train")
+    if curve_data is not None and w.step == 0:
+        curve_point(w, curve_data, writer)  # step 0: the common start of every arm of a seed
     metrics: dict = {"epoch": w.start_epoch, "start_epoch": w.start_epoch}
     for epoch in range(w.start_epoch, w.cfg.epochs):
+        if w.budget_spent:
+            break
         if w.self_clusters is not None and w.self_clusters.due(epoch):
             recluster(w, shard, epoch, writer)
-        metrics = epoch_metrics(w, epoch, run_epoch(w, shard, writer), monitor)
+        metrics = epoch_metrics(w, epoch, run_epoch(w, epoch_batches(w, shard, epoch), writer, curve_data), monitor)
         if writer is not None:
             for key, value in metrics.items():
                 if key not in ("epoch", "start_epoch", "step"):

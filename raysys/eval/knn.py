@@ -207,6 +207,54 @@ def load_monitor_data(benchmark_root, image_size: int, n_bank: int = 512, n_quer
     return MonitorData(*parts, num_classes=len(names))
 
 
+@dataclass
+class CurveData:
+    """The evaluation curve's images (uint8 ``[n, S, S, 3]``), hidden labels, and each image's fold (0 or 1)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    folds: np.ndarray
+    num_classes: int
+
+
+def load_curve_data(pool: pa.Table, image_size: int, n_max: int = 4096, seed: int = 0) -> CurveData:
+    """The evaluation curve's images: labeled pool rows never pretrained on (``pool``: the hidden labels of the
+    built-in data), up to ``n_max`` stratified by class, split into two folds by whole traverses so that no
+    image has a frame of its own traverse among its neighbours. Each fold's images are the queries against
+    the other's (:func:`knn_curve_point`): every image is scored once, a few thousand queries where the
+    monitor's 256 have a standard error of about 3 points -- too coarse for the gaps the study looks for."""
+    labels = np.asarray(pool.column("label").to_pylist(), dtype=np.int64)
+    traverse = np.asarray(pool.column("traverse").to_pylist(), dtype=np.int64)
+    image_ids = np.asarray(pool.column("image_id").to_pylist())
+    groups = np.where(traverse >= 0, traverse.astype(str), image_ids)  # no traverse: the image is its own group
+    rows = np.flatnonzero(labels >= 0)
+    if len(np.unique(groups[rows])) < 2:
+        raise ValueError(f"the evaluation curve needs labeled pool images of at least two traverses never "
+                         f"pretrained on (found {len(rows)} images)")
+    rng = np.random.default_rng(seed)
+    rows = rows[np.sort(_stratified_rows(labels[rows], rows.astype(str), n_max, rng))]
+    names = np.unique(groups[rows])
+    fold_of = dict(zip(names.tolist(), (rng.permutation(len(names)) % 2).tolist()))
+    images, kept, _ = load_images(np.asarray(pool.column("path").to_pylist())[rows].tolist(), image_size)
+    rows = rows[kept]
+    return CurveData(images, labels[rows], np.asarray([fold_of[g] for g in groups[rows]], dtype=np.int64),
+                     num_classes=int(labels[rows].max()) + 1)
+
+
+def knn_curve_point(model, data: CurveData, device=None, batch_size: int = 256) -> dict:
+    """kNN accuracy and balanced accuracy of ``model``'s frozen features, each fold's images the queries
+    against the other fold's (safe between training steps, as :func:`knn_monitor_score`)."""
+    features = extract_features(model, data.images, batch_size, device, progress=False)
+    truth, predicted = [], []
+    for fold in (0, 1):
+        query, bank = data.folds == fold, data.folds != fold
+        if query.any() and bank.any():
+            predicted.append(knn_predict(features[bank], data.labels[bank], features[query], data.num_classes))
+            truth.append(data.labels[query])
+    m = classification_metrics(np.concatenate(truth), np.concatenate(predicted), data.num_classes)
+    return {"knn_acc": m["accuracy"], "knn_balanced_acc": m["balanced_accuracy"]}
+
+
 def knn_monitor_score(model, monitor_data: MonitorData, device=None, k: int = DEFAULT_K,
                       temperature: float = DEFAULT_TEMPERATURE, batch_size: int = 256) -> float:
     """kNN accuracy of ``model``'s (a :class:`ContrastiveModel`, or anything with ``.features``) frozen

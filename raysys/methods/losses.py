@@ -3,6 +3,11 @@
 ``info_nce_qk`` scores anchors against candidates with a rectangular :class:`~raysys.methods.pairs.PairMatrix`
 (MoCo: queries vs keys + queue, see :mod:`raysys.methods.moco`); ``multi_positive_info_nce`` is its square form
 over the N views of a batch, and with the instance rule it is exactly SimCLR's NT-Xent (paper Eq. 1).
+``decoupled=True`` takes the positives out of every anchor's denominator (Yeh et al., "Decoupled Contrastive
+Learning", ECCV 2022): with the instance rule that is DCL, with the cluster rule the paper's Eq. 2 as printed
+(its denominator keeps only candidates of other clusters). Without it the positive stays in the denominator,
+the standard InfoNCE form, so that cluster elimination changes only which negatives are seen; the label rule
+is then supervised contrastive learning in SupCon's outer-mean form (Khosla et al. 2020, Eq. 2).
 ``contrastive_loss`` runs the square form under torch.distributed: it gathers embeddings (with gradient)
 and metadata from all ranks, builds the pair matrix of the global batch, and scores this rank's own
 anchors, so that DDP's gradient averaging gives exactly the gradients of one process holding the whole
@@ -21,15 +26,23 @@ from torch import Tensor
 from raysys.methods.pairs import PairMatrix, PairRule, make_rule
 
 
+def scored_anchors(pm: PairMatrix, decoupled: bool = False) -> Tensor:
+    """[Na] bool: the anchors the loss scores -- those with a positive and, when ``decoupled``, a negative
+    (a decoupled denominator of positives alone would be empty)."""
+    has_pos = pm.pos.sum(dim=1) > 0
+    return has_pos & pm.neg.any(dim=1) if decoupled else has_pos
+
+
 def info_nce_qk(q: Tensor, k: Tensor, pm: PairMatrix, temperature: float,
-                denominator: float | Tensor | None = None) -> Tensor:
+                denominator: float | Tensor | None = None, decoupled: bool = False) -> Tensor:
     """Multi-positive InfoNCE of anchors ``q [Nq, D]`` against candidates ``k [Nk, D]``:
     ``sum_i L_i / denominator`` with ``L_i = -sum_j w_ij (s_ij - logsumexp_{m in D_i} s_im)``.
 
     ``s = q k^T / temperature`` on L2-normalized rows (cosine similarity), computed in at least float32
     whatever the input dtype, with autocast off. ``w_i`` is ``pm.pos[i]`` normalized to sum 1 (weights
-    must be >= 0); the denominator set is ``D_i = {m : pos_im > 0 or neg_im}``. Anchors without a
-    positive are skipped. ``denominator`` defaults to the number of anchors with a positive (the mean);
+    must be >= 0); the denominator set is ``D_i = {m : pos_im > 0 or neg_im}``, or ``{m : neg_im}`` when
+    ``decoupled``. Anchors :func:`scored_anchors` leaves out are skipped. ``denominator`` defaults to the
+    number of scored anchors (the mean);
     a caller splitting anchors over ranks passes the global count / world size instead (see
     :func:`contrastive_loss` for why).
     """
@@ -41,7 +54,7 @@ def info_nce_qk(q: Tensor, k: Tensor, pm: PairMatrix, temperature: float,
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     pos, neg = pm.pos.to(q.device), pm.neg.to(q.device)
-    has_pos = pos.sum(dim=1) > 0
+    has_pos = scored_anchors(PairMatrix(pos, neg), decoupled)
     if denominator is None:
         denominator = has_pos.sum().clamp_min(1)
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
@@ -50,8 +63,8 @@ def info_nce_qk(q: Tensor, k: Tensor, pm: PairMatrix, temperature: float,
         kn = F.normalize(k.to(dtype), dim=1)
         logits = qn @ kn.T / temperature
         w = pos[has_pos].to(dtype)
-        in_denominator = (w > 0) | neg[has_pos]
-        # Every kept anchor has a positive in its denominator, so the -inf fill never makes a whole row
+        in_denominator = neg[has_pos] if decoupled else (w > 0) | neg[has_pos]
+        # Every kept anchor has a candidate in its denominator, so the -inf fill never makes a whole row
         # -inf: logsumexp stays finite and its gradient to masked entries is exactly 0.
         lse = torch.logsumexp(logits.masked_fill(~in_denominator, float("-inf")), dim=1, keepdim=True)
         w = w / w.sum(dim=1, keepdim=True)
@@ -60,14 +73,15 @@ def info_nce_qk(q: Tensor, k: Tensor, pm: PairMatrix, temperature: float,
 
 
 def multi_positive_info_nce(z: Tensor, pm: PairMatrix, temperature: float,
-                            rows: slice | Tensor | None = None) -> Tensor:
+                            rows: slice | Tensor | None = None, decoupled: bool = False) -> Tensor:
     """Mean over anchors of ``L_i = -sum_j w_ij (s_ij - logsumexp_{k in D_i} s_ik)``: :func:`info_nce_qk`
     of the views ``z [N, D]`` against themselves, with a square ``[N, N]`` pair matrix.
 
-    With the instance rule ``D_i`` is every view k != i, as in Eq. 1 (SimCLR's NT-Xent).
+    With the instance rule ``D_i`` is every view k != i, as in Eq. 1 (SimCLR's NT-Xent); ``decoupled``: see
+    :func:`info_nce_qk`.
     ``rows`` (a slice or index tensor) restricts the anchors to these rows, scored against all columns.
     The result is ``sum_{i in rows} L_i * (N / len(rows)) / (number of anchors with a positive in the
-    whole matrix)``: when every anchor has a positive this is the plain mean over ``rows``, and in general
+    whole matrix)`` (scored: :func:`scored_anchors`): when every anchor is scored this is the plain mean over ``rows``, and in general
     the average over equal-size row blocks equals the full-matrix loss (what data parallelism needs).
     """
     if z.ndim != 2:
@@ -76,9 +90,10 @@ def multi_positive_info_nce(z: Tensor, pm: PairMatrix, temperature: float,
     if pm.pos.shape != (n, n) or pm.neg.shape != (n, n):
         raise ValueError(f"pair matrix is {tuple(pm.pos.shape)} but there are {n} views; build it from the same batch")
     row_idx = torch.arange(n, device=pm.pos.device)[rows if rows is not None else slice(None)]
-    n_anchors = (pm.pos.sum(dim=1) > 0).sum().clamp_min(1).to(z.device, torch.float64)
+    n_anchors = scored_anchors(pm, decoupled).sum().clamp_min(1).to(z.device, torch.float64)
     sub = PairMatrix(pm.pos[row_idx], pm.neg[row_idx])
-    return info_nce_qk(z[row_idx.to(z.device)], z, sub, temperature, denominator=n_anchors * (len(row_idx) / n))
+    return info_nce_qk(z[row_idx.to(z.device)], z, sub, temperature, denominator=n_anchors * (len(row_idx) / n),
+                       decoupled=decoupled)
 
 
 def _distributed() -> bool:
@@ -150,14 +165,14 @@ def gather_meta(meta: dict, b_local: int, device) -> dict:
 
 
 def contrastive_loss(z1: Tensor, z2: Tensor, meta: dict, rule: PairRule | str,
-                     temperature: float) -> tuple[Tensor, PairMatrix, dict]:
+                     temperature: float, decoupled: bool = False) -> tuple[Tensor, PairMatrix, dict]:
     """Loss of this rank's share of the global batch, for embeddings of the two views ``z1, z2 [B_local, D]``
     and per-image metadata ``meta`` (dict of ``[B_local]`` tensors).
 
     The global batch is the ranks' batches concatenated in rank order, with views ordered
     ``[all view1; all view2]``; ``rule`` (a pair rule or its registered name) is applied to the gathered
-    metadata. Every rank must hold the same ``B_local`` and metadata keys (checked; drop the last partial
-    batch). Returns ``(loss, global pair matrix, global metadata)``. Without torch.distributed it is the
+    metadata; ``decoupled`` takes the positives out of the denominators (:func:`info_nce_qk`). Every rank must
+    hold the same ``B_local`` and metadata keys (checked; drop the last partial batch). Returns ``(loss, global pair matrix, global metadata)``. Without torch.distributed it is the
     plain single-process loss.
 
     Why DDP then gives the exact single-process gradient, for W ranks, N = 2 W B_local views, every anchor
@@ -182,5 +197,5 @@ def contrastive_loss(z1: Tensor, z2: Tensor, meta: dict, rule: PairRule | str,
     rank = dist.get_rank() if _distributed() else 0
     own = torch.arange(rank * b_local, (rank + 1) * b_local, device=z1.device)
     rows = torch.cat([own, own + b])  # this rank's view1 rows and view2 rows
-    loss = multi_positive_info_nce(torch.cat([g1, g2]), pm, temperature, rows=rows)
+    loss = multi_positive_info_nce(torch.cat([g1, g2]), pm, temperature, rows=rows, decoupled=decoupled)
     return loss, pm, global_meta

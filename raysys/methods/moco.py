@@ -50,6 +50,7 @@ from raysys.methods.losses import (
     gather_meta,
     gather_no_grad,
     info_nce_qk,
+    scored_anchors,
 )
 from raysys.methods.pairs import (
     InstanceRule,
@@ -269,7 +270,7 @@ def _own_rows(global_meta: dict, columns, b_local: int) -> dict:
 
 
 def moco_loss(q: Tensor, k: Tensor, meta: dict, queue: KeyQueue, rule: Rule | str,
-              temperature: float) -> tuple[Tensor, PairMatrix, dict]:
+              temperature: float, decoupled: bool = False) -> tuple[Tensor, PairMatrix, dict]:
     """MoCo loss of this rank's queries ``q [B_local, D]`` (with gradient) against the candidates
     ``[keys of the global batch; queue entries]``; ``k [B_local, D]`` are this rank's keys (no gradient
     needed), ``meta`` this rank's batch metadata (dict of ``[B_local]`` tensors holding every queue column).
@@ -302,9 +303,9 @@ def moco_loss(q: Tensor, k: Tensor, meta: dict, queue: KeyQueue, rule: Rule | st
     q_keys, _ = queue.entries()
     cand_keys = torch.cat([F.normalize(gather_no_grad(k.detach()).float(), dim=1), q_keys.to(q.device)])
     pm = rule.pairs(_own_rows(global_meta, queue.meta_keys, b_local), cand_meta)
-    with_pos = gather_no_grad((pm.pos.sum(dim=1) > 0).sum()[None]).sum()
+    with_pos = gather_no_grad(scored_anchors(pm, decoupled).sum()[None]).sum()
     denominator = with_pos.clamp_min(1).double() / _rank_world()[1]
-    return info_nce_qk(q, cand_keys, pm, temperature, denominator=denominator), pm, global_meta
+    return info_nce_qk(q, cand_keys, pm, temperature, denominator=denominator, decoupled=decoupled), pm, global_meta
 
 
 def moco_false_negative_stats(pm: PairMatrix, global_meta: dict, queue: KeyQueue) -> dict:

@@ -114,17 +114,19 @@ class SimCLRObjective(Objective):
 
     @classmethod
     def build(cls, cfg, model: nn.Module, ctx: ObjectiveContext) -> "SimCLRObjective":
-        return cls(model, make_rule(cfg.pair_rule, **cfg.rule_kwargs), cfg.temperature, ctx.autocast)
+        return cls(model, make_rule(cfg.pair_rule, **cfg.rule_kwargs), cfg.temperature, ctx.autocast, cfg.decoupled)
 
-    def __init__(self, model: nn.Module, rule: Rule, temperature: float, autocast=contextlib.nullcontext):
+    def __init__(self, model: nn.Module, rule: Rule, temperature: float, autocast=contextlib.nullcontext,
+                 decoupled: bool = False):
         self.model, self.rule, self.temperature, self.autocast = model, rule, temperature, autocast
+        self.decoupled = decoupled
         self.baseline = make_rule("instance")  # what a rule removed is judged against SimCLR's pairs
 
     def loss(self, view1: Tensor, view2: Tensor, meta: dict) -> tuple[Tensor, dict]:
         with self.autocast():
             _, z = self.model(torch.cat([view1, view2]))
         z1, z2 = z.float().chunk(2)
-        loss, pairs, global_meta = contrastive_loss(z1, z2, meta, self.rule, self.temperature)
+        loss, pairs, global_meta = contrastive_loss(z1, z2, meta, self.rule, self.temperature, self.decoupled)
         stats = positives_per_anchor(pairs) if self.rule.spatial else {}
         if "label" in global_meta:  # hidden labels: a diagnostic, never used by the loss
             baseline = self.baseline(global_meta) if self.rule.name != "instance" else None
@@ -144,12 +146,13 @@ class MoCoObjective(Objective):
     def build(cls, cfg, model: nn.Module, ctx: ObjectiveContext) -> "MoCoObjective":
         return cls(model, make_rule(cfg.pair_rule, **cfg.rule_kwargs), cfg.temperature, cfg.queue_size, ctx.pool_size,
                    cfg.batch_size, cfg.proj_dim, cfg.moco_momentum, cfg.bn_splits if ctx.world == 1 else 1,
-                   ctx.with_labels, ctx.device, ctx.autocast)
+                   ctx.with_labels, ctx.device, ctx.autocast, cfg.decoupled)
 
     def __init__(self, model: nn.Module, rule: Rule, temperature: float, queue_size: int, pool_size: int,
                  batch_size: int, dim: int, momentum: float = 0.999, bn_splits: int = 1, with_labels: bool = False,
-                 device=None, autocast=contextlib.nullcontext):
+                 device=None, autocast=contextlib.nullcontext, decoupled: bool = False):
         self.model, self.rule, self.temperature, self.autocast = model, rule, temperature, autocast
+        self.decoupled = decoupled
         self.momentum, self.bn_splits = momentum, bn_splits
         self.key_model = make_key_encoder(model).to(device)
         size, warning = clamp_queue_size(queue_size, pool_size, batch_size)
@@ -163,7 +166,8 @@ class MoCoObjective(Objective):
         with self.autocast():
             _, q = self.model(view1)
             k = forward_keys(lambda v: self.key_model(v)[1], view2, sub_batches=min(self.bn_splits, len(view2)))
-        loss, pairs, global_meta = moco_loss(q.float(), k.float(), meta, self.queue, self.rule, self.temperature)
+        loss, pairs, global_meta = moco_loss(q.float(), k.float(), meta, self.queue, self.rule, self.temperature,
+                                              self.decoupled)
         stats = positives_per_anchor(pairs) if self.rule.spatial else {}
         if "label" in self.queue.meta_keys:  # before the enqueue: the queue must hold what the loss saw
             stats |= moco_false_negative_stats(pairs, global_meta, self.queue)

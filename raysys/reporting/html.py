@@ -271,9 +271,15 @@ def _best_section(best: dict, root: Path, commands: list[tuple[str, str]]) -> st
     return "\n".join(parts)
 
 
-def _results_section(rows: list[dict], best: dict | None, sweep: dict) -> str:
+def _results_section(rows: list[dict], best: dict | None, sweep: dict, root: Path) -> str:
     """The grouped table as the sweep drew it (``param``/``swept``/``plot`` of sweep.json; a K sweep when
     absent), then one row per trial with the best one marked."""
+    if sweep.get("plot") == "steps":  # a study of steps: its summary holds the table and the reading
+        summary = root / "summary.md"
+        head = markdown_to_html(summary.read_text()) if summary.is_file() else ""
+        columns = [c for c in rows[0] if any(r.get(c) not in (None, "") for r in rows)]
+        return (f"{head}<h3>Every arm, seed and evaluation step (<code>results.csv</code>)</h3>"
+                f"{html_table(columns, [[r.get(c) for c in columns] for r in rows])}")
     groups = report.group(rows)
     table = report.grouped_table(groups, sweep.get("plot") or "line", sweep.get("param") or "k",
                                  tuple(sweep.get("swept") or ("cluster",)), bool(sweep.get("place_recognition")), rows)
@@ -363,7 +369,7 @@ def render_report(root: str | Path) -> str:
     if best is not None:
         sections.append(_section(f"Best trial: {best['trial']}", _best_section(best, root, commands), "best"))
     if rows:
-        sections.append(_section("Results", _results_section(rows, best, sweep), "results"))
+        sections.append(_section("Results", _results_section(rows, best, sweep, root), "results"))
     if evals:
         sections.append(_section("Linear evaluation", _eval_section(evals), "linear-eval"))
     skip = ("linear_eval",) if evals else ()  # a run's summary.json repeats its eval-*.json files

@@ -16,6 +16,7 @@ from raysys.methods.losses import (
     gather_with_grad,
     info_nce_qk,
     multi_positive_info_nce,
+    scored_anchors,
 )
 from raysys.methods.pairs import ClusterRule, InstanceRule, PairMatrix, make_rule
 
@@ -296,3 +297,203 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
             for got, p in zip(res["grads"], lin.parameters()):
                 torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-12, msg=name)
     assert all("ranks disagree" in r["unequal"] for r in per_rank)
+
+
+# ---------------------------------------------------------------- decoupled denominators, elimination, SupCon
+
+def _same(meta: dict, key: str, i: int, k: int) -> bool:
+    """Images i and k share a known (>= 0) value of ``key``."""
+    a, c = int(meta[key][i]), int(meta[key][k])
+    return a == c and a >= 0
+
+
+def _brute_reading(z, meta, tau, rule: str, decoupled: bool) -> float:
+    """The paper's readings by loops over views v (image v % B), from the metadata alone:
+    P(i) = other views of the same image_id (and, rule 'label', of the same label); negatives = other views
+    not in P(i) (rule 'cluster': nor in i's cluster); denominator D(i) = negatives, plus P(i) unless decoupled.
+    L_i = -(1/|P(i)|) sum_{p in P(i)} log(exp s_ip / sum_{k in D(i)} exp s_ik); anchors with empty D(i) are
+    skipped; mean over the rest (0 if none). Instance: Eq. 1 / DCL; cluster: elimination / Eq. 2; label: SupCon."""
+    zl = z.tolist()
+    n = len(zl)
+    b = n // 2
+    ids = meta["image_id"].tolist() if "image_id" in meta else list(range(b))
+    losses = []
+    for i in range(n):
+        others = [k for k in range(n) if k != i]
+        pos = [k for k in others
+               if ids[k % b] == ids[i % b] or (rule == "label" and _same(meta, "label", i % b, k % b))]
+        neg = [k for k in others
+               if k not in pos and not (rule == "cluster" and _same(meta, "cluster_id", i % b, k % b))]
+        den = neg if decoupled else pos + neg
+        if not den:
+            continue
+        s = {k: _cos(zl[i], zl[k]) / tau for k in others}
+        log_den = math.log(sum(math.exp(s[k]) for k in den))
+        losses.append(-sum(s[p] - log_den for p in pos) / len(pos))
+    return sum(losses) / len(losses) if losses else 0.0
+
+
+def _reading_batches():
+    """(z [2B, 5] float64, meta) of a few batches: random clusters / labels with unknowns (-1); one cluster
+    covering every image (every decoupled cluster anchor has an empty denominator); and image 5 repeating
+    image 0's id while sharing a cluster with images 1..4, so only image 5's views have no negative."""
+    g = torch.Generator().manual_seed(11)
+    metas = []
+    for b in (8, 7):
+        metas.append({"image_id": torch.arange(b), "cluster_id": torch.randint(-1, 3, (b,), generator=g),
+                      "label": torch.randint(-1, 3, (b,), generator=g)})
+    metas.append({"image_id": torch.arange(6), "cluster_id": torch.full((6,), 4),
+                  "label": torch.zeros(6, dtype=torch.long)})
+    metas.append({"image_id": torch.tensor([0, 1, 2, 3, 4, 0]), "cluster_id": torch.tensor([1, 0, 0, 0, 0, 0]),
+                  "label": torch.tensor([2, 2, -1, 1, 1, 0])})
+    return [(torch.randn(2 * len(m["image_id"]), 5, dtype=torch.float64, generator=g), m) for m in metas]
+
+
+READINGS = {"eq1": ("instance", False), "eq2_printed": ("cluster", True), "eliminate_keep_positive": ("cluster", False),
+            "dcl": ("instance", True), "supcon": ("label", False)}
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5])
+@pytest.mark.parametrize("reading", list(READINGS))
+def test_readings_equal_brute_force(reading, tau):
+    """Eq. 1, Eq. 2 as printed, elimination keeping the positive, DCL and SupCon against _brute_reading's loops."""
+    rule_name, decoupled = READINGS[reading]
+    rule = make_rule(rule_name)
+    gaps = []  # how far the other `decoupled` value's reading is: ignoring the flag must fail somewhere
+    for z, meta in _reading_batches():
+        b = len(meta["image_id"])
+        expected = _brute_reading(z, meta, tau, rule_name, decoupled)
+        gaps.append(abs(expected - _brute_reading(z, meta, tau, rule_name, not decoupled)))
+        got = multi_positive_info_nce(z, rule(meta), tau, decoupled=decoupled)
+        assert abs(got.item() - expected) <= 1e-6, reading
+        loss, _, _ = contrastive_loss(z[:b], z[b:], meta, rule, tau, decoupled=decoupled)
+        assert abs(loss.item() - expected) <= 1e-6, reading
+    assert max(gaps) > 1e-2, reading
+    # the last batch: only image 5's views are skipped by the decoupled cluster reading
+    scored = scored_anchors(make_rule("cluster")(meta), decoupled=True)
+    assert scored.tolist() == [True] * 5 + [False] + [True] * 5 + [False]
+
+
+def test_decoupled_without_negatives_gives_zero_with_graph():
+    """No anchor has a negative: the decoupled loss is exactly 0 (nothing scored) and still backpropagates."""
+    z = torch.randn(6, 3, requires_grad=True)
+    loss = multi_positive_info_nce(z, PairMatrix(_instance(3).pos, torch.zeros(6, 6, dtype=torch.bool)), 0.5,
+                                   decoupled=True)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(z.grad, torch.zeros_like(z))
+    z1, z2 = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    loss, _, _ = contrastive_loss(z1, z2, {"image_id": torch.arange(3), "cluster_id": torch.zeros(3, dtype=torch.long)},
+                                  "cluster", 0.5, decoupled=True)  # one cluster holds every image
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(z1.grad, torch.zeros_like(z1))
+
+
+def _brute_qk_decoupled(q, k, pos, neg, tau) -> float:
+    """Rectangular DCL by loops: mean over anchors with a positive and a negative of
+    -sum_j w_ij (s_ij - log sum_{m: neg_im} exp s_im), s = cos(q_i, k_j) / tau, w = pos normalized."""
+    ql, kl, pl, nl = q.tolist(), k.tolist(), pos.tolist(), neg.tolist()
+    losses = []
+    for i in range(len(ql)):
+        wsum = sum(pl[i])
+        if wsum == 0 or not any(nl[i]):
+            continue
+        s = [_cos(ql[i], kl[m]) / tau for m in range(len(kl))]
+        log_den = math.log(sum(math.exp(s[m]) for m in range(len(kl)) if nl[i][m]))
+        losses.append(-sum(pl[i][j] / wsum * (s[j] - log_den) for j in range(len(kl)) if pl[i][j] > 0))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5])
+def test_rectangular_decoupled_loss_equals_brute_force(tau):
+    """info_nce_qk(decoupled=True) against _brute_qk_decoupled's loops; some anchors lack a positive or a negative."""
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(6, 4, dtype=torch.float64, generator=g)
+    k = torch.randn(11, 4, dtype=torch.float64, generator=g)
+    pos = torch.rand(6, 11, generator=g, dtype=torch.float64) * (torch.rand(6, 11, generator=g) < 0.3)
+    pos[:, 0] = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    neg = (torch.rand(6, 11, generator=g) < 0.6) & (pos == 0)
+    neg[4] = False  # positives only: skipped when decoupled
+    pm = PairMatrix(pos, neg)
+    got = info_nce_qk(q, k, pm, tau, decoupled=True).item()
+    expected = _brute_qk_decoupled(q, k, pos, neg, tau)
+    assert abs(got - expected) <= 1e-6
+    assert abs(expected - _brute_qk(q, k, pos, neg, tau)) > 1e-3
+
+
+@pytest.mark.parametrize("rule", ["instance", "cluster"])
+def test_moco_loss_decoupled_equals_brute_force(rule):
+    """moco_loss(decoupled=True) against loops over queries x [keys; queue]: positives share image_id, negatives
+    are the rest (cluster rule: outside the query's cluster), denominator = negatives only."""
+    from raysys.methods.moco import KeyQueue, moco_loss
+
+    g = torch.Generator().manual_seed(13)
+    cols = ("image_id", "cluster_id")
+    queue = KeyQueue(12, 5, cols)
+    queue.enqueue(torch.randn(9, 5, generator=g), {"image_id": torch.arange(9),
+                                                   "cluster_id": torch.tensor([0, 1, 2, 0, 1, 2, 0, -1, 1])})
+    meta = {"image_id": torch.tensor([3, 4, 9, 10, 11]), "cluster_id": torch.tensor([0, 1, 0, -1, 2])}
+    q = torch.randn(5, 5, dtype=torch.float64, generator=g)
+    k = torch.randn(5, 5, generator=g)
+    loss, pm, _ = moco_loss(q, k, meta, queue, rule, 0.2, decoupled=True)
+    q_keys, q_meta = queue.entries()
+    cand = torch.cat([F.normalize(k, dim=1), q_keys]).tolist()  # the keys as MoCo scores them (unit, float32)
+    cand_meta = {c: meta[c].tolist() + q_meta[c].tolist() for c in cols}
+    losses = []
+    for i, qi in enumerate(q.tolist()):
+        s = [_cos(qi, kj) / 0.2 for kj in cand]
+        pos = [j for j in range(len(cand)) if cand_meta["image_id"][j] == meta["image_id"][i]]
+        c_i = int(meta["cluster_id"][i])
+        neg = [j for j in range(len(cand)) if j not in pos
+               and not (rule == "cluster" and c_i >= 0 and cand_meta["cluster_id"][j] == c_i)]
+        log_den = math.log(sum(math.exp(s[j]) for j in neg))
+        losses.append(-sum(s[p] - log_den for p in pos) / len(pos))
+    expected = sum(losses) / len(losses)
+    assert abs(loss.item() - expected) <= 1e-6
+    assert abs(expected - moco_loss(q, k, meta, queue, rule, 0.2)[0].item()) > 1e-3
+
+
+DDP_READINGS = {"eq1": ("instance", False), "eq2_printed": ("cluster", True), "dcl": ("instance", True),
+                "supcon": ("label", False)}
+
+
+def _decoupled_problem():
+    """_problem's inputs and model with metadata where image 7 repeats image 0's id and shares a cluster with
+    images 1..6: its views (both on rank 1) have no negative, so the decoupled cluster reading skips them."""
+    x1, x2, _, lin = _problem()
+    meta = {"image_id": torch.tensor([0, 1, 2, 3, 4, 5, 6, 0]), "cluster_id": torch.tensor([1, 0, 0, 0, 0, 0, 0, 0]),
+            "label": torch.tensor([3, 1, 3, -1, 1, 0, 1, -1])}
+    return x1, x2, meta, lin
+
+
+def _ddp_readings_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    with gloo_group(rank, port, WORLD):
+        x1, x2, meta, lin = _decoupled_problem()
+        b = x1.shape[0] // WORLD
+        mine = slice(rank * b, (rank + 1) * b)
+        results = {}
+        for name, (rule, decoupled) in DDP_READINGS.items():
+            lin.zero_grad()
+            loss, _, _ = contrastive_loss(lin(x1[mine]), lin(x2[mine]), {k: v[mine] for k, v in meta.items()},
+                                          rule, TAU, decoupled=decoupled)
+            loss.backward()
+            results[name] = {"loss": gather_no_grad(loss.detach()[None]).mean(), "grads": ddp_mean_grads(lin, WORLD)}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_ddp_readings_two_processes_equal_single_process(tmp_path):
+    """Eq. 1, Eq. 2 as printed, DCL, SupCon: 2 gloo ranks' mean loss and DDP-averaged gradients against one
+    process's contrastive_loss (whose loss is also checked against _brute_reading)."""
+    per_rank = run_ranks(_ddp_readings_worker, WORLD, tmp_path)
+    x1, x2, meta, lin = _decoupled_problem()
+    assert not scored_anchors(make_rule("cluster")(meta), decoupled=True).all()
+    for name, (rule, decoupled) in DDP_READINGS.items():
+        lin.zero_grad()
+        loss, _, _ = contrastive_loss(lin(x1), lin(x2), meta, rule, TAU, decoupled=decoupled)
+        loss.backward()
+        z = torch.cat([lin(x1), lin(x2)]).detach()
+        assert abs(loss.item() - _brute_reading(z, meta, TAU, rule, decoupled)) <= 1e-6, name
+        for res in (r[name] for r in per_rank):
+            torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-10, atol=1e-12, msg=name)
+            for got, p in zip(res["grads"], lin.parameters()):
+                torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-12, msg=name)

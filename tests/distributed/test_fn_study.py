@@ -1,0 +1,65 @@
+"""The false-negative study end to end at smoke scale (paired arms on Ray Tune), and its step budget."""
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+from raysys.config import make_config
+from raysys.distributed.sweep import main
+from raysys.distributed.trainer import with_step_budget
+from raysys.distributed.worker import lr_lambda
+from raysys.reporting import results as report
+
+
+def _scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_fn_study_smoke_pairs_its_arms(ray_session, tmp_path):
+    """One row per arm, seed and evaluation step; the arms of a seed share initial weights, first batch and
+    hence the step-0 score; the oracle's removed pairs are all true false negatives; the final probe is on
+    the last step's row; the summary, plots, report and TensorBoard curves are written."""
+    out = tmp_path / "study"
+    script = runpy.run_path(str(REPO / "experiments" / "fn_study.py"), run_name="test")
+    assert main("fn_study", "test", script["configure"],
+                ["--preset", "smoke", "--out", str(out), "--arms", "eq2-printed", "self-clusters"]) == 0
+    rows = report.read_results_csv(out / "results.csv")
+    arms, steps = ["eq2-printed", "self-clusters", "simclr"], [0, 4, 8, 12]
+    assert sorted((r["arm"], r["seed"], r["step"]) for r in rows) == [(a, 0, s) for a in arms for s in steps]
+    assert all(0 <= r["knn_acc"] <= 1 and 0 <= r["knn_balanced_acc"] <= 1 for r in rows)
+    for r in rows:
+        assert (r["msl_acc"] is not None and r["msl_balanced_acc"] is not None) == (r["step"] == 12)
+    by = {(r["arm"], r["step"]): r for r in rows}
+    assert len({by[(a, 0)]["knn_acc"] for a in arms}) == 1, "same weights, same images: same step-0 score"
+    assert by[("eq2-printed", 4)]["removed_pair_precision"] == 1.0 and by[("eq2-printed", 4)]["decoupled"] == "True"
+    assert 0 <= by[("self-clusters", 12)]["removed_pair_precision"] <= 1  # re-clustered before epoch 2
+    assert by[("simclr", 4)]["removed_pair_precision"] is None and by[("simclr", 4)]["loss"] > 0
+
+    curves = {a: json.loads((out / "trials" / f"{a}-s0" / "curve.json").read_text()) for a in arms}
+    assert len({c["init_weights_sha256"] for c in curves.values()}) == 1
+    first = {tuple(c["first_batch_image_ids"]) for c in curves.values()}
+    assert len(first) == 1 and len(next(iter(first))) == 64
+    assert [s for s, _ in _scalars(out / "trials" / "simclr-s0" / "tb", "study/knn_acc")] == steps
+
+    summary = (out / "summary.md").read_text()
+    assert "| eq2-printed | cluster rule, oracle clusters, decoupled | 1 | 12 |" in summary
+    assert "paired gap" in summary and "**self-clusters**" in summary
+    for name in ("fn_study-knn_acc.png", "fn_study-knn_balanced_acc.png", "fn_study-removed-pairs.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert "Every arm, seed and evaluation step" in (out / "report.html").read_text()
+
+
+def test_step_budget_sets_the_epochs_and_the_schedule_length():
+    """600 steps of a 2,048-image pool at batch 128 (16 steps an epoch) need 38 epochs; cosine ends at step 600."""
+    cfg = with_step_budget(make_config("demo", max_steps=600, batch_size=128, schedule="cosine", warmup_epochs=0), 2048)
+    assert cfg.epochs == 38
+    factor = lr_lambda(cfg, 16)
+    assert factor(0) == 1.0 and factor(300) == pytest.approx(0.5) and factor(600) == pytest.approx(0.0, abs=1e-12)
+    assert with_step_budget(make_config("demo"), 2048).epochs == 15  # no budget: the epochs decide

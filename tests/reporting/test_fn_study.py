@@ -1,0 +1,41 @@
+"""The study's statistics against hand computations: paired gaps, Student-t intervals, the separation step."""
+
+import math
+
+import pytest
+
+from raysys.reporting import fn_study
+
+
+def _rows() -> list[dict]:
+    """simclr and oracle-elim over 3 seeds at steps 0 and 100; oracle is +1, +2, +3 points at step 100
+    (51, 62, 73 %: mean 62, sd 11)."""
+    rows = []
+    for seed, base in enumerate((0.50, 0.60, 0.70)):
+        rows += [{"arm": "simclr", "seed": seed, "step": 0, "knn_acc": 0.4},
+                 {"arm": "oracle-elim", "seed": seed, "step": 0, "knn_acc": 0.4},
+                 {"arm": "simclr", "seed": seed, "step": 100, "knn_acc": base},
+                 {"arm": "oracle-elim", "seed": seed, "step": 100, "knn_acc": base + 0.01 * (seed + 1)}]
+    return rows
+
+
+def test_paired_gap_is_the_mean_per_seed_difference_with_a_t_interval():
+    (step0, m0, lo0, hi0, n0), (step, mean, low, high, n) = fn_study.paired_gaps(_rows(), "knn_acc")["oracle-elim"]
+    assert (step0, m0, lo0, hi0, n0) == (0, 0.0, 0.0, 0.0, 3)
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)  # t(0.975, 2) x sd(1, 2, 3 points) / sqrt(3)
+    assert (step, n) == (100, 3) and mean == pytest.approx(0.02)
+    assert low == pytest.approx(0.02 - half) and high == pytest.approx(0.02 + half)
+
+
+def test_separation_step_needs_the_interval_above_zero_to_the_end():
+    gaps = [(0, 0, -1, 1, 3), (50, 1, 0.5, 2, 3), (100, 0.5, -0.1, 1, 3), (150, 1, 0.2, 2, 3), (200, 1, 0.1, 2, 3)]
+    assert fn_study.separation_step(gaps) == 150
+    assert fn_study.separation_step(gaps[:3]) is None
+
+
+def test_table_and_reading_name_the_gap():
+    rows = _rows()
+    table = fn_study.study_table(rows, ["simclr", "oracle-elim"], {"oracle-elim": "oracle"})
+    assert "| oracle-elim | oracle | 3 | 100 | 62.0 ± 11.0 | – | +2.0 [-0.5, +4.5] |" in table and "| simclr |" in table
+    (line,) = fn_study.study_reading(rows, ["simclr", "oracle-elim"])
+    assert "**oracle-elim**" in line and "+2.0 points" in line and "does not separate" in line  # CI spans 0
