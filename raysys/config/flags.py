@@ -62,14 +62,10 @@ def add_pretrain_arguments(p) -> None:
                    "ess-mw (spatial positives from capture positions: needs a positions sidecar)")
     p.add_argument("--cluster-mode", choices=CLUSTER_MODES, help="cluster rule: eliminate same-cluster negatives "
                    "(paper Eq. 2, default) or attract them as positives")
-    p.add_argument("--decoupled", action="store_true", default=None, help="take the positives out of the loss's "
-                   "denominator (Yeh et al.'s decoupling): with --pair-rule instance it is DCL, with cluster the "
-                   "paper's Eq. 2 as printed; default off (the positive stays: elimination's effect alone)")
-    p.add_argument("--max-steps", type=int, help="step budget: stop after this many optimizer steps (the epochs "
-                   "are derived from the pool size; the lr schedule ends there)")
     p.add_argument("--cluster-ids", help="cluster table of the pool (image_id,cluster_id; Parquet or CSV), e.g. "
                    "from `raysys cluster --out FILE`")
     _add_self_cluster_arguments(p)
+    _add_study_arguments(p)
     p.add_argument("--framework", choices=FRAMEWORKS, help="simclr (in-batch negatives, default), moco "
                    "(MoCo v2: momentum key encoder, queue of negatives; temperature 0.2), or a pretext task: "
                    "rotation, relative-position, jigsaw, colorization (colour pools only)")
@@ -83,6 +79,14 @@ def add_pretrain_arguments(p) -> None:
     p.add_argument("--knn-monitor", help="benchmark whose train/val splits feed the per-epoch kNN monitor "
                    "(default msl; 'none' turns it off)")
     p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation after pretraining")
+
+
+def _add_study_arguments(p) -> None:
+    p.add_argument("--decoupled", action="store_true", default=None, help="take the positives out of the loss's "
+                   "denominator (Yeh et al.'s decoupling): with --pair-rule instance it is DCL, with cluster the "
+                   "paper's Eq. 2 as printed; default off (the positive stays: elimination's effect alone)")
+    p.add_argument("--max-steps", type=int, help="step budget: stop after this many optimizer steps (the epochs "
+                   "are derived from the pool size; the lr schedule ends there)")
 
 
 def _add_self_cluster_arguments(p) -> None:

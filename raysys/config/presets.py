@@ -91,3 +91,13 @@ FN_SIMULATION_PRESETS = {
                 "dataset_sizes": sorted({int(n) for n in np.geomspace(128, 1_000_000, 14).round()}),
                 "panel_classes": [10, 100, 1000]},
 }
+
+# The false-negative study (experiments/fn_study.py) per --preset: the step budget, the evaluation spacing,
+# the global batch, seeds, the self-clusters arm's K and the pool. demo: 18 trials of 600 steps, ~90 min on
+# a fast 2-core machine (bare step ~380 images/s); gpu: 30 trials of 1,000 steps, six sharing one GPU.
+FN_STUDY_PRESETS = {
+    "smoke": dict(steps=12, eval_every=4, batch_size=64, seeds=1, k=4, max_images=512),
+    "demo": dict(steps=600, eval_every=50, batch_size=128, seeds=3, k=20, max_images=2048),
+    "paper": dict(steps=5000, eval_every=250, batch_size=128, seeds=3, k=20, max_images=20_000),  # 3 GB paired at 224 px
+    "gpu": dict(steps=1000, eval_every=50, batch_size=256, seeds=5, k=20, max_images=2048, gpus_per_worker=0.16),
+}

@@ -189,10 +189,6 @@ class PretrainConfig:
             (self.batch_size // max(self.workers, 1) >= 2 or self.workers < 1,
              f"--batch-size {self.batch_size} over {self.workers} workers leaves fewer than 2 images per worker; raise --batch-size"),
             (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
-            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})"),
-            (self.eval_every >= 0, f"eval_every must be >= 0 steps (got {self.eval_every}); 0 turns the curve off"),
-            (not (self.paired_batches and self.augment_on == "data"),
-             "paired batches make the views in the worker from the step's seed; drop --augment-on data"),
             (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
             (self.framework in FRAMEWORKS, f"--framework {self.framework!r} is unknown; choose one of {list(FRAMEWORKS)}"),
             (self.framework not in FRAMEWORKS or OBJECTIVES[self.framework].contrastive or self.pair_rule == "instance",
@@ -224,7 +220,7 @@ class PretrainConfig:
             (self.max_images is None or self.max_images >= self.batch_size,
              f"--max-images {self.max_images} is smaller than one batch ({self.batch_size}); raise it or lower --batch-size"),
         ]
-        for ok, message in checks + self._self_cluster_checks() + self._eval_checks():
+        for ok, message in checks + self._self_cluster_checks() + self._eval_checks() + self._study_checks():
             if not ok:
                 raise ConfigError(message)
         for path, option in ((self.data, "--data"), (self.init_weights, "--init-weights"), (self.mix_data, "--mix-data"),
@@ -239,6 +235,14 @@ class PretrainConfig:
 
     def _eval_checks(self) -> list[tuple[bool, str]]:
         return [(self.eval_activation in PROBE_ACTIVATIONS, f"eval_activation: choose one of {list(PROBE_ACTIVATIONS)}")]
+
+    def _study_checks(self) -> list[tuple[bool, str]]:
+        return [
+            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})"),
+            (self.eval_every >= 0, f"eval_every must be >= 0 steps (got {self.eval_every}); 0 turns the curve off"),
+            (not (self.paired_batches and self.augment_on == "data"),
+             "paired batches make the views in the worker from the step's seed; drop --augment-on data"),
+        ]
 
     def _self_cluster_checks(self) -> list[tuple[bool, str]]:
         return [

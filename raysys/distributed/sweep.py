@@ -675,7 +675,9 @@ def write_study_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) ->
         plots.append(f"{spec.name}-removed-pairs.png")
     lines = [f"# {spec.name}", "", f"Reproduce: `{spec.command}`", "", table, "", *reading, "",
              "Gaps are paired: each seed's arm minus the same seed's baseline, which started from the same weights "
-             "and saw the same batches and views; the interval is Student's t over seeds.", ""]
+             "and saw the same batches and views; the interval is Student's t over seeds.", "",
+             "Paired kNN-accuracy gap to the baseline at every evaluation step (points, [95 % interval]):", "",
+             fn_study.gap_table(long, arms), ""]
     lines += [f"![{p}]({p})" for p in plots]
     if errors:
         lines += ["", f"{len(errors)} trial(s) failed:"] + [f"- {e}" for e in errors]

@@ -239,10 +239,8 @@ def run_epoch(w: Worker, batches, writer: SummaryWriter | None, curve_data=None)
     window_sums, window_counts = w.window.setdefault("sums", {}), w.window.setdefault("counts", {})
     start = t_ready = time.perf_counter()
     for batch in batches:
-        if w.budget_spent:
-            break
         totals["wait"] += time.perf_counter() - t_ready
-        if w.step == 0 and "first_batch_image_ids" not in w.curve:
+        if w.step == 0 and curve_data is not None:  # what pairing promises: the same first batch in every arm
             w.curve["first_batch_image_ids"] = batch["image_id"].tolist()
         loss, stats = train_step(w, batch)
         totals["loss"] += loss
@@ -251,13 +249,16 @@ def run_epoch(w: Worker, batches, writer: SummaryWriter | None, curve_data=None)
         for key, value in stats.items():  # floats, or tensors left on the device until the epoch ends
             if key in DIAGNOSTICS and not (isinstance(value, float) and math.isnan(value)):
                 _add(sums, counts, key, value)
-                _add(window_sums, window_counts, key, value)
+                if curve_data is not None:
+                    _add(window_sums, window_counts, key, value)
         if curve_data is not None:
             _add(window_sums, window_counts, "loss", loss)
             if w.step % w.cfg.eval_every == 0 or w.budget_spent:
                 curve_point(w, curve_data, writer)
         if writer is not None and w.step % LOSS_LOG_EVERY == 0:
             writer.add_scalar("train/loss_step", loss.item(), w.step)
+        if w.budget_spent:
+            break
         t_ready = time.perf_counter()
     totals["loss"] = totals["loss"].item()
     totals["elapsed"] = time.perf_counter() - start

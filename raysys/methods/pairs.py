@@ -149,8 +149,10 @@ class ClusterRule(Rule):
 
     ``mode="eliminate"`` (default) is the paper's Eq. 2 reading: views of other images in the anchor's
     cluster are removed from the negatives, and the positive is still only the other view of the same
-    image. (Eq. 2's denominator, read literally, also drops the positive itself; here the positive stays
-    in the denominator, as in every InfoNCE form, which keeps the loss bounded below.)
+    image. Eq. 2's denominator as printed keeps only candidates of other clusters, so it also drops the
+    positive itself: that is elimination plus decoupling, the loss's ``decoupled`` option
+    (:mod:`raysys.methods.losses`). By default the positive stays in the denominator, as in every InfoNCE
+    form, so that the rule changes only which negatives are seen.
 
     ``mode="attract"`` follows the paper's prose ("positive view pairs as views which came from the same
     source image or cluster"): same-cluster views of other images also become positives, all with equal

@@ -93,15 +93,19 @@ def paired_gaps(rows: list[dict], metric: str, baseline: str = BASELINE_ARM) -> 
     return out
 
 
-def separation_step(gaps: list[tuple]) -> int | None:
-    """The first evaluation step from which the paired 95 % interval stays above 0 to the end, or None."""
-    first = None
-    for step, _, low, _, _ in gaps:
-        if low > 0:
-            first = step if first is None else first
-        else:
-            first = None
-    return first
+def separation(gaps: list[tuple]) -> tuple[int, int, int] | None:
+    """``(first step, evaluations with the interval above 0 from it, evaluations from it)`` of a paired-gap
+    curve: where its 95 % interval first lies above 0 and how often it stays there; None if it never does."""
+    above = [low > 0 for _, _, low, _, _ in gaps]
+    if True not in above:
+        return None
+    first = above.index(True)
+    return gaps[first][0], sum(above[first:]), len(above) - first
+
+
+def _separation_text(gaps: list[tuple]) -> str:
+    found = separation(gaps)
+    return "never" if found is None else f"{found[0]} ({found[1]}/{found[2]})"
 
 
 def _pts(x) -> str:
@@ -131,42 +135,61 @@ def _last_gap(gaps: dict, arm: str) -> str:
 
 def study_table(rows: list[dict], arms: list[str], describe: dict[str, str]) -> str:
     """Markdown: per arm, the last evaluation step's kNN accuracy and balanced accuracy (mean ± sd), the paired
-    gap to the baseline with its 95 % interval, the step from which it separates, the final linear probes."""
+    gap to the baseline with its 95 % interval, the step from which it separates, the final linear probes and
+    their paired gaps."""
     gaps, bal_gaps = paired_gaps(rows, "knn_acc"), paired_gaps(rows, "knn_balanced_acc")
     knn, bal = curves(rows, "knn_acc"), curves(rows, "knn_balanced_acc")
+    probes = ("msl_acc", "msl_balanced_acc", "hirise_balanced_acc")
+    probe_gaps = {m: paired_gaps(rows, m) for m in probes}
     header = ["arm", "what", "seeds", "last step", "kNN acc %", "kNN balanced %", "paired gap, acc [95 %]",
-              "paired gap, balanced [95 %]", "separates from step", "probe MSL %", "probe MSL balanced %",
-              "probe HiRISE balanced %"]
+              "paired gap, balanced [95 %]", "interval > 0 from step (evaluations)", "probe MSL %", "probe MSL balanced %",
+              "probe HiRISE balanced %", "probe gap MSL", "probe gap MSL balanced", "probe gap HiRISE balanced"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm in [a for a in arms if a in knn]:
         step, mean, sd, n = knn[arm][-1]
         b = bal.get(arm, [(step, None, None, n)])[-1]
-        sep = "baseline" if arm == BASELINE_ARM else (separation_step(gaps.get(arm, [])) or "never")
+        sep = "baseline" if arm == BASELINE_ARM else _separation_text(gaps.get(arm, []))
         cells = [arm, describe.get(arm, ""), str(n), str(step), _pct(mean, sd), _pct(b[1], b[2]),
                  "–" if arm == BASELINE_ARM else _last_gap(gaps, arm),
                  "–" if arm == BASELINE_ARM else _last_gap(bal_gaps, arm), str(sep)]
-        cells += [_pct(*_final_stats(rows, arm, m)) for m in ("msl_acc", "msl_balanced_acc", "hirise_balanced_acc")]
+        cells += [_pct(*_final_stats(rows, arm, m)) for m in probes]
+        cells += ["–" if arm == BASELINE_ARM else _last_gap(probe_gaps[m], arm) for m in probes]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def gap_table(rows: list[dict], arms: list[str], metric: str = "knn_acc") -> str:
+    """Markdown: the paired gap of every arm to the baseline at every evaluation step, with its 95 % interval."""
+    gaps = paired_gaps(rows, metric)
+    shown = [a for a in arms if gaps.get(a)]
+    cells = {(a, step): f"{_pts(m)} [{_pts(lo)}, {_pts(hi)}]" for a in shown for step, m, lo, hi, _ in gaps[a]}
+    steps = sorted({step for a in shown for step, *_ in gaps[a]})
+    lines = ["| step | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+    lines += [f"| {step} | " + " | ".join(cells.get((a, step), "–") for a in shown) + " |" for step in steps]
+    return "\n".join(lines)
+
+
 def study_reading(rows: list[dict], arms: list[str]) -> list[str]:
-    """Plain sentences: which arm separates from the baseline (paired 95 % interval above 0 from some step on
-    to the end), which falls behind, which stays level."""
+    """Plain sentences: from which step each arm's paired kNN gap to the baseline has its 95 % interval above
+    (or below) 0, how often it stays there, and the gap at the last step."""
     gaps = paired_gaps(rows, "knn_acc")
     out = []
-    for arm in [a for a in arms if a in gaps and gaps[a]]:
+    for arm in [a for a in arms if gaps.get(a)]:
         points = gaps[arm]
         step, mean, low, high, n = points[-1]
-        sep = separation_step(points)
-        below = separation_step([(s, -m, -h, -lo, k) for s, m, lo, h, k in points])
-        if sep is not None:
-            verdict = f"is ahead of {BASELINE_ARM} from step {sep} on"
-        elif below is not None:
-            verdict = f"falls behind {BASELINE_ARM} from step {below} on"
+        ahead = separation(points)
+        behind = separation([(s, -m, -h, -lo, k) for s, m, lo, h, k in points])
+        if ahead is not None and 2 * ahead[1] > ahead[2]:
+            verdict = (f"is ahead of {BASELINE_ARM} from step {ahead[0]}: the paired 95 % interval lies above 0 at "
+                       f"{ahead[1]} of the {ahead[2]} evaluations from there")
+        elif behind is not None and 2 * behind[1] > behind[2]:
+            verdict = (f"falls behind {BASELINE_ARM} from step {behind[0]}: the interval lies below 0 at "
+                       f"{behind[1]} of the {behind[2]} evaluations from there")
         else:
-            verdict = f"does not separate from {BASELINE_ARM} at any step up to {step}"
-        out.append(f"- **{arm}** {verdict}: paired kNN gap at step {step} {_pts(mean)} points "
+            above, below = (sum(1 for p in points if test(p)) for test in (lambda p: p[2] > 0, lambda p: p[3] < 0))
+            verdict = (f"does not separate from {BASELINE_ARM}: its interval lies above 0 at {above} and below 0 at "
+                       f"{below} of {len(points)} evaluations")
+        out.append(f"- **{arm}** {verdict}; at step {step} the paired kNN gap is {_pts(mean)} points "
                    f"(95 % interval {_pts(low)} to {_pts(high)}, {n} seeds).")
     return out
 

@@ -24,8 +24,9 @@ def _scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 def test_fn_study_smoke_pairs_its_arms(ray_session, tmp_path):
     """One row per arm, seed and evaluation step; the arms of a seed share initial weights, first batch and
-    hence the step-0 score; the oracle's removed pairs are all true false negatives; the final probe is on
-    the last step's row; the summary, plots, report and TensorBoard curves are written."""
+    hence the step-0 score; the oracle's removed pairs are all true false negatives; the self-clusters arm
+    re-clusters inside its trial; the final probe is on the last step's row; the summary, plots, report and
+    TensorBoard curves are written."""
     out = tmp_path / "study"
     script = runpy.run_path(str(REPO / "experiments" / "fn_study.py"), run_name="test")
     assert main("fn_study", "test", script["configure"],
@@ -42,6 +43,7 @@ def test_fn_study_smoke_pairs_its_arms(ray_session, tmp_path):
     assert 0 <= by[("self-clusters", 12)]["removed_pair_precision"] <= 1  # re-clustered before epoch 2
     assert by[("simclr", 4)]["removed_pair_precision"] is None and by[("simclr", 4)]["loss"] > 0
 
+    _assert_self_clustered(out / "trials" / "self-clusters-s0")
     curves = {a: json.loads((out / "trials" / f"{a}-s0" / "curve.json").read_text()) for a in arms}
     assert len({c["init_weights_sha256"] for c in curves.values()}) == 1
     first = {tuple(c["first_batch_image_ids"]) for c in curves.values()}
@@ -56,6 +58,25 @@ def test_fn_study_smoke_pairs_its_arms(ray_session, tmp_path):
     assert "Every arm, seed and evaluation step" in (out / "report.html").read_text()
 
 
+def _assert_self_clustered(trial: Path) -> None:
+    """The self-clusters arm (the K sweep's default encoder): no clustering before the trial; the worker
+    clusters the pool from its own features before epoch 2 (warm-up 1) and the trial exports and scores it."""
+    import pyarrow.parquet as pq
+
+    from raysys.config import PretrainConfig
+    from raysys.data.sources import resolve_data
+
+    table = pq.read_table(trial / "clusters.parquet")
+    cfg = PretrainConfig.from_dict(json.loads((trial / "config.json").read_text()))
+    pool = resolve_data(cfg)[0]
+    assert cfg.self_cluster_k == 4 and table.schema.metadata[b"raysys.epoch"] == b"1"
+    assert set(table.column("image_id").to_pylist()) <= set(pool.column("image_id").to_pylist())
+    assert table.num_rows >= 0.9 * pool.num_rows and set(table.column("cluster_id").to_pylist()) <= set(range(4))
+    final = json.loads((trial / "final.json").read_text())
+    assert final.get("removed_precision") is not None and 0 <= final["cluster_nmi"] <= 1
+    assert len(_scalars(trial / "tb", "self_clusters/nmi")) == 1
+
+
 def test_step_budget_sets_the_epochs_and_the_schedule_length():
     """600 steps of a 2,048-image pool at batch 128 (16 steps an epoch) need 38 epochs; cosine ends at step 600."""
     cfg = with_step_budget(make_config("demo", max_steps=600, batch_size=128, schedule="cosine", warmup_epochs=0), 2048)
@@ -63,3 +84,21 @@ def test_step_budget_sets_the_epochs_and_the_schedule_length():
     factor = lr_lambda(cfg, 16)
     assert factor(0) == 1.0 and factor(300) == pytest.approx(0.5) and factor(600) == pytest.approx(0.0, abs=1e-12)
     assert with_step_budget(make_config("demo"), 2048).epochs == 15  # no budget: the epochs decide
+
+
+@pytest.mark.parametrize("script", ["sweep_k", "fn_precision"])
+def test_decoupled_reading_reaches_every_trial_and_its_name(script, tmp_path):
+    """--decoupled (the printed Eq. 2 / DCL reading) is a sweep option: in every trial's config and name."""
+    import argparse
+
+    from raysys.config.presets import SWEEP_PRESETS
+    from raysys.distributed.sweep import add_sweep_arguments, spec_from_args, trial_config, trial_name
+
+    parser = argparse.ArgumentParser()
+    add_sweep_arguments(parser)
+    build = runpy.run_path(str(REPO / "experiments" / f"{script}.py"), run_name="test")["configure"](parser)
+    args = parser.parse_args(["--preset", "smoke", "--out", str(tmp_path), "--decoupled", "--no-supervised"])
+    spec = spec_from_args(script, args, **build(args, SWEEP_PRESETS["smoke"]))
+    for params in spec.grid():
+        assert trial_config(spec, {**params, "seed": 0}).decoupled is True
+        assert "-dcl-" in trial_name({**params, "seed": 0})

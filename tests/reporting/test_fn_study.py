@@ -27,10 +27,10 @@ def test_paired_gap_is_the_mean_per_seed_difference_with_a_t_interval():
     assert low == pytest.approx(0.02 - half) and high == pytest.approx(0.02 + half)
 
 
-def test_separation_step_needs_the_interval_above_zero_to_the_end():
+def test_separation_is_the_first_step_above_zero_and_how_often_it_stays():
     gaps = [(0, 0, -1, 1, 3), (50, 1, 0.5, 2, 3), (100, 0.5, -0.1, 1, 3), (150, 1, 0.2, 2, 3), (200, 1, 0.1, 2, 3)]
-    assert fn_study.separation_step(gaps) == 150
-    assert fn_study.separation_step(gaps[:3]) is None
+    assert fn_study.separation(gaps) == (50, 3, 4)
+    assert fn_study.separation(gaps[:1]) is None
 
 
 def test_table_and_reading_name_the_gap():
@@ -39,3 +39,9 @@ def test_table_and_reading_name_the_gap():
     assert "| oracle-elim | oracle | 3 | 100 | 62.0 ± 11.0 | – | +2.0 [-0.5, +4.5] |" in table and "| simclr |" in table
     (line,) = fn_study.study_reading(rows, ["simclr", "oracle-elim"])
     assert "**oracle-elim**" in line and "+2.0 points" in line and "does not separate" in line  # CI spans 0
+
+
+def test_gap_table_has_a_row_per_step():
+    table = fn_study.gap_table(_rows(), ["simclr", "oracle-elim"])
+    assert table.splitlines()[0] == "| step | oracle-elim |"
+    assert "| 0 | +0.0 [+0.0, +0.0] |" in table and "| 100 | +2.0 [-0.5, +4.5] |" in table
