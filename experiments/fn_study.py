@@ -19,12 +19,12 @@ from raysys.config.presets import FN_STUDY_PRESETS
 from raysys.distributed.sweep import main, variant
 
 ARMS = {
-    "simclr": dict(method="baseline"),
-    "oracle-elim": dict(method="cluster", encoder="oracle", noise=0.0),
+    "simclr": dict(method="baseline", decoupled=False),  # explicit: the reading is the arm, not --decoupled
+    "oracle-elim": dict(method="cluster", encoder="oracle", noise=0.0, decoupled=False),
     "eq2-printed": dict(method="cluster", encoder="oracle", noise=0.0, decoupled=True),
     "decoupled": dict(method="baseline", decoupled=True),
-    "supcon": dict(method="label"),
-    "self-clusters": dict(method="cluster", encoder="self"),
+    "supcon": dict(method="label", decoupled=False),
+    "self-clusters": dict(method="cluster", encoder="self", decoupled=False),
 }
 
 
@@ -38,7 +38,8 @@ def configure(parser):
 
     def build(args, preset):
         size = FN_STUDY_PRESETS[args.preset]
-        steps, every = args.steps or size["steps"], args.eval_every or size["eval_every"]
+        steps, every = (size[key] if value is None else value for key, value in
+                        (("steps", args.steps), ("eval_every", args.eval_every)))
         if steps < 1 or every < 1:
             raise ConfigError(f"--steps and --eval-every must be at least 1 (got {steps}, {every})")
         args.seeds = size["seeds"] if args.seeds is None else args.seeds

@@ -9,6 +9,7 @@ set -euo pipefail
 wheels=${1:?usage: gpu_fn_study.sh WHEELS_DIR [fn_study options]}
 shift
 out=${OUT:-runs}
+mkdir -p "$out"
 python3 - "$wheels" <<'PY'
 import glob, os, sys, zipfile
 for f in sorted(glob.glob(f"{sys.argv[1]}/*.whl")) + [f"{sys.argv[1]}/ray-stripped.zip"]:
@@ -21,6 +22,8 @@ PY
 export PYTHONPATH=/tmp/site:$PWD RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 python3 -c "import sys; from ray.scripts.scripts import main; sys.argv=['ray','start','--head','--include-dashboard=false','--num-gpus=1','--disable-usage-stats']; main()" > "$out/ray-start.log" 2>&1
 export RAY_ADDRESS=127.0.0.1:6379
-nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv -l 30 > "$out/gpu-usage.csv" &
+nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv -l 30 > "$out/gpu-usage.csv" 2>&1 &
+smi=$!
+trap 'kill $smi 2>/dev/null; python3 -c "import sys; from ray.scripts.scripts import main; sys.argv=[\"ray\",\"stop\",\"--force\"]; main()" > /dev/null 2>&1' EXIT
 python3 experiments/fn_study.py --preset gpu --out "$out/fn_study" "$@" > "$out/fn_study.log" 2>&1 || echo "fn_study exited $?"
 tail -40 "$out/fn_study.log"

@@ -196,7 +196,9 @@ def trial_name(params: dict) -> str:
                   if params.get(p) is not None and not (p == "k" and params[p] == 0)]  # k 0: the oracle's own K
     if params.get("noise") is not None:
         parts.append(f"n{params['noise']:g}")
-    if params.get("decoupled"):
+    if params.get("encoder"):  # a variant's own cluster source
+        parts.append(params["encoder"])
+    if params.get("decoupled") and method not in (*PRETEXT_METHODS, *SUPERVISED_METHODS, "random-init"):
         parts.append("dcl")
     if params.get("lr") is not None:
         parts.append(f"lr{params['lr']:g}")
@@ -490,14 +492,17 @@ def results_writer(spec: SweepSpec):
         return report.write_results_csv
 
     def write(rows: list[dict], path: Path) -> None:
-        long = []
-        for row in rows:
-            uri = storage.join(spec.storage_root, "trials", row["trial"], CURVE_FILE)
-            if storage.exists(uri):
-                long += fn_study.study_rows(row, json.loads(storage.read_text(uri)))
-        fn_study.write_study_csv(long, path)
+        curves = study_curves(spec, [row["trial"] for row in rows])
+        fn_study.write_study_csv([r for row in rows if row["trial"] in curves
+                                  for r in fn_study.study_rows(row, curves[row["trial"]])], path)
 
     return write
+
+
+def study_curves(spec: SweepSpec, trials: list[str]) -> dict[str, dict]:
+    """The ``curve.json`` of each finished trial that has one, by trial name (from shared storage when set)."""
+    uris = {trial: storage.join(spec.storage_root, "trials", trial, CURVE_FILE) for trial in trials}
+    return {trial: json.loads(storage.read_text(uri)) for trial, uri in uris.items() if storage.exists(uri)}
 
 
 def result_row(config: dict, result: dict) -> dict:
@@ -566,8 +571,9 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
     concurrent = spec.max_concurrent or default_concurrency(base)
     check_cluster(base, concurrent)
     if spec.asha:
-        if not base.knn_monitor:
-            raise ConfigError("--asha stops trials on the kNN monitor's accuracy; drop --knn-monitor none")
+        if not base.knn_monitor or base.eval_every:
+            raise ConfigError("--asha stops trials on the per-epoch kNN monitor, which is off here (--knn-monitor none, "
+                              "or a study's evaluation curve in its place); drop --asha")
         # Supervised trials never report the monitor's metric: don't let Tune's strict check fail them.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     out.mkdir(parents=True, exist_ok=True)
@@ -678,6 +684,8 @@ def write_study_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) ->
              "and saw the same batches and views; the interval is Student's t over seeds.", "",
              "Paired kNN-accuracy gap to the baseline at every evaluation step (points, [95 % interval]):", "",
              fn_study.gap_table(long, arms), ""]
+    arm_seed = {r["trial"]: (r["arm"], r["seed"]) for r in long}
+    lines += [fn_study.pairing_check(study_curves(spec, list(arm_seed)), arm_seed), ""]
     lines += [f"![{p}]({p})" for p in plots]
     if errors:
         lines += ["", f"{len(errors)} trial(s) failed:"] + [f"- {e}" for e in errors]

@@ -117,7 +117,8 @@ def export_model(checkpoint: ray.train.Checkpoint, path: Path, manifest: pa.Tabl
     with checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     if state.get("curve"):
-        storage.write_text_atomic(str(curve_path), json.dumps(state["curve"], indent=1))
+        curve = {key: value for key, value in state["curve"].items() if key != "window"}
+        storage.write_text_atomic(str(curve_path), json.dumps(curve, indent=1))
     save_model(path, state["model"], state["model_spec"], state["config"], data_position=state["data_position"])
     storage.write_text_atomic(str(path.parent / "workers.json"), json.dumps(state.get("workers", []), indent=2))
     if (state.get("self_clusters") or {}).get("epoch", -1) >= 0:
@@ -185,7 +186,7 @@ def pretrain(
         raise ConfigError("--pair-rule cluster needs cluster ids; pass --cluster-ids FILE "
                           "(from `raysys cluster --k K --out FILE`) or let the model make them (--self-cluster-k K)")
     check_colour(cfg, manifest)
-    cfg = with_step_budget(complete_spatial_defaults(cfg, manifest), manifest.num_rows)
+    cfg = with_step_budget(complete_spatial_defaults(cfg, manifest), manifest.num_rows).validate()
     init_ray()
     check_cluster(cfg, concurrent)  # before anything is written: a rejected run leaves the folder as it was
     out = Path(cfg.out).resolve()

@@ -9,6 +9,7 @@ checkpoint) -> per epoch :func:`run_epoch` (each batch through :func:`train_step
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import socket
@@ -157,6 +158,7 @@ def set_up(config: dict) -> Worker:
     w = Worker(cfg, rank, world, device, model, raw_model, optimizer, scheduler, scaler)
     # fresh entropy per rank and start, as the pipeline's tasks draw it
     w.generator = torch.Generator(device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    initial_digest = weights_digest(w.raw_model) if cfg.eval_every else None  # before a resume loads others
     position = _load_state(w)
     w.start_epoch, w.step = position["epoch"], position["step"]
     if w.start_epoch:
@@ -171,9 +173,9 @@ def set_up(config: dict) -> Worker:
         if position.get("self_clusters"):  # a resumed trial continues with the ids it had
             w.self_clusters.load_state_dict(position["self_clusters"])
     if position.get("curve"):
-        w.curve = position["curve"]
+        w.curve, w.window = position["curve"], position["curve"].pop("window", {})
     elif cfg.eval_every:
-        w.curve["init_weights_sha256"] = weights_digest(w.raw_model)
+        w.curve["init_weights_sha256"] = initial_digest
     return w
 
 
@@ -240,7 +242,7 @@ def run_epoch(w: Worker, batches, writer: SummaryWriter | None, curve_data=None)
     start = t_ready = time.perf_counter()
     for batch in batches:
         totals["wait"] += time.perf_counter() - t_ready
-        if w.step == 0 and curve_data is not None:  # what pairing promises: the same first batch in every arm
+        if w.step == 0 and curve_data is not None:  # pairing's promise, checked by the study (this rank's share)
             w.curve["first_batch_image_ids"] = batch["image_id"].tolist()
         loss, stats = train_step(w, batch)
         totals["loss"] += loss
@@ -357,7 +359,9 @@ def checkpoint_state(w: Worker, epoch: int) -> dict:
         "data_position": {"epoch": epoch + 1, "step": w.step},
         "objective": w.objective.state_dict(),  # MoCo: key encoder and queue, so a resume continues them
         "self_clusters": w.self_clusters.state_dict() if w.self_clusters is not None else None,
-        "curve": w.curve if w.cfg.eval_every else None,
+        # the curve and, for the next point after a resume, the sums since the last one
+        "curve": {**w.curve, "window": {part: {k: float(v) for k, v in values.items()} for part, values in
+                                        w.window.items()}} if w.cfg.eval_every else None,
         "config": w.cfg.to_dict(),
         "workers": w.placements,
     }
@@ -398,12 +402,17 @@ def train_loop(config: dict) -> dict:
     if curve_data is not None and w.step == 0:
         curve_point(w, curve_data, writer)  # step 0: the common start of every arm of a seed
     metrics: dict = {"epoch": w.start_epoch, "start_epoch": w.start_epoch}
-    for epoch in range(w.start_epoch, w.cfg.epochs):
+    # A step budget runs epochs until it is spent: decoding may have dropped images, leaving fewer batches.
+    epochs = itertools.count(w.start_epoch) if w.cfg.max_steps else range(w.start_epoch, w.cfg.epochs)
+    for epoch in epochs:
         if w.budget_spent:
             break
         if w.self_clusters is not None and w.self_clusters.due(epoch):
             recluster(w, shard, epoch, writer)
-        metrics = epoch_metrics(w, epoch, run_epoch(w, epoch_batches(w, shard, epoch), writer, curve_data), monitor)
+        totals = run_epoch(w, epoch_batches(w, shard, epoch), writer, curve_data)
+        if not totals["steps"] and w.cfg.max_steps:
+            raise RuntimeError(f"epoch {epoch + 1} gave rank {w.rank} no batch: the step budget cannot be spent")
+        metrics = epoch_metrics(w, epoch, totals, monitor)
         if writer is not None:
             for key, value in metrics.items():
                 if key not in ("epoch", "start_epoch", "step"):

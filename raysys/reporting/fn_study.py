@@ -39,6 +39,20 @@ def study_rows(trial: dict, curve: dict) -> list[dict]:
     return rows
 
 
+def pairing_check(curves: dict[str, dict], arm_seed: dict[str, tuple[str, int]]) -> str:
+    """One line: whether every arm of each seed started from the same initial weights and first batch (the
+    ``curve.json`` of each trial, by trial name; ``arm_seed``: trial -> (arm, seed))."""
+    by_seed = defaultdict(dict)
+    for trial, curve in curves.items():
+        by_seed[arm_seed[trial][1]][arm_seed[trial][0]] = (curve.get("init_weights_sha256"),
+                                                           tuple(curve.get("first_batch_image_ids") or ()))
+    broken = [f"seed {seed}: {sorted(arms)}" for seed, arms in sorted(by_seed.items()) if len(set(arms.values())) > 1]
+    if broken:
+        return "**Pairing broken** (arms of one seed differ in initial weights or first batch): " + "; ".join(broken)
+    return (f"Pairing checked: within each of the {len(by_seed)} seed(s), every arm started from the same initial "
+            "weights (SHA-256) and the same first batch.")
+
+
 def write_study_csv(rows: list[dict], path: str | Path) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=STUDY_COLUMNS, extrasaction="ignore")

@@ -13,7 +13,7 @@ from raysys import storage
 
 # One row per trial; the first columns are the ones the paper's tables and figures need.
 RESULT_COLUMNS = [
-    "trial", "method", "framework", "pair_rule", "k", "noise", "cluster_mode", "temperature", "lr", "mix_ratio", "seed",
+    "trial", "method", "framework", "pair_rule", "k", "noise", "cluster_mode", "decoupled", "temperature", "lr", "mix_ratio", "seed",
     "msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
     "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc",
     "fn_fraction", "removed_precision", "removed_recall", "cluster_nmi", "cluster_purity", "cluster_traverse_nmi",
@@ -22,7 +22,7 @@ RESULT_COLUMNS = [
     "knn_acc", "pretext_accuracy", "stopped_at_epoch", "pretrain_seconds",
 ]
 # What tells configurations apart (not the seed).
-GROUP_KEYS = ("method", "framework", "pair_rule", "k", "noise", "cluster_mode", "temperature", "lr", "mix_ratio",
+GROUP_KEYS = ("method", "framework", "pair_rule", "k", "noise", "cluster_mode", "decoupled", "temperature", "lr", "mix_ratio",
               "ess_radius", "ess_sigma")
 METRICS = ["msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
            "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc", "fn_fraction",

@@ -215,3 +215,26 @@ def test_sweep_k_two_stage_clusters_with_each_seeds_baseline(ray_session, tmp_pa
     assert 0 < cluster["cluster_pair_precision"] <= 1
     assert _scalars(out / "trials" / "cluster-k4-t0.5-s0" / "tb", "clusters/nmi") == [pytest.approx(cluster["cluster_nmi"])]
     assert "NMI (traverse)" in (out / "summary.md").read_text()
+
+
+def test_sweep_k_self_clustering_reclusters_inside_the_trial(ray_session, tmp_path):
+    """--encoder self: no clustering before the trial; the worker clusters the pool from its own features
+    before epoch 2 (warm-up 1) and the trial exports and scores that table."""
+    import pyarrow.parquet as pq
+
+    from raysys.config import PretrainConfig
+    from raysys.data.sources import resolve_data
+
+    out = tmp_path / "self"
+    assert _run_script("sweep_k", out, "--encoder", "self", "--no-supervised", "--no-baseline", "--k", "4") == 0
+    row = _rows(out)["cluster-k4-t0.5-s0"]
+    trial = out / "trials" / "cluster-k4-t0.5-s0"
+    table = pq.read_table(trial / "clusters.parquet")
+    cfg = PretrainConfig.from_dict(json.loads((trial / "config.json").read_text()))
+    pool = resolve_data(cfg)[0]
+    assert cfg.self_cluster_k == 4 and table.schema.metadata[b"raysys.epoch"] == b"1"
+    assert set(table.column("image_id").to_pylist()) <= set(pool.column("image_id").to_pylist())
+    assert table.num_rows >= 0.9 * pool.num_rows and set(table.column("cluster_id").to_pylist()) <= set(range(4))
+    assert not (out / "cache").exists(), "self-clustering must not cluster before the trial"
+    assert row["removed_precision"] is not None and 0 <= row["cluster_nmi"] <= 1
+    assert len(_scalars(trial / "tb", "self_clusters/nmi")) == 1

@@ -45,3 +45,11 @@ def test_gap_table_has_a_row_per_step():
     table = fn_study.gap_table(_rows(), ["simclr", "oracle-elim"])
     assert table.splitlines()[0] == "| step | oracle-elim |"
     assert "| 0 | +0.0 [+0.0, +0.0] |" in table and "| 100 | +2.0 [-0.5, +4.5] |" in table
+
+
+def test_pairing_check_names_the_seed_whose_arms_differ():
+    same = {"init_weights_sha256": "a", "first_batch_image_ids": [1, 2]}
+    curves = {"simclr-s0": same, "supcon-s0": same, "simclr-s1": same, "supcon-s1": {**same, "first_batch_image_ids": [2, 1]}}
+    arm_seed = {t: (t.rsplit("-", 1)[0], int(t[-1])) for t in curves}
+    assert fn_study.pairing_check({t: curves[t] for t in ("simclr-s0", "supcon-s0")}, arm_seed).startswith("Pairing checked")
+    assert "seed 1: ['simclr', 'supcon']" in fn_study.pairing_check(curves, arm_seed)
