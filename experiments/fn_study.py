@@ -40,8 +40,9 @@ def configure(parser):
         size = FN_STUDY_PRESETS[args.preset]
         steps, every = (size[key] if value is None else value for key, value in
                         (("steps", args.steps), ("eval_every", args.eval_every)))
-        if steps < 1 or every < 1:
-            raise ConfigError(f"--steps and --eval-every must be at least 1 (got {steps}, {every})")
+        if steps < 1 or every < 1 or args.decoupled:
+            raise ConfigError(f"--steps and --eval-every must be at least 1 (got {steps}, {every}), and each arm "
+                              "carries its own loss reading (the decoupled and eq2-printed arms): drop --decoupled")
         args.seeds = size["seeds"] if args.seeds is None else args.seeds
         args.gpus_per_worker = size.get("gpus_per_worker") if args.gpus_per_worker is None else args.gpus_per_worker
         arms = ["simclr", *[a for a in dict.fromkeys(args.arms) if a != "simclr"]]

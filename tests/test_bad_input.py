@@ -81,6 +81,7 @@ CASES = [
      "--self-cluster-warmup 2 must be below --epochs 2"),
     ("no step budget", "pretrain", lambda t: ["--max-steps", "0"], "--max-steps must be at least 1"),
     ("study without steps", "fn_study", lambda t: ["--steps", "0"], "--steps and --eval-every must be at least 1"),
+    ("study with --decoupled", "fn_study", lambda t: ["--decoupled"], "drop --decoupled"),
     ("unknown clustering encoder", "sweep_k", lambda t: ["--encoder", "nosuch"], "--encoder nosuch: no such file"),
     ("two-stage without baselines", "sweep_k", lambda t: ["--encoder", "baseline", "--no-baseline"],
      "drop --no-baseline"),
