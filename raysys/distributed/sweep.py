@@ -491,8 +491,10 @@ def results_writer(spec: SweepSpec):
     if spec.plot != "steps":
         return report.write_results_csv
 
+    curves = {}  # a finished trial's curve never changes: read each once
+
     def write(rows: list[dict], path: Path) -> None:
-        curves = study_curves(spec, [row["trial"] for row in rows])
+        curves.update(study_curves(spec, [row["trial"] for row in rows if row["trial"] not in curves]))
         fn_study.write_study_csv([r for row in rows if row["trial"] in curves
                                   for r in fn_study.study_rows(row, curves[row["trial"]])], path)
 
@@ -655,11 +657,18 @@ def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[
         lines += [report.published_note(sorted(real)), ""]
     if best:
         lines += [f"Best trial on MSL: **{best['trial']}** ({100 * best['msl_acc']:.1f} %).", ""]
-    lines += [f"![{p}]({p})" for p in plots]
+    return _write_summary_file(out, lines, plots, errors, [table, *readings])
+
+
+def _write_summary_file(out: Path, lines: list[str], plots: list[str], errors: list[str],
+                        shown: list[str]) -> list[str]:
+    """``summary.md`` from its ``lines`` plus the plots and any failed trials; print ``shown`` and where things
+    are; return the names of the files written."""
+    lines = [*lines, *[f"![{p}]({p})" for p in plots]]
     if errors:
         lines += ["", f"{len(errors)} trial(s) failed:"] + [f"- {e}" for e in errors]
     report.write_atomic(out / "summary.md", "\n".join(lines) + "\n")
-    print(table, *readings, sep="\n")
+    print(*shown, sep="\n")
     print(f"\nresults: {out / 'results.csv'}\nsummary: {out / 'summary.md'}\nTensorBoard: tensorboard --logdir {out}")
     return ["summary.md", *plots]
 
@@ -686,13 +695,7 @@ def write_study_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) ->
              fn_study.gap_table(long, arms), ""]
     arm_seed = {r["trial"]: (r["arm"], r["seed"]) for r in long}
     lines += [fn_study.pairing_check(study_curves(spec, list(arm_seed)), arm_seed), ""]
-    lines += [f"![{p}]({p})" for p in plots]
-    if errors:
-        lines += ["", f"{len(errors)} trial(s) failed:"] + [f"- {e}" for e in errors]
-    report.write_atomic(out / "summary.md", "\n".join(lines) + "\n")
-    print(table, *reading, sep="\n")
-    print(f"\nresults: {out / 'results.csv'}\nsummary: {out / 'summary.md'}\nTensorBoard: tensorboard --logdir {out}")
-    return ["summary.md", *plots]
+    return _write_summary_file(out, lines, plots, errors, [table, *reading])
 
 
 # ------------------------------------------------------------------------------------- command line

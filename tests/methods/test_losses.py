@@ -257,20 +257,28 @@ def _problem():
     return x1, x2, meta, lin
 
 
+def _rank_results(rank: int, problem, readings: dict) -> dict:
+    """On one of the WORLD gloo ranks, holding its share of ``problem``'s batch: each reading's (name -> (rule,
+    decoupled)) loss averaged over ranks, DDP-averaged gradients, and the global pair matrix and metadata."""
+    x1, x2, meta, lin = problem
+    b = x1.shape[0] // WORLD
+    mine = slice(rank * b, (rank + 1) * b)
+    results = {}
+    for name, (rule, decoupled) in readings.items():
+        lin.zero_grad()
+        loss, pm, gmeta = contrastive_loss(lin(x1[mine]), lin(x2[mine]), {k: v[mine] for k, v in meta.items()},
+                                           rule, TAU, decoupled=decoupled)
+        loss.backward()
+        results[name] = {"loss": gather_no_grad(loss.detach()[None]).mean(), "grads": ddp_mean_grads(lin, WORLD),
+                         "pos": pm.pos, "neg": pm.neg, "meta": gmeta}
+    return results
+
+
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     with gloo_group(rank, port, WORLD):
         x1, x2, meta, lin = _problem()
-        b = x1.shape[0] // WORLD
-        mine = slice(rank * b, (rank + 1) * b)
-        results = {}
-        for name, rule in DDP_RULES.items():
-            lin.zero_grad()
-            loss, pm, gmeta = contrastive_loss(lin(x1[mine]), lin(x2[mine]), {k: v[mine] for k, v in meta.items()},
-                                               rule, TAU)
-            loss.backward()
-            results[name] = {"loss": gather_no_grad(loss.detach()[None]).mean(), "grads": ddp_mean_grads(lin, WORLD),
-                             "pos": pm.pos, "neg": pm.neg, "meta": gmeta}
+        results = _rank_results(rank, (x1, x2, meta, lin), {name: (rule, False) for name, rule in DDP_RULES.items()})
         try:  # unequal local batch sizes must fail on every rank, not hang
             contrastive_loss(lin(x1[: 3 + rank]), lin(x2[: 3 + rank]), {"image_id": meta["image_id"][: 3 + rank]},
                              "instance", TAU)
@@ -468,17 +476,7 @@ def _decoupled_problem():
 def _ddp_readings_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     with gloo_group(rank, port, WORLD):
-        x1, x2, meta, lin = _decoupled_problem()
-        b = x1.shape[0] // WORLD
-        mine = slice(rank * b, (rank + 1) * b)
-        results = {}
-        for name, (rule, decoupled) in DDP_READINGS.items():
-            lin.zero_grad()
-            loss, _, _ = contrastive_loss(lin(x1[mine]), lin(x2[mine]), {k: v[mine] for k, v in meta.items()},
-                                          rule, TAU, decoupled=decoupled)
-            loss.backward()
-            results[name] = {"loss": gather_no_grad(loss.detach()[None]).mean(), "grads": ddp_mean_grads(lin, WORLD)}
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        torch.save(_rank_results(rank, _decoupled_problem(), DDP_READINGS), Path(out_dir) / f"rank{rank}.pt")
 
 
 def test_ddp_readings_two_processes_equal_single_process(tmp_path):
