@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from raysys.config.presets import PRESETS, make_config
+from raysys.methods.self_clusters import SOURCES
 from raysys.config.schema import (
     AMP_MODES,
     AUGMENT_ON,
@@ -59,9 +60,10 @@ def add_pretrain_arguments(p) -> None:
     p.add_argument("--init-weights", help="initialise the backbone from this weights file (torch.save'd state dict)")
     p.add_argument("--pair-rule", choices=PAIR_RULES, help="instance (SimCLR, default), cluster (cluster-aware: "
                    "needs --cluster-ids), label (oracle: uses true labels, a diagnostic upper bound), ess-mb / "
-                   "ess-mw (spatial positives from capture positions: needs a positions sidecar)")
-    p.add_argument("--cluster-mode", choices=CLUSTER_MODES, help="cluster rule: eliminate same-cluster negatives "
-                   "(paper Eq. 2, default) or attract them as positives")
+                   "ess-mw (spatial positives from capture positions: needs a positions sidecar), fnc (label-free: each "
+                   "anchor's most similar images of the batch, see --fnc-k)")
+    p.add_argument("--cluster-mode", choices=CLUSTER_MODES, help="cluster and fnc rules: eliminate the "
+                   "detected false negatives from the negatives (paper Eq. 2, default) or attract them as positives")
     p.add_argument("--cluster-ids", help="cluster table of the pool (image_id,cluster_id; Parquet or CSV), e.g. "
                    "from `raysys cluster --out FILE`")
     _add_self_cluster_arguments(p)
@@ -96,6 +98,14 @@ def _add_self_cluster_arguments(p) -> None:
                    "first clustering (default 1)")
     p.add_argument("--self-cluster-every", type=int, help="self-clustering: re-cluster every this many epochs "
                    "(default 1)")
+    p.add_argument("--self-cluster-source", choices=list(SOURCES), help="self-clustering: self (every image in "
+                   "its cluster, default) or self-confident (IFND: only the most confident share, growing in training)")
+    p.add_argument("--self-cluster-accept", type=float, help="self-confident: the share of images clustered by the "
+                   "end of training (default 1: IFND's schedule)")
+    p.add_argument("--fnc-k", type=int, help="--pair-rule fnc: detected false negatives per anchor, its most "
+                   "similar other images of the batch (default 10)")
+    p.add_argument("--fnc-threshold", type=float, help="--pair-rule fnc: only candidates above this cosine "
+                   "similarity (default 0.5)")
 
 
 def config_from_args(args) -> PretrainConfig:

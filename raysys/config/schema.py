@@ -17,6 +17,7 @@ from raysys.data.augment import AugmentConfig
 from raysys.errors import ConfigError
 from raysys.methods.objectives import OBJECTIVES
 from raysys.methods.pairs import RULES, ClusterRule
+from raysys.methods.self_clusters import SOURCES
 from raysys.storage import check_storage, write_text_atomic
 
 BACKBONES = ("resnet18", "resnet50")
@@ -96,6 +97,14 @@ class PretrainConfig:
     self_cluster_k: int = 0
     self_cluster_warmup: int = 1
     self_cluster_every: int = 1
+    # Which images get a cluster (raysys.methods.self_clusters.SOURCES): "self" every one; "self-confident"
+    # (IFND) only the most confident share, growing with training to self_cluster_accept (1: IFND's schedule).
+    self_cluster_source: str = "self"
+    self_cluster_accept: float = 1.0
+    # Pair rule fnc (per-anchor detection, FNC): the anchor's fnc_k most similar other images of the batch,
+    # those above cosine similarity fnc_threshold, are detected false negatives (cluster_mode: eliminate/attract).
+    fnc_k: int = 10
+    fnc_threshold: float = 0.5
     # ESS (seed 001): positives within ess_radius metres (and ess_theta degrees of heading); ESS-MW weights
     # them by exp(-d^2 / 2 ess_sigma^2). None: derived from the pool's frame spacing at start.
     ess_radius: float | None = None
@@ -220,7 +229,8 @@ class PretrainConfig:
             (self.max_images is None or self.max_images >= self.batch_size,
              f"--max-images {self.max_images} is smaller than one batch ({self.batch_size}); raise it or lower --batch-size"),
         ]
-        for ok, message in checks + self._self_cluster_checks() + self._eval_checks() + self._study_checks():
+        for ok, message in (checks + self._self_cluster_checks() + self._detector_checks() + self._eval_checks()
+                            + self._study_checks()):
             if not ok:
                 raise ConfigError(message)
         for path, option in ((self.data, "--data"), (self.init_weights, "--init-weights"), (self.mix_data, "--mix-data"),
@@ -254,6 +264,19 @@ class PretrainConfig:
              f"uses the clusters) and --self-cluster-every >= 1 (got {self.self_cluster_every})"),
             (not (self.self_cluster_k and self.cluster_ids),
              "--self-cluster-k makes its own cluster ids; drop --cluster-ids (or --self-cluster-k)"),
+            (self.self_cluster_source in SOURCES,
+             f"--self-cluster-source {self.self_cluster_source!r} is unknown; choose one of {list(SOURCES)}"),
+            (0.0 < self.self_cluster_accept <= 1.0,
+             f"--self-cluster-accept {self.self_cluster_accept} must be a share in (0, 1]"),
+        ]
+
+    def _detector_checks(self) -> list[tuple[bool, str]]:
+        return [
+            (self.fnc_k >= 1, f"--fnc-k must be at least 1 candidate per anchor (got {self.fnc_k})"),
+            (-1.0 <= self.fnc_threshold <= 1.0, f"--fnc-threshold is a cosine similarity in [-1, 1] (got {self.fnc_threshold})"),
+            (not (self.pair_rule == "fnc" and self.framework != "simclr"),
+             f"--pair-rule fnc detects within the batch's views, which --framework {self.framework} lacks; "
+             "use --framework simclr"),
         ]
 
     def replace(self, **changes) -> "PretrainConfig":

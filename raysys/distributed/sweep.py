@@ -34,7 +34,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from raysys import storage
 from raysys.config import PretrainConfig, make_config
-from raysys.config.presets import SWEEP_PRESETS
+from raysys.config.presets import FN_STUDY_PRESETS, SWEEP_PRESETS
 from raysys.config.schema import check_saved
 from raysys.data.augment import AugmentConfig
 from raysys.data.formats import discover
@@ -59,6 +59,7 @@ from raysys.eval.place_recognition import evaluate_place_recognition
 from raysys.eval.supervised import fine_tune, train_supervised
 from raysys.methods.objectives import OBJECTIVES
 from raysys.methods.pairs import RULES
+from raysys.methods.self_clusters import SOURCES as SELF_SOURCES
 from raysys.models import ContrastiveModel
 from raysys.models.io import MODEL_FILE, load_model, save_model
 from raysys.models.texture import TextureConfig
@@ -94,7 +95,7 @@ SWEEP_VERSION = 2  # 2: the supervised reference's step budget replaces its epoc
 FINAL_FILE = "final.json"  # a finished trial's result, in its run folder
 TRIAL_DRIVER_CPUS = 0.1  # a trial's own process mostly waits on its TorchTrainer
 BENCHMARKS = ("msl", "hirise")
-SWEEP_ENCODERS = (*ENCODERS, "self", "baseline")  # or a saved raysys model
+SWEEP_ENCODERS = (*ENCODERS, *SELF_SOURCES, "baseline")  # or a saved raysys model
 
 
 def variant(method: str, **params) -> dict:
@@ -269,7 +270,9 @@ def trial_config(spec: SweepSpec, params: dict) -> PretrainConfig:
     method = params["method"]
     framework = METHOD_FRAMEWORKS.get(method, spec.base["framework"])
     recipe = {"augment": AugmentConfig.moco_v2().to_dict()} if framework == "moco" != spec.base["framework"] else {}
-    own = {"self_cluster_k": params["k"]} if encoder_of(spec, params) == "self" and method == "cluster" else {}
+    encoder = encoder_of(spec, params)
+    own = ({"self_cluster_k": params["k"], "self_cluster_source": encoder}
+           if encoder in SELF_SOURCES and method == "cluster" else {})
     return PretrainConfig.from_dict({**spec.base, **recipe, **values, **own, "seed": params["seed"],
                                      "pair_rule": METHOD_RULES[method] or "instance", "framework": framework})
 
@@ -342,7 +345,7 @@ def run_trial(config: dict) -> None:
         _finish(out, cfg.storage, final)
         return
     encoder = encoder_of(spec, params)
-    if method == "cluster" and encoder != "self":
+    if method == "cluster" and encoder not in SELF_SOURCES:
         manifest = attach_clusters(manifest, trial_clusters(spec, manifest, k, cfg.seed, params.get("noise"), encoder=encoder))
     run = pretrain(cfg, manifest, benchmarks, callbacks=[TuneReportCallback()],
                    reserved_cpus=TRIAL_DRIVER_CPUS, concurrent=config["concurrent"])
@@ -362,6 +365,7 @@ def run_trial(config: dict) -> None:
         ess_radius_m=cfg.ess_radius,  # as used (derived from the pool when the variant left it unset), beside
         ess_sigma_m=cfg.ess_sigma,    # the variant's own ess_radius / ess_sigma, which group the seeds
     )
+    final.update(_last_curve_point(out))
     final.update(_evaluate(out, benchmarks, cfg))
     if spec.fine_tune_epochs:
         final.update(_fine_tune(out, benchmarks, cfg, spec.fine_tune_epochs))
@@ -371,16 +375,27 @@ def run_trial(config: dict) -> None:
     _finish(out, cfg.storage, final)
 
 
+def _last_curve_point(out: Path) -> dict:
+    """A trial with an evaluation curve: its last point's kNN accuracies on the unseen pool images."""
+    if not (out / CURVE_FILE).is_file():
+        return {}
+    points = json.loads((out / CURVE_FILE).read_text())["points"]
+    return {f"pool_{key}": points[-1][key] for key in ("knn_acc", "knn_balanced_acc")} if points else {}
+
+
 def clustering_scores(encoder: str, manifest, out: Path, step: int) -> dict:
     """How the clusters a trial trained with (the manifest's ``cluster_id``; self-clustering: its last table)
     match the hidden classes and the traverses: NMI, purity, and the pair precision and recall elimination
     would get; also written to the trial's TensorBoard."""
-    if encoder == "self":
+    if encoder in SELF_SOURCES:
         manifest = attach_clusters(manifest, pq.read_table(out / SELF_CLUSTERS_FILE))
     ids = np.asarray(manifest.column("cluster_id"))
-    scores = {f"cluster_{key}": value for key, value in cluster_quality(ids, np.asarray(manifest.column("label"))).items()}
+    clustered = ids >= 0  # a confident source (self-confident) leaves the least confident images out
+    ids, column = ids[clustered], lambda name: np.asarray(manifest.column(name))[clustered]
+    scores = {f"cluster_{key}": value for key, value in cluster_quality(ids, column("label")).items()}
+    scores["cluster_clustered_share"] = float(clustered.mean())
     if "traverse" in manifest.column_names:
-        by_traverse = cluster_quality(ids, np.asarray(manifest.column("traverse")))
+        by_traverse = cluster_quality(ids, column("traverse"))
         if by_traverse:
             scores["cluster_traverse_nmi"] = by_traverse["nmi"]
     with SummaryWriter(str(out / "tb")) as writer:
@@ -421,7 +436,7 @@ def prepare_clusters(spec: SweepSpec) -> None:
     of the driver's cores (trials then read the cache; none waits on another's encoder). Each seed's own
     pool: with ``max_images`` the seed draws the subset, and the encoder is trained once per pool."""
     clusterings = sorted({(v["k"], v.get("noise"), encoder_of(spec, v)) for v in spec.grid()
-                          if v["method"] == "cluster" and encoder_of(spec, v) != "self"}, key=str)
+                          if v["method"] == "cluster" and encoder_of(spec, v) not in SELF_SOURCES}, key=str)
     if not clusterings:  # self-clustering happens inside each trial
         return
     start = time.perf_counter()
@@ -646,6 +661,12 @@ def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[
                                      f"{bench.upper()}: accuracy vs {spec.param} ({spec.name})", spec.swept,
                                      published=bench in real)
             plots.append(path.name)
+    if spec.plot == "precision" and any(g.get("pool_knn_acc") is not None for g in groups):
+        path, name = out / f"{spec.name}-pool-knn.png", "kNN on unseen pool images"
+        report.plot_vs_precision(groups, "pool_knn", path, f"{name} at the step budget vs removed-pair precision",
+                                 ylabel=f"{name} (%)")
+        readings.append(report.precision_reading(groups, "pool_knn", name))
+        plots.append(path.name)
     if spec.place_recognition and any(g.get("place_recall1") is not None for g in groups):
         path = out / f"{spec.name}-place.png"
         report.plot_methods(groups, "place", path, f"Place recognition on held-out traverses ({spec.name})",
@@ -804,6 +825,28 @@ def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None 
     for params in spec.grid():  # every trial's own config must be valid before anything starts
         trial_config(spec, {**params, "seed": base.seed}).validate()
     return spec
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """The step budget of a false-negative study (fn_study.py, and fn_precision.py at the study's budget)."""
+    parser.add_argument("--steps", type=int, help="optimizer steps per trial (fn_study: default the preset's)")
+    parser.add_argument("--eval-every", type=int, help="steps between evaluation points (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, help="global batch (default: the preset's)")
+
+
+def study_budget(args) -> dict:
+    """The pretraining values of a study at ``--preset``'s budget (:data:`FN_STUDY_PRESETS`, options win):
+    the step budget, the evaluation curve and paired batches on a constant lr; also fills in the preset's
+    seeds and GPU share where the command line left them."""
+    size = FN_STUDY_PRESETS[args.preset]
+    steps, every = (size[key] if value is None else value for key, value in
+                    (("steps", args.steps), ("eval_every", args.eval_every)))
+    if steps < 1 or every < 1:
+        raise ConfigError(f"--steps and --eval-every must be at least 1 (got {steps}, {every})")
+    args.seeds = size["seeds"] if args.seeds is None else args.seeds
+    args.gpus_per_worker = size.get("gpus_per_worker") if args.gpus_per_worker is None else args.gpus_per_worker
+    return dict(max_steps=steps, eval_every=every, paired_batches=True, batch_size=args.batch_size or
+                size["batch_size"], max_images=size["max_images"], schedule="constant", warmup_epochs=0)
 
 
 def main(name: str, description: str, configure, argv=None) -> int:

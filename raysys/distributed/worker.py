@@ -35,7 +35,7 @@ from raysys.distributed.runtime import torch_threads
 from raysys.errors import StorageError
 from raysys.eval.knn import knn_curve_point, knn_monitor_score
 from raysys.methods.objectives import DIAGNOSTICS, ObjectiveContext, make_objective
-from raysys.methods.self_clusters import SelfClusters
+from raysys.methods.self_clusters import SOURCES, SelfClusters
 from raysys.models import ContrastiveModel, load_init_weights
 from raysys.models.sync_bn import convert_sync_batchnorm
 from raysys.models.texture import cluster_quality
@@ -169,7 +169,7 @@ def set_up(config: dict) -> Worker:
     if position.get("objective"):
         w.objective.load_state_dict(position["objective"])
     if cfg.self_cluster_k:
-        w.self_clusters = SelfClusters(cfg.self_cluster_k, cfg.self_cluster_warmup, cfg.self_cluster_every, cfg.seed)
+        w.self_clusters = SOURCES[cfg.self_cluster_source].from_config(cfg)
         if position.get("self_clusters"):  # a resumed trial continues with the ids it had
             w.self_clusters.load_state_dict(position["self_clusters"])
     if position.get("curve"):
@@ -314,15 +314,16 @@ def recluster(w: Worker, shard, epoch: int, writer: SummaryWriter | None) -> Non
     keys, features, labels = (np.concatenate(column) for column in zip(*parts))
     table = [None]
     if w.rank == 0:
-        ids = w.self_clusters.update(keys, features, epoch)
+        ids = w.self_clusters.update(keys, features, epoch, progress=epoch / w.cfg.epochs)
         table = [w.self_clusters.state_dict()]
-        quality = cluster_quality(ids, labels)  # hidden labels, when the data has them: a diagnostic only
+        clustered = ids >= 0  # a confident source leaves some images without a cluster
+        quality = cluster_quality(ids[clustered], labels[clustered])  # hidden labels: a diagnostic only
         for key in ("nmi", "pair_precision", "pair_recall"):
             if key in quality and writer is not None:
                 writer.add_scalar(f"self_clusters/{key}", quality[key], w.step)
         shown = f", NMI {quality['nmi']:.3f}, pair precision {quality['pair_precision']:.2f}" if quality else ""
-        print(f"[raysys] self-clustering before epoch {epoch + 1}: {len(keys)} images into {w.self_clusters.k} "
-              f"clusters{shown} ({time.perf_counter() - start:.1f} s)", flush=True)
+        print(f"[raysys] self-clustering before epoch {epoch + 1}: {int(clustered.sum())} of {len(keys)} images into "
+              f"{w.self_clusters.k} clusters{shown} ({time.perf_counter() - start:.1f} s)", flush=True)
     if w.world > 1:
         torch.distributed.broadcast_object_list(table, src=0)
         w.self_clusters.load_state_dict(table[0])

@@ -156,9 +156,9 @@ def gather_meta(meta: dict, b_local: int, device) -> dict:
     (identity without torch.distributed). Checks first, on every rank, that the entries are ``[B_local]``
     tensors and that all ranks hold the same ``B_local`` and keys (all_gather needs equal shapes)."""
     bad = {k: (tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__)
-           for k, v in meta.items() if not isinstance(v, Tensor) or tuple(v.shape) != (b_local,)}
+           for k, v in meta.items() if not isinstance(v, Tensor) or v.ndim not in (1, 2) or v.shape[0] != b_local}
     if bad:
-        raise ValueError(f"metadata must be [B_local={b_local}] tensors; offending entries: {bad}")
+        raise ValueError(f"metadata must be [B_local={b_local}] (or [B_local, D]) tensors; offending entries: {bad}")
     keys = sorted(meta)  # one collective order on every rank
     check_ranks_agree(b_local, keys, device)
     return {k: gather_no_grad(meta[k].to(device)) for k in keys}

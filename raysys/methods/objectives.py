@@ -126,12 +126,20 @@ class SimCLRObjective(Objective):
         with self.autocast():
             _, z = self.model(torch.cat([view1, view2]))
         z1, z2 = z.float().chunk(2)
+        if "support" in self.rule.requires:  # per-anchor detection (fnc): each image's views, detached
+            meta = {**meta, "support": support_embedding(z1, z2)}
         loss, pairs, global_meta = contrastive_loss(z1, z2, meta, self.rule, self.temperature, self.decoupled)
         stats = positives_per_anchor(pairs) if self.rule.spatial else {}
         if "label" in global_meta:  # hidden labels: a diagnostic, never used by the loss
             baseline = self.baseline(global_meta) if self.rule.name != "instance" else None
             stats |= false_negative_stats(pairs, global_meta["label"], baseline)
         return loss, stats
+
+
+def support_embedding(*views: Tensor) -> Tensor:
+    """``[B, D]``: the mean of each image's L2-normalized view embeddings, without gradient; the dot product of
+    two of them is the mean cosine similarity over all pairs of their views."""
+    return torch.stack([F.normalize(v.detach(), dim=1) for v in views]).mean(0)
 
 
 class MoCoObjective(Objective):

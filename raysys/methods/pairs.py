@@ -57,13 +57,15 @@ PairRule = Callable[[dict], PairMatrix]
 
 
 def _batch_size(meta: dict) -> int:
-    """B of a metadata dict, checking every entry is a 1-D tensor of the same length."""
-    sizes = {k: tuple(v.shape) for k, v in meta.items() if isinstance(v, Tensor)}
-    if not sizes:
+    """B of a metadata dict, checking every entry is a tensor of B rows: ``[B]``, or ``[B, D]`` for a
+    per-image vector (the ``support`` embedding of :class:`SupportTopKRule`)."""
+    shapes = {k: tuple(v.shape) for k, v in meta.items() if isinstance(v, Tensor)}
+    if not shapes:
         raise ValueError("pair rule got no metadata tensors; pass at least 'image_id' as a [B] tensor")
-    if len(set(sizes.values())) != 1 or len(next(iter(sizes.values()))) != 1:
-        raise ValueError(f"pair-rule metadata must be 1-D tensors of one length B, got shapes {sizes}")
-    return next(iter(sizes.values()))[0]
+    rows = {shape[0] if len(shape) in (1, 2) else None for shape in shapes.values()}
+    if len(rows) != 1 or None in rows:
+        raise ValueError(f"pair-rule metadata must be [B] (or [B, D]) tensors of one length B, got shapes {shapes}")
+    return rows.pop()
 
 
 def _require(meta: dict, key: str, rule: str) -> Tensor:
@@ -261,8 +263,50 @@ class EssMWRule(_SpatialRule):
         return w.masked_fill(same_image, 1.0), ~(near | same_image)
 
 
+class SupportTopKRule(Rule):
+    """Label-free false-negative detection per anchor, after FNC (Huynh et al., WACV 2022): a candidate image
+    is a detected false negative of an anchor image when it is among the anchor's ``k`` most similar other
+    images of the batch and its similarity exceeds ``threshold``. Similarity is the dot product of the images'
+    ``support`` metadata ``[B, D]``: the mean of the L2-normalized embeddings of each image's support views,
+    detached (:class:`raysys.methods.objectives.SimCLRObjective` fills it from the two training views).
+
+    FNC draws extra support views per anchor for this (8 in its best ImageNet setting) and aggregates their
+    top-k votes; here the anchor's own two training views are its support set, so detection costs no extra
+    forward pass, and their mean embedding stands for the votes. ``mode="eliminate"`` removes detected
+    candidates from the anchor's negatives; ``"attract"`` makes them positives of weight 1 (FNC's two uses).
+    """
+
+    name = "fnc"
+    requires = ("support",)
+    options = {"k": "fnc_k", "threshold": "fnc_threshold", "mode": "cluster_mode"}
+    trial_tags = (("top", "fnc_k"),)
+    MODES = ClusterRule.MODES
+
+    def __init__(self, k: int = 10, threshold: float = 0.5, mode: str = "eliminate"):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"pair rule 'fnc' needs k >= 1 candidates per anchor (got {k!r})")
+        if not -1.0 <= threshold <= 1.0:
+            raise ValueError(f"pair rule 'fnc': threshold is a cosine similarity in [-1, 1] (got {threshold})")
+        if mode not in self.MODES:
+            raise ValueError(f"pair rule 'fnc' mode must be one of {self.MODES}, got {mode!r}")
+        self.k, self.threshold, self.mode = k, float(threshold), mode
+
+    def _score(self, anchors, candidates, same_image):
+        a, c = _require(anchors, "support", self.name), _require(candidates, "support", self.name)
+        if a.ndim != 2 or c.ndim != 2:
+            raise ValueError(f"pair rule 'fnc' needs 'support' as [B, D] embeddings, got {tuple(a.shape)}")
+        sim = (a.float() @ c.float().T).masked_fill(same_image, float("-inf"))
+        k = min(self.k, sim.shape[1])
+        top = torch.zeros_like(same_image).scatter_(1, sim.topk(k, dim=1).indices, True)
+        detected = top & (sim > self.threshold)
+        if self.mode == "attract":
+            return _binary(same_image | detected)
+        return same_image.float(), ~(same_image | detected)
+
+
 # The registry: a new method is a Rule subclass and its entry here.
-RULES: dict[str, type[Rule]] = {r.name: r for r in (InstanceRule, ClusterRule, LabelRule, EssMBRule, EssMWRule)}
+RULES: dict[str, type[Rule]] = {r.name: r for r in (InstanceRule, ClusterRule, LabelRule, EssMBRule, EssMWRule,
+                                                    SupportTopKRule)}
 
 
 def make_rule(name: str, **kwargs) -> Rule:

@@ -82,15 +82,18 @@ def reduce_features(features: np.ndarray, dim: int = PCA_DIM, seed: int = 0) -> 
     return z.astype(np.float32)
 
 
-def kmeans_ids(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """k-means cluster ids ``int32 [N]`` of rows ``x`` (KMeans; MiniBatchKMeans above ``MINIBATCH_ROWS``)."""
+def _kmeans(x: np.ndarray, k: int, seed: int):
+    """k-means fitted to rows ``x`` (KMeans; MiniBatchKMeans above ``MINIBATCH_ROWS``)."""
     if not 1 <= k <= len(x):
         raise ValueError(f"k-means needs 1 <= K <= number of rows, got K={k} for {len(x)} rows")
     if len(x) > MINIBATCH_ROWS:
-        km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096)
-    else:
-        km = KMeans(n_clusters=k, random_state=seed, n_init=3)
-    return km.fit_predict(x).astype(np.int32)
+        return MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096).fit(x)
+    return KMeans(n_clusters=k, random_state=seed, n_init=3).fit(x)
+
+
+def kmeans_ids(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """k-means cluster ids ``int32 [N]`` of rows ``x``."""
+    return _kmeans(x, k, seed).predict(x).astype(np.int32)
 
 
 def cluster_features(features: np.ndarray, k: int, seed: int = 0, dim: int = PCA_DIM) -> np.ndarray:
@@ -102,6 +105,17 @@ def cluster_features(features: np.ndarray, k: int, seed: int = 0, dim: int = PCA
     """
     with threadpool_limits(limits=1):
         return kmeans_ids(reduce_features(features, dim, seed), k, seed)
+
+
+def cluster_margins(features: np.ndarray, k: int, seed: int = 0, dim: int = PCA_DIM) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`cluster_features`' ids and each row's confidence in its cluster: the distance to the second-nearest
+    centroid minus the distance to its own (0: on the border between two clusters), in the whitened space."""
+    with threadpool_limits(limits=1):
+        x = reduce_features(features, dim, seed)
+        distances = _kmeans(x, k, seed).transform(x)
+    nearest = np.sort(distances, axis=1)
+    margin = nearest[:, 1] - nearest[:, 0] if k > 1 else np.zeros(len(x))
+    return distances.argmin(1).astype(np.int32), margin
 
 
 def purity(cluster_ids, labels) -> float:

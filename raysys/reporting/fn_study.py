@@ -264,8 +264,10 @@ def plot_removed_pairs(rows: list[dict], path: str | Path) -> bool:
 
 def describe(variant: dict) -> str:
     """What an arm trains with, in words, from its sweep variant."""
-    rule = {"baseline": "instance rule (SimCLR)", "label": "label rule: SupCon, uses labels"}.get(
-        variant["method"], f"{variant['method']} rule")
+    rule = {"baseline": "instance rule (SimCLR)", "label": "label rule: SupCon, uses labels",
+            "fnc": "fnc rule: each anchor's most similar images of the batch"}.get(variant["method"], f"{variant['method']} rule")
+    if variant.get("cluster_mode") == "attract":
+        rule += ", attracted as positives"
     if variant["method"] == "cluster":
         source = variant.get("encoder") or "sweep's"
         rule += f", {'oracle' if source == 'oracle' else source} clusters" + (f" K={variant['k']}" if variant.get("k") else "")

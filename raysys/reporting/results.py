@@ -17,9 +17,9 @@ RESULT_COLUMNS = [
     "msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
     "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc",
     "fn_fraction", "removed_precision", "removed_recall", "cluster_nmi", "cluster_purity", "cluster_traverse_nmi",
-    "cluster_pair_precision", "cluster_pair_recall", "ess_radius", "ess_sigma", "ess_radius_m", "ess_sigma_m",
+    "cluster_pair_precision", "cluster_pair_recall", "cluster_clustered_share", "ess_radius", "ess_sigma", "ess_radius_m", "ess_sigma_m",
     "positives_per_anchor", "place_recall1", "place_recall5", "place_median_error", "place_chance_recall1",
-    "knn_acc", "pretext_accuracy", "stopped_at_epoch", "pretrain_seconds",
+    "knn_acc", "pool_knn_acc", "pool_knn_balanced_acc", "pretext_accuracy", "stopped_at_epoch", "pretrain_seconds",
 ]
 # What tells configurations apart (not the seed).
 GROUP_KEYS = ("method", "framework", "pair_rule", "k", "noise", "cluster_mode", "decoupled", "temperature", "lr", "mix_ratio",
@@ -28,7 +28,7 @@ METRICS = ["msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "
            "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc", "fn_fraction",
            "place_recall1", "place_recall5", "place_median_error", "place_chance_recall1", "ess_radius_m",
            "ess_sigma_m", "positives_per_anchor", "pretext_accuracy", "removed_precision", "removed_recall",
-           "cluster_nmi", "cluster_traverse_nmi", "cluster_pair_precision"]
+           "cluster_nmi", "cluster_traverse_nmi", "cluster_pair_precision", "pool_knn_acc", "pool_knn_balanced_acc"]
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -333,9 +333,11 @@ def _curves(groups: list[dict], metric: str) -> dict[str, list[dict]]:
     return {mode: sorted(points, key=lambda g: g["removed_precision"]) for mode, points in sorted(curves.items())}
 
 
-def plot_vs_precision(groups: list[dict], benchmark: str, path: str | Path, title: str) -> None:
+def plot_vs_precision(groups: list[dict], benchmark: str, path: str | Path, title: str,
+                      ylabel: str | None = None) -> None:
     """Accuracy against removed-pair precision, one line per mode (error bars: spread over seeds in both
-    directions), the baseline's mean ± spread as a band."""
+    directions; each point annotated with its noise and removed-pair recall), the baseline's mean ± spread
+    as a band."""
     plt = pyplot()
     metric = f"{benchmark}_acc"
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -349,10 +351,11 @@ def plot_vs_precision(groups: list[dict], benchmark: str, path: str | Path, titl
                     xerr=[g["removed_precision_std"] or 0 for g in points],
                     yerr=[100 * (g[f"{metric}_std"] or 0) for g in points], marker="o", capsize=4, label=mode)
         for g in points:
-            ax.annotate(f"noise {g['noise']:g}", (g["removed_precision"], 100 * g[metric]), fontsize=7,
+            recall = f", recall {g['removed_recall']:.2f}" if g.get("removed_recall") is not None else ""
+            ax.annotate(f"noise {g['noise']:g}{recall}", (g["removed_precision"], 100 * g[metric]), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel("removed-pair precision (share that are true false negatives)")
-    ax.set_ylabel(f"{benchmark.upper()} test accuracy (%)")
+    ax.set_ylabel(ylabel or f"{benchmark.upper()} test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     _legend_below(ax)
@@ -360,11 +363,12 @@ def plot_vs_precision(groups: list[dict], benchmark: str, path: str | Path, titl
     plt.close(fig)
 
 
-def precision_reading(groups: list[dict], benchmark: str) -> str:
-    """One sentence per mode: the removed-pair precision from which on every measured level of the mode beats
-    the baseline by more than both spreads (its mean - std above the baseline's mean + std), or that none does."""
+def precision_reading(groups: list[dict], benchmark: str, name: str | None = None) -> str:
+    """One sentence per mode: the removed-pair precision (and its recall) from which on every measured level of
+    the mode beats the baseline by more than both spreads (its mean - std above the baseline's mean + std), or
+    that none does."""
     metric = f"{benchmark}_acc"
-    name = benchmark.upper()
+    name = name or benchmark.upper()
     base = _baseline(groups, metric)
     if base is None:
         return f"{name}: no baseline result to compare with."
@@ -381,8 +385,9 @@ def precision_reading(groups: list[dict], benchmark: str) -> str:
             above -= 1  # points[above:] all win: the precision above which the mode pays
         if above < len(points):
             g = points[above]
+            recall = f", recall {g['removed_recall']:.2f}" if g.get("removed_recall") is not None else ""
             sentences.append(f"{mode} beats the {baseline} by more than the seeds' spread at every removed-pair "
-                             f"precision from {g['removed_precision']:.2f} on (noise {g['noise']:g}: "
+                             f"precision from {g['removed_precision']:.2f} on (noise {g['noise']:g}{recall}: "
                              f"{_pct(g[metric], g[f'{metric}_std'])} %)")
         else:
             best = max(points, key=lambda g: g[metric])

@@ -98,12 +98,18 @@ def test_compare_methods_runs_moco_and_every_pretext_task(ray_session, tmp_path)
 
 
 def test_fn_precision_noisy_oracle_spans_the_precision_range(ray_session, tmp_path):
-    """Noise 0 removes exactly the false negatives (precision and recall 1); noise 1 removes pairs at about the
-    base rate of same-class pairs (the baseline's false-negative fraction), far below 1."""
+    """At a study's step budget (--steps): noise 0 removes exactly the false negatives (precision and recall 1);
+    noise 1 removes pairs at about the base rate of same-class pairs (the baseline's false-negative fraction),
+    far below 1; each trial's last evaluation point is in its row and plotted."""
     out = tmp_path / "fnp"
     assert _run_script("fn_precision", out, "--noise", "0", "1", "--modes", "eliminate", "--seeds", "1",
-                       "--no-supervised") == 0
+                       "--no-supervised", "--steps", "8", "--eval-every", "4") == 0
     rows = _rows(out)
+    for name, row in rows.items():
+        curve = json.loads((out / "trials" / name / "curve.json").read_text())
+        assert [p["step"] for p in curve["points"]] == [0, 4, 8]
+        assert row["pool_knn_acc"] == curve["points"][-1]["knn_acc"]
+    assert (out / "fn_precision-pool-knn.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(rows) == ["baseline-t0.5-s0", "cluster-n0-t0.5-s0", "cluster-n1-t0.5-s0"]
     clean, noisy = rows["cluster-n0-t0.5-s0"], rows["cluster-n1-t0.5-s0"]
     assert clean["removed_precision"] == 1.0 and clean["removed_recall"] == 1.0 and clean["fn_fraction"] == 0.0

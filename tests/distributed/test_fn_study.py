@@ -4,6 +4,7 @@ import json
 import runpy
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from helpers import REPO
 
@@ -24,15 +25,16 @@ def _scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 def test_fn_study_smoke_pairs_its_arms(ray_session, tmp_path):
     """One row per arm, seed and evaluation step; the arms of a seed share initial weights, first batch and
-    hence the step-0 score; the oracle's removed pairs are all true false negatives; the self-clusters arm
-    exports the clusters it made; the final probe is on the last step's row; the summary, plots, report and
-    TensorBoard curves are written."""
+    hence the step-0 score; the oracle's removed pairs are all true false negatives; the label-free detectors
+    (ifnd, fnc) log their removed-pair precision and recall at every evaluation step, and ifnd exports the
+    clusters it made, the confident half of the pool by its one clustering halfway through; the final probe is
+    on the last step's row; the summary, plots, report and TensorBoard curves are written."""
     out = tmp_path / "study"
     script = runpy.run_path(str(REPO / "experiments" / "fn_study.py"), run_name="test")
     assert main("fn_study", "test", script["configure"],
-                ["--preset", "smoke", "--out", str(out), "--arms", "eq2-printed", "self-clusters"]) == 0
+                ["--preset", "smoke", "--out", str(out), "--arms", "eq2-printed", "ifnd", "fnc-attract"]) == 0
     rows = report.read_results_csv(out / "results.csv")
-    arms, steps = ["eq2-printed", "self-clusters", "simclr"], [0, 4, 8, 12]
+    arms, steps = ["eq2-printed", "fnc-attract", "ifnd", "simclr"], [0, 4, 8, 12]
     assert sorted((r["arm"], r["seed"], r["step"]) for r in rows) == [(a, 0, s) for a in arms for s in steps]
     assert all(0 <= r["knn_acc"] <= 1 and 0 <= r["knn_balanced_acc"] <= 1 for r in rows)
     for r in rows:
@@ -40,10 +42,13 @@ def test_fn_study_smoke_pairs_its_arms(ray_session, tmp_path):
     by = {(r["arm"], r["step"]): r for r in rows}
     assert len({by[(a, 0)]["knn_acc"] for a in arms}) == 1, "same weights, same images: same step-0 score"
     assert by[("eq2-printed", 4)]["removed_pair_precision"] == 1.0 and by[("eq2-printed", 4)]["decoupled"] == "True"
-    assert 0 <= by[("self-clusters", 12)]["removed_pair_precision"] <= 1  # re-clustered before epoch 2
+    for step in (4, 8, 12):  # fnc detects from the first step; ifnd after its warm-up epoch (8 steps)
+        for arm in ("fnc-attract",) + (("ifnd",) if step == 12 else ()):
+            assert 0 <= by[(arm, step)]["removed_pair_precision"] <= 1 and 0 <= by[(arm, step)]["removed_pair_recall"] <= 1
     assert by[("simclr", 4)]["removed_pair_precision"] is None and by[("simclr", 4)]["loss"] > 0
 
-    assert (out / "trials" / "self-clusters-s0" / "clusters.parquet").is_file()  # its own clusters (K=4)
+    clusters = pq.read_table(out / "trials" / "ifnd-s0" / "clusters.parquet").column("cluster_id").to_numpy()
+    assert abs((clusters >= 0).sum() - len(clusters) / 2) <= 1 and clusters.max() <= 3  # half of the pool, K=4
     curves = {a: json.loads((out / "trials" / f"{a}-s0" / "curve.json").read_text()) for a in arms}
     assert len({c["init_weights_sha256"] for c in curves.values()}) == 1
     first = {tuple(c["first_batch_image_ids"]) for c in curves.values()}
@@ -52,7 +57,8 @@ def test_fn_study_smoke_pairs_its_arms(ray_session, tmp_path):
 
     summary = (out / "summary.md").read_text()
     assert "| eq2-printed | cluster rule, oracle clusters, decoupled | 1 | 12 |" in summary
-    assert "paired gap" in summary and "**self-clusters**" in summary
+    assert "paired gap" in summary and "**ifnd**" in summary
+    assert "| fnc-attract | fnc rule: each anchor's most similar images of the batch, attracted as positives," in summary
     for name in ("fn_study-knn_acc.png", "fn_study-knn_balanced_acc.png", "fn_study-removed-pairs.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "Every arm, seed and evaluation step" in (out / "report.html").read_text()

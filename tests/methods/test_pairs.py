@@ -393,3 +393,57 @@ def test_false_negative_stats_rectangular_hand_counted():
                      "removed_precision": 1.0, "removed_recall": 1.0}
     with pytest.raises(ValueError, match="2 anchors x 3 candidates"):
         false_negative_stats(base, labels_q, candidate_labels=labels_c[:3])
+
+
+def _fnc_brute_force(support: torch.Tensor, ids: list, k: int, threshold: float) -> set:
+    """Detected (anchor, candidate) image pairs by loops: per anchor, sort the other images by similarity."""
+    detected = set()
+    for a in range(len(ids)):
+        others = [c for c in range(len(ids)) if ids[c] != ids[a]]
+        ranked = sorted(others, key=lambda c: -float(support[a] @ support[c]))[:k]
+        detected |= {(a, c) for c in ranked if float(support[a] @ support[c]) > threshold}
+    return detected
+
+
+@pytest.mark.parametrize("k,threshold", [(1, -1.0), (3, 0.0), (5, 0.3), (50, 0.0)])
+def test_fnc_rule_equals_brute_force_in_both_modes(k, threshold):
+    """Per anchor, the k most similar other images above the threshold; eliminate: out of the negatives,
+    attract: positives of weight 1; the square form tiles the image matrix over both views."""
+    gen = torch.Generator().manual_seed(k)
+    b = 12
+    support = torch.nn.functional.normalize(torch.randn(b, 6, generator=gen), dim=1)
+    ids = list(range(100, 100 + b))
+    ids[5] = ids[4]  # a repeated image: always the positive, never counted among the k
+    detected = _fnc_brute_force(support, ids, k, threshold)
+    meta = {"image_id": T(ids), "support": support}
+    for mode in ("eliminate", "attract"):
+        pm = make_rule("fnc", k=k, threshold=threshold, mode=mode)(meta)
+        for i in range(2 * b):
+            for j in range(2 * b):
+                a, c = i % b, j % b
+                same = ids[a] == ids[c]
+                found = (a, c) in detected
+                expected_pos = i != j and (same or (mode == "attract" and found))
+                assert pm.pos[i, j] == float(expected_pos), (mode, i, j)
+                assert bool(pm.neg[i, j]) == (i != j and not same and not found), (mode, i, j)
+
+
+def test_fnc_rule_removed_pairs_scored_against_labels():
+    """Two tight groups of embeddings that match the labels: with k = group size - 1 every removed pair is a
+    true false negative and every false negative is removed (precision = recall = 1)."""
+    centres = torch.eye(4)[[0, 0, 0, 1, 1, 1]]
+    support = torch.nn.functional.normalize(centres + 0.01 * torch.arange(24.0).reshape(6, 4).sin(), dim=1)
+    meta, labels = {"image_id": torch.arange(6), "support": support}, T([0, 0, 0, 1, 1, 1])
+    stats = false_negative_stats(make_rule("fnc", k=2)(meta), labels, make_rule("instance")(meta))
+    assert stats["removed_precision"] == 1.0 and stats["removed_recall"] == 1.0 and stats["fn_fraction"] == 0.0
+
+
+def test_fnc_rule_errors():
+    with pytest.raises(ValueError, match="k >= 1"):
+        make_rule("fnc", k=0)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        make_rule("fnc", threshold=1.5)
+    with pytest.raises(ValueError, match="needs metadata 'support'"):
+        make_rule("fnc")({"image_id": torch.arange(3)})
+    with pytest.raises(ValueError, match=r"\[B\] \(or \[B, D\]\)"):
+        make_rule("fnc")({"image_id": torch.arange(3), "support": torch.zeros(4, 2)})

@@ -73,3 +73,31 @@ def test_a_moco_queue_takes_the_new_ids_of_a_reclustering():
     ids = sc.update(np.arange(100, 112), features, epoch=0)  # images 100..111; the queue holds 100..109
     objective.relabel_clusters(sc.lookup)
     assert queue.entries()[1]["cluster_id"].tolist() == ids[:10].tolist()
+
+
+def test_confident_clusters_accept_the_most_confident_growing_share():
+    """The accepted share is accept x progress of the images, those with the widest margin between their own
+    and the second-nearest centroid: points placed midway between two blobs go first; the accepted keep the
+    plain clustering's ids, the rest get -1 (their pairs stay negatives)."""
+    from raysys.methods.self_clusters import SOURCES, ConfidentSelfClusters
+    from raysys.models.texture import cluster_margins
+
+    features, truth = _blobs(k=3, n_per=40)
+    midway = (features[:10] + features[40:50]) / 2  # between blobs 0 and 1: the least confident
+    features = np.concatenate([features, midway])
+    keys = np.arange(len(features), dtype=np.int64)
+    plain, margin = cluster_margins(features, 3, seed=5)
+    assert margin[120:].max() < np.sort(margin[:120])[10]  # the midway points are the least confident
+    sc = ConfidentSelfClusters(k=3, warmup=0, every=1, seed=0, accept=0.8)
+    assert SOURCES["self-confident"] is ConfidentSelfClusters and SOURCES["self"] is SelfClusters
+    for progress, expected in ((0.0, 0), (0.5, 52), (1.0, 104), (2.0, 104)):
+        ids = sc.update(keys, features, epoch=5, progress=progress)  # seed 0 * 1000 + epoch 5: plain's seed
+        accepted = ids >= 0
+        assert accepted.sum() == expected
+        assert not accepted[120:].any()
+        assert (ids[accepted] == plain[accepted]).all()
+        if expected:
+            assert margin[accepted].min() >= margin[~accepted].max()
+    assert cluster_quality(ids[ids >= 0], truth[(ids >= 0)[:120].nonzero()[0]])["nmi"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        ConfidentSelfClusters(k=3, warmup=0, every=1, accept=0.0)
