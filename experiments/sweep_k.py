@@ -1,7 +1,8 @@
 """The K sweep (paper Sec. 6.2, Fig. 5): cluster-aware contrastive learning for each K, beside the
 SimCLR baseline and a supervised baseline, on Ray Tune.
 
-    python experiments/sweep_k.py                       # demo preset on built-in data (~10 min on 2 cores)
+    python experiments/sweep_k.py                       # demo preset: 600 steps a trial (~25 min on 2 fast cores)
+    python experiments/sweep_k.py --epochs 2            # the Quickstart's 32 steps (~5 min): the pipeline, not the effect
     python experiments/sweep_k.py --preset smoke        # a minute or two
     ray job submit --working-dir . -- python experiments/sweep_k.py --preset paper --data /data/mars \\
         --gpus-per-worker 1
@@ -29,7 +30,8 @@ def configure(parser):
     def build(args, preset):
         variants = [] if args.no_baseline else [variant("baseline")]
         variants += [variant("cluster", k=k) for k in args.k or preset["ks"]]
-        schedule = dict(self_cluster_warmup=args.self_warmup, self_cluster_every=args.self_every)
+        schedule = dict(self_cluster_warmup=args.self_warmup, self_cluster_every=args.self_every,
+                        max_steps=None if args.epochs else preset.get("k_steps"))  # the study's budget
         return dict(variants=variants, encoder=args.encoder, param="k", swept=["cluster"],
                     pretrain={k: v for k, v in schedule.items() if v is not None}, texture=texture_settings(args))
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import REPO
 
-from raysys.config import make_config
+from raysys.config import PretrainConfig, make_config
 from raysys.distributed.sweep import main
 from raysys.distributed.trainer import with_step_budget
 from raysys.distributed.worker import lr_lambda
@@ -89,3 +89,25 @@ def test_decoupled_reading_reaches_every_trial_and_its_name(script, tmp_path):
     for params in spec.grid():
         assert trial_config(spec, {**params, "seed": 0}).decoupled is True
         assert "-dcl-" in trial_name({**params, "seed": 0})
+
+
+@pytest.mark.parametrize("given,expected", [([], 600), (["--epochs", "2"], None)])
+def test_k_sweep_runs_at_the_studys_budget_unless_given_epochs(given, expected, tmp_path):
+    """The K sweep's demo default is the study's 600 steps, where oracle elimination separated; --epochs (the
+    Quickstart's 2) keeps an epoch count instead. The other sweeps keep the preset's epochs."""
+    import argparse
+
+    from raysys.config.presets import FN_STUDY_PRESETS, SWEEP_PRESETS
+    from raysys.distributed.sweep import add_sweep_arguments, spec_from_args, trial_config
+
+    def spec(script, argv):
+        parser = argparse.ArgumentParser()
+        add_sweep_arguments(parser)
+        build = runpy.run_path(str(REPO / "experiments" / f"{script}.py"), run_name="test")["configure"](parser)
+        args = parser.parse_args(["--out", str(tmp_path), *argv])
+        return spec_from_args(script, args, **build(args, SWEEP_PRESETS["demo"]))
+
+    k_sweep = spec("sweep_k", given)
+    assert SWEEP_PRESETS["demo"]["k_steps"] == FN_STUDY_PRESETS["demo"]["steps"] == 600
+    assert {trial_config(k_sweep, {**v, "seed": 0}).max_steps for v in k_sweep.grid()} == {expected}
+    assert PretrainConfig.from_dict(spec("sweep_temperature", []).base).max_steps is None
