@@ -62,11 +62,7 @@ def add_pretrain_arguments(p) -> None:
                    "needs --cluster-ids), label (oracle: uses true labels, a diagnostic upper bound), ess-mb / "
                    "ess-mw (spatial positives from capture positions: needs a positions sidecar), fnc (label-free: each "
                    "anchor's most similar images of the batch, see --fnc-k)")
-    p.add_argument("--cluster-mode", choices=CLUSTER_MODES, help="cluster and fnc rules: eliminate the "
-                   "detected false negatives from the negatives (paper Eq. 2, default) or attract them as positives")
-    p.add_argument("--cluster-ids", help="cluster table of the pool (image_id,cluster_id; Parquet or CSV), e.g. "
-                   "from `raysys cluster --out FILE`")
-    _add_self_cluster_arguments(p)
+    _add_detector_arguments(p)
     _add_study_arguments(p)
     p.add_argument("--framework", choices=FRAMEWORKS, help="simclr (in-batch negatives, default), moco "
                    "(MoCo v2: momentum key encoder, queue of negatives; temperature 0.2), or a pretext task: "
@@ -91,7 +87,12 @@ def _add_study_arguments(p) -> None:
                    "are derived from the pool size; the lr schedule ends there)")
 
 
-def _add_self_cluster_arguments(p) -> None:
+def _add_detector_arguments(p) -> None:
+    """Where the false negatives come from: cluster ids, self-clustering, the fnc rule."""
+    p.add_argument("--cluster-mode", choices=CLUSTER_MODES, help="cluster and fnc rules: eliminate the "
+                   "detected false negatives from the negatives (paper Eq. 2, default) or attract them as positives")
+    p.add_argument("--cluster-ids", help="cluster table of the pool (image_id,cluster_id; Parquet or CSV), e.g. "
+                   "from `raysys cluster --out FILE`")
     p.add_argument("--self-cluster-k", type=int, help="self-clustering (IFND): with --pair-rule cluster, cluster "
                    "the pool into K from the model's own features during training, no --cluster-ids needed")
     p.add_argument("--self-cluster-warmup", type=int, help="self-clustering: epochs of plain SimCLR before the "

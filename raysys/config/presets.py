@@ -96,8 +96,8 @@ FN_SIMULATION_PRESETS = {
 }
 
 # The false-negative study (experiments/fn_study.py) per --preset: the step budget, the evaluation spacing,
-# the global batch, seeds, the self-clusters arm's K and the pool. demo: 18 trials of 600 steps, ~90 min on
-# a fast 2-core machine (bare step ~380 images/s); gpu: 30 trials of 1,000 steps, six sharing one GPU.
+# the global batch, seeds, the self-clustering arms' K and the pool. demo: 27 trials of 600 steps, ~2 h 10 min on
+# a fast 2-core machine (bare step ~380 images/s); gpu: 45 trials of 1,000 steps, six sharing one GPU.
 FN_STUDY_PRESETS = {
     "smoke": dict(steps=12, eval_every=4, batch_size=64, seeds=1, k=4, max_images=512),
     "demo": dict(steps=600, eval_every=50, batch_size=128, seeds=3, k=20, max_images=2048),

@@ -229,8 +229,7 @@ class PretrainConfig:
             (self.max_images is None or self.max_images >= self.batch_size,
              f"--max-images {self.max_images} is smaller than one batch ({self.batch_size}); raise it or lower --batch-size"),
         ]
-        for ok, message in (checks + self._self_cluster_checks() + self._detector_checks() + self._eval_checks()
-                            + self._study_checks()):
+        for ok, message in checks + self._detector_checks() + self._eval_checks() + self._study_checks():
             if not ok:
                 raise ConfigError(message)
         for path, option in ((self.data, "--data"), (self.init_weights, "--init-weights"), (self.mix_data, "--mix-data"),
@@ -271,7 +270,8 @@ class PretrainConfig:
         ]
 
     def _detector_checks(self) -> list[tuple[bool, str]]:
-        return [
+        """Where false negatives come from: self-clustering's and the fnc rule's options."""
+        return self._self_cluster_checks() + [
             (self.fnc_k >= 1, f"--fnc-k must be at least 1 candidate per anchor (got {self.fnc_k})"),
             (-1.0 <= self.fnc_threshold <= 1.0, f"--fnc-threshold is a cosine similarity in [-1, 1] (got {self.fnc_threshold})"),
             (not (self.pair_rule == "fnc" and self.framework != "simclr"),
