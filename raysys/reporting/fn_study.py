@@ -239,19 +239,23 @@ def plot_study(rows: list[dict], arms: list[str], path: str | Path, metric: str 
 
 
 def plot_removed_pairs(rows: list[dict], path: str | Path) -> bool:
-    """Removed-pair precision and recall against steps for the arms that remove pairs by a label-free rule (those
-    with precision below 1); False when there are none."""
+    """Removed-pair precision (solid) and recall (dotted) against steps for the arms that remove pairs by a
+    label-free rule (those with precision below 1), one colour an arm, beside the base rate a random removal
+    would score (SimCLR's same-class share of negatives); False when there are none."""
     precision, recall = curves(rows, "removed_pair_precision"), curves(rows, "removed_pair_recall")
     label_free = [arm for arm, pts in precision.items() if any(m < 0.999 for _, m, _, _ in pts)]
     if not label_free:
         return False
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for arm in label_free:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    base_rate = [m for _, m, _, _ in curves(rows, "false_negative_fraction").get(BASELINE_ARM, [])]
+    if base_rate:
+        ax.axhline(statistics.fmean(base_rate), color="gray", linestyle="--", label="base rate (random removal)")
+    for i, arm in enumerate(label_free):
         for name, table, style in (("precision", precision, "-"), ("recall", recall, ":")):
             if arm in table:
                 steps, mean = zip(*[(s, m) for s, m, _, _ in table[arm]])
-                ax.plot(steps, mean, style, marker="o", ms=3, label=f"{arm}: removed-pair {name}")
+                ax.plot(steps, mean, style, color=f"C{i}", marker="o", ms=3, label=f"{arm}: removed-pair {name}")
     ax.set(xlabel="optimizer step", ylabel="fraction", ylim=(0, 1),
            title="Label-free elimination: removed pairs that are true false negatives")
     ax.grid(alpha=0.3)
