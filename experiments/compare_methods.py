@@ -1,6 +1,7 @@
 """Methods side by side (paper Fig. 3, Table 2): by default the paper's three -- SimCLR baseline,
-mixed-domain (ratio 0.5), cluster-aware (a given K, or the best K of an earlier K sweep) -- and the supervised
-baseline, all on one pool size. ``--methods`` takes any registered method: MoCo v2 (``moco``, temperature
+mixed-domain (ratio 0.5), cluster-aware (a given K, or the best K of an earlier K sweep) --, the label-free
+false-negative detector that measured best in the false-negative study (fnc: per-anchor elimination, docs/results.md)
+and the supervised baseline, all on one pool size. ``--methods`` takes any registered method: MoCo v2 (``moco``, temperature
 0.2), every pair rule (label, ess-mb, ...), the pretext tasks rotation, relative-position, jigsaw and
 colorization, and ``random-init`` (the untrained encoder). A bar chart per
 benchmark and a Table 2-style table (false-negative pairs per batch, MSL and HiRISE accuracy and balanced
@@ -29,10 +30,10 @@ def best_k(results_csv: str) -> int:
 
 
 def configure(parser):
-    parser.add_argument("--methods", nargs="+", default=["baseline", "mixed", "cluster"],
+    parser.add_argument("--methods", nargs="+", default=["baseline", "mixed", "cluster", "fnc"],
                         choices=[m for m in METHODS if m != "supervised"], metavar="METHOD",
                         help=f"methods to compare, of {[m for m in METHODS if m != 'supervised']} "
-                             "(default: baseline mixed cluster; --supervised adds the supervised reference)")
+                             "(default: baseline mixed cluster fnc; --supervised adds the supervised reference)")
     k = parser.add_mutually_exclusive_group()
     k.add_argument("--k", type=int, help="K of the cluster-aware method (default: the preset's first K)")
     k.add_argument("--k-from", help="take the best K from this K sweep's results.csv")

@@ -64,10 +64,10 @@ def test_compare_methods_table_and_bars(ray_session, tmp_path):
     out = tmp_path / "compare"
     assert _run_script("compare_methods", out, "--encoder", "oracle", "--k", "5") == 0
     rows = _rows(out)
-    assert sorted(r["method"] for r in rows.values()) == ["baseline", "cluster", "mixed", "supervised"]
+    assert sorted(r["method"] for r in rows.values()) == ["baseline", "cluster", "fnc", "mixed", "supervised"]
     summary = (out / "summary.md").read_text()
     for label in ("| baseline | SimCLR | instance |", "| mixed r=0.5 | SimCLR | instance |",
-                  "| cluster K=5 | SimCLR | cluster |", "| supervised, from scratch | – | – |"):
+                  "| cluster K=5 | SimCLR | cluster |", "| fnc | SimCLR | fnc |", "| supervised, from scratch | – | – |"):
         assert label in summary
     assert "FN pairs per batch %" in summary and "MSL fine-tuned %" in summary
     for row in rows.values():  # linear probe and fine-tuning for pretrained encoders; supervised from scratch
