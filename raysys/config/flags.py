@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 from raysys.config.presets import PRESETS, make_config
-from raysys.methods.self_clusters import SOURCES
 from raysys.config.schema import (
     AMP_MODES,
     AUGMENT_ON,
@@ -18,6 +17,7 @@ from raysys.config.schema import (
     SYNC_BN_MODES,
     PretrainConfig,
 )
+from raysys.methods.self_clusters import SOURCES
 
 
 def add_pretrain_arguments(p) -> None:

@@ -270,16 +270,15 @@ class SupportTopKRule(Rule):
     ``support`` metadata ``[B, D]``: the mean of the L2-normalized embeddings of each image's support views,
     detached (:class:`raysys.methods.objectives.SimCLRObjective` fills it from the two training views).
 
-    FNC draws extra support views per anchor for this (8 in its best ImageNet setting) and aggregates their
-    top-k votes; here the anchor's own two training views are its support set, so detection costs no extra
-    forward pass, and their mean embedding stands for the votes. ``mode="eliminate"`` removes detected
+    FNC draws extra support views per anchor for this and aggregates their top-k votes; here the anchor's own
+    two training views are its support set, so detection costs no extra forward pass, and their mean embedding
+    stands for the votes. ``mode="eliminate"`` removes detected
     candidates from the anchor's negatives; ``"attract"`` makes them positives of weight 1 (FNC's two uses).
     """
 
     name = "fnc"
     requires = ("support",)
     options = {"k": "fnc_k", "threshold": "fnc_threshold", "mode": "cluster_mode"}
-    trial_tags = (("top", "fnc_k"),)
     MODES = ClusterRule.MODES
 
     def __init__(self, k: int = 10, threshold: float = 0.5, mode: str = "eliminate"):

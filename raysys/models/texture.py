@@ -93,7 +93,7 @@ def _kmeans(x: np.ndarray, k: int, seed: int):
 
 def kmeans_ids(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     """k-means cluster ids ``int32 [N]`` of rows ``x``."""
-    return _kmeans(x, k, seed).predict(x).astype(np.int32)
+    return _kmeans(x, k, seed).labels_.astype(np.int32)
 
 
 def cluster_features(features: np.ndarray, k: int, seed: int = 0, dim: int = PCA_DIM) -> np.ndarray:
@@ -112,10 +112,10 @@ def cluster_margins(features: np.ndarray, k: int, seed: int = 0, dim: int = PCA_
     centroid minus the distance to its own (0: on the border between two clusters), in the whitened space."""
     with threadpool_limits(limits=1):
         x = reduce_features(features, dim, seed)
-        distances = _kmeans(x, k, seed).transform(x)
-    nearest = np.sort(distances, axis=1)
+        km = _kmeans(x, k, seed)
+    nearest = np.sort(km.transform(x), axis=1)
     margin = nearest[:, 1] - nearest[:, 0] if k > 1 else np.zeros(len(x))
-    return distances.argmin(1).astype(np.int32), margin
+    return km.labels_.astype(np.int32), margin
 
 
 def purity(cluster_ids, labels) -> float:
