@@ -300,8 +300,15 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     return planes.reshape(batch, channels, height, width)
 
 
-def _apply_to(x: torch.Tensor, mask: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-    """Replace the samples selected by ``mask`` with ``fn(x[idx], idx)``; the rest skip the work."""
+def _apply_to(x: torch.Tensor, mask: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              whole_batch: bool | None = None):
+    """Replace the samples selected by ``mask`` with ``fn(x[idx], idx)`` (every op is per sample).
+
+    On CPU only the selected samples do the work. On an accelerator (``whole_batch``, by default off CPU) the
+    whole batch goes through ``fn`` and ``mask`` picks: gathering the subset needs its indices on the host
+    (``nonzero``), which would stall the device at every op of every step."""
+    if x.device.type != "cpu" if whole_batch is None else whole_batch:
+        return torch.where(mask.reshape(-1, 1, 1, 1), fn(x, torch.arange(len(x), device=x.device)), x)
     idx = mask.nonzero().squeeze(1)
     if idx.numel():
         x[idx] = fn(x[idx], idx)

@@ -403,3 +403,19 @@ def test_cuda_matches_cpu_for_the_same_seed():
     for a, b in zip(cpu, gpu):
         assert b.device.type == "cuda"
         torch.testing.assert_close(a, b.cpu(), rtol=0, atol=1e-4)
+
+
+def test_whole_batch_selection_equals_the_subset_path(monkeypatch):
+    """The accelerator path (every sample through each op, the coin picks: no host sync) gives the views the CPU
+    path (only the selected samples) gives for the same seed."""
+    import functools
+
+    from raysys.data import augment as aug
+
+    images = torch.randint(0, 256, (16, 24, 24, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cfg = AugmentConfig(size=16, blur_p=0.5)  # jitter, grayscale and blur all on, each for some samples
+    subset = aug.two_views(images, cfg, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(aug, "_apply_to", functools.partial(aug._apply_to, whole_batch=True))
+    whole = aug.two_views(images, cfg, torch.Generator().manual_seed(3))
+    for a, b in zip(subset, whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
