@@ -1,6 +1,6 @@
 """What a run says about its time: the split of a run's wall time, a trial's fixed cost, a sweep's ETA."""
 
-from raysys.distributed import sweep
+from raysys.distributed.sweep import trial, tuner
 from raysys.distributed.trainer import run_timing
 
 
@@ -13,7 +13,7 @@ def test_run_timing_splits_the_fit_into_steps_and_the_rest():
 
 def test_trial_timing_reports_the_fixed_cost_and_says_it(capsys):
     timing = {"steps": 90.0, "before_fit": 3.0, "fit_outside_steps": 20.0, "after_fit": 1.0}
-    out = sweep.trial_timing("cluster-k10-s0", 120.0, timing)
+    out = trial.trial_timing("cluster-k10-s0", 120.0, timing)
     assert out == {"trial_seconds": 120.0, "step_seconds": 90.0, "fixed_seconds": 30.0, "fixed_fraction": 0.25}
     line = capsys.readouterr().out
     assert "cluster-k10-s0: 120 s" in line and "fixed cost 30 s (25%)" in line
@@ -23,8 +23,8 @@ def test_trial_timing_reports_the_fixed_cost_and_says_it(capsys):
 def test_sweep_eta_from_this_sessions_pace(tmp_path, monkeypatch):
     (tmp_path / "results.csv").write_text("trial,msl_acc\nbaseline-s0,0.5\n")  # finished before a resume
     clock = iter([1000.0, 1060.0, 1120.0])
-    monkeypatch.setattr(sweep.time, "perf_counter", lambda: next(clock))
-    writer = sweep.ResultsWriter(tmp_path / "results.csv", None, total=5)
+    monkeypatch.setattr(tuner.time, "perf_counter", lambda: next(clock))
+    writer = tuner.ResultsWriter(tmp_path / "results.csv", None, total=5)
     writer.rows["cluster-k10-s0"] = {"trial": "cluster-k10-s0", "msl_acc": 0.625}
     # 2 of 5 done, 1 of them in this session's 60 s: 3 left at 60 s each.
     assert writer.progress_line(writer.rows["cluster-k10-s0"]) == (
