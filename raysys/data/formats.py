@@ -18,24 +18,23 @@ message naming the problem and the fix, before any image is decoded.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import os
-from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 
+from raysys.data.label_files import LABELED_SPLITS, parse_label_file, read_class_map
 from raysys.data.schema import UNLABELED, make_manifest
+from raysys.data.sidecars import NameMatcher, read_sidecar, sidecar_path
 from raysys.errors import DataError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"})
 AUGMENT_SUFFIXES = ("-fh", "-fv", "-r90", "-r180", "-r270", "-brt")
-LABELED_SPLITS = ("train", "val", "test")
 FORMATS = ("msl", "hirise", "imagefolder", "folder")
 
 IMAGES_SUBDIR = "images"  # MSL's image folder; also accepted inside a plain folder
@@ -138,68 +137,6 @@ def _with_metadata(table: pa.Table, fmt: str, classes: list[str], **extra) -> pa
 
 def _first_names(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n])
-
-
-# ----------------------------------------------------------------------------------------------------
-# class maps and label files
-
-
-def _read_class_map(path: Path) -> list[str]:
-    """``id,name`` rows (header row optional) -> names in id order; ids must be 0..n-1."""
-    if not path.is_file():
-        raise DataError(f"class map {path} does not exist; unzip the complete archive, which ships it")
-    by_id: dict[int, str] = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        for lineno, row in enumerate(csv.reader(f), 1):
-            if not row or not "".join(row).strip():
-                continue
-            head = row[0].strip()
-            if lineno == 1 and not head.lstrip("-").isdigit():
-                continue  # header row such as "id,name" or "class_id,class_name"
-            if len(row) < 2 or not head.lstrip("-").isdigit():
-                raise DataError(f"{path}:{lineno}: malformed class map row {','.join(row)!r}; "
-                                f"expected 'id,name', e.g. '2,Artifact'")
-            class_id = int(head)
-            if class_id in by_id:
-                raise DataError(f"{path}:{lineno}: class id {class_id} appears twice; keep one row per id")
-            by_id[class_id] = ",".join(row[1:]).strip()
-    if not by_id:
-        raise DataError(f"class map {path} holds no classes; expected 'id,name' rows")
-    if sorted(by_id) != list(range(len(by_id))):
-        raise DataError(f"class map {path} has ids {sorted(by_id)}; expected consecutive ids 0..{len(by_id) - 1}")
-    return [by_id[i] for i in range(len(by_id))]
-
-
-def _parse_label_file(path: Path, with_split: bool, n_classes: int, class_map: Path):
-    """Lines ``<filename> <class_id>[ <split>]`` -> (names, labels, splits or None)."""
-    expected = "'<filename> <class_id> <split>' (split in train/val/test)" if with_split else "'<filename> <class_id>'"
-    width = 3 if with_split else 2
-    names, labels, splits = [], [], []
-    bad = []
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            try:
-                if len(fields) != width or (with_split and fields[2] not in LABELED_SPLITS):
-                    raise ValueError
-                label = int(fields[1])
-            except ValueError:
-                bad.append((lineno, line.strip()))
-                continue
-            if not 0 <= label < n_classes:
-                raise DataError(f"{path}:{lineno}: class id {label} is not in {class_map} (ids 0..{n_classes - 1}); "
-                                f"use the class map that came with this label file")
-            names.append(fields[0])
-            labels.append(label)
-            if with_split:
-                splits.append(fields[2])
-    if bad:
-        lineno, text = bad[0]
-        raise DataError(f"{path}:{lineno}: malformed label line {text!r} ({len(bad)} malformed lines in all); "
-                        f"expected {expected} per line; fix or remove them")
-    return names, labels, (splits if with_split else None)
 
 
 class _Listing:
@@ -308,10 +245,10 @@ def read_msl(root) -> pa.Table:
     absent = sorted(set(MSL_SPLIT_FILES) - set(present))
     if absent:
         log.warning("%s: no split file for %s; reading only %s", root, absent, sorted(present))
-    classes = _read_class_map(root / MSL_CLASS_MAP)
+    classes = read_class_map(root / MSL_CLASS_MAP)
     names, labels, splits = [], [], []
     for split, path in present.items():
-        n, lab, _ = _parse_label_file(path, False, len(classes), root / MSL_CLASS_MAP)
+        n, lab, _ = parse_label_file(path, False, len(classes), root / MSL_CLASS_MAP)
         names += n
         labels += lab
         splits += [split] * len(n)
@@ -341,8 +278,8 @@ def read_hirise(root, dedupe: bool = False) -> pa.Table:
     if not with_split:
         log.warning("%s missing; read %s without splits: every row gets split 'unlabeled'",
                     HIRISE_SPLIT_LABELS, HIRISE_LABELS)
-    classes = _read_class_map(root / HIRISE_CLASS_MAP)
-    names, labels, splits = _parse_label_file(label_path, with_split, len(classes), root / HIRISE_CLASS_MAP)
+    classes = read_class_map(root / HIRISE_CLASS_MAP)
+    names, labels, splits = parse_label_file(label_path, with_split, len(classes), root / HIRISE_CLASS_MAP)
     if not with_split:
         splits = ["unlabeled"] * len(names)
     # HiRISE's repeats are deliberate upsampling (2,863 in v3.2): worth a note, not a warning.
@@ -385,68 +322,6 @@ def read_imagefolder(root, domain: str = "diverse") -> pa.Table:
     return _with_metadata(table, "imagefolder", classes, duplicates=0)
 
 
-def _sidecar_path(option, root: Path, image_dir: Path, filename: str, what: str) -> Path | None:
-    """``"auto"``: ``filename`` beside the images (root, then images/) if present; a path: must exist."""
-    if option is None:
-        return None
-    if isinstance(option, str) and option == "auto":
-        return next((d / filename for d in (root, image_dir) if (d / filename).is_file()), None)
-    path = Path(option).expanduser().resolve()
-    if not path.is_file():
-        raise DataError(f"{what} file {path} does not exist; pass an existing CSV or leave the option unset")
-    return path
-
-
-def _read_sidecar(path: Path, columns: dict[str, type], required: tuple[str, ...]) -> dict[str, dict]:
-    """CSV with a header row -> {name: {column: value}}; empty cells become the column's unknown value."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [h.strip().lower() for h in next(reader, [])]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise DataError(f"{path}: header row lacks {missing} (found {header}); the first row must name the "
-                            f"columns, e.g. '{','.join(columns)}'")
-        used = [(i, c) for i, c in enumerate(header) if c in columns and c != "name"]
-        name_at = header.index("name")
-        rows: dict[str, dict] = {}
-        for lineno, row in enumerate(reader, 2):
-            if not row or not "".join(row).strip():
-                continue
-            try:
-                rows[row[name_at].strip()] = {c: _cell(row[i], columns[c]) for i, c in used}
-            except (ValueError, IndexError):
-                raise DataError(f"{path}:{lineno}: malformed row {','.join(row)!r}; expected columns "
-                                f"{header} with numbers in {[c for _, c in used]}") from None
-    return rows
-
-
-def _cell(text: str, kind: type):
-    text = text.strip()
-    if not text:
-        return math.nan if kind is float else -1
-    return kind(text)
-
-
-class _NameMatcher:
-    """Finds an image's sidecar row: path relative to the sidecar folder, relative to the image folder,
-    or the bare file name (refused when that name is shared by several images)."""
-
-    def __init__(self, paths: list[str], image_dir: Path):
-        self._image_dir = str(image_dir)
-        self._basenames = Counter(os.path.basename(p) for p in paths)
-
-    def lookup(self, rows: dict, path: str, sidecar: Path):
-        for key in (os.path.relpath(path, sidecar.parent), os.path.relpath(path, self._image_dir)):
-            key = key.replace(os.sep, "/")
-            if key in rows:
-                return rows[key]
-        base = os.path.basename(path)
-        if base in rows and self._basenames[base] > 1:
-            raise DataError(f"{sidecar}: name {base!r} matches {self._basenames[base]} images in subfolders; "
-                            f"write names relative to {sidecar.parent}")
-        return rows.get(base)
-
-
 def read_folder(root, positions="auto", hidden_labels: bool = False, domain: str = "rover") -> pa.Table:
     """Read a plain folder of unlabeled images (recursive; an ``images/`` subfolder is used if present).
 
@@ -460,14 +335,14 @@ def read_folder(root, positions="auto", hidden_labels: bool = False, domain: str
     """
     root = _existing_dir(root, "a folder of images")
     image_dir = root / IMAGES_SUBDIR if (root / IMAGES_SUBDIR).is_dir() else root
-    pos_path = _sidecar_path(positions, root, image_dir, POSITIONS_FILE, "positions")
-    hid_path = _sidecar_path("auto" if hidden_labels else None, root, image_dir, HIDDEN_LABELS_FILE, "hidden labels")
+    pos_path = sidecar_path(positions, root, image_dir, POSITIONS_FILE, "positions")
+    hid_path = sidecar_path("auto" if hidden_labels else None, root, image_dir, HIDDEN_LABELS_FILE, "hidden labels")
     if hidden_labels and hid_path is None:
         raise DataError(f"hidden_labels=True but {root} has no {HIDDEN_LABELS_FILE}; only simulator output has one, "
                         f"so read real data with hidden_labels=False")
-    pos_rows = _read_sidecar(pos_path, {"name": str, "x": float, "y": float, "heading": float,
+    pos_rows = read_sidecar(pos_path, {"name": str, "x": float, "y": float, "heading": float,
                                         "traverse": int, "frame": int}, ("name", "x", "y")) if pos_path else None
-    hid_rows = _read_sidecar(hid_path, {"name": str, "label": int}, ("name", "label")) if hid_path else None
+    hid_rows = read_sidecar(hid_path, {"name": str, "label": int}, ("name", "label")) if hid_path else None
 
     paths = _scan_images(image_dir)
     if not paths:
@@ -479,7 +354,7 @@ def read_folder(root, positions="auto", hidden_labels: bool = False, domain: str
         "image_id": [_stem_id(p, str(image_dir)) for p in paths],
         "domain": [domain] * n,
     }
-    matcher = _NameMatcher(paths, image_dir)
+    matcher = NameMatcher(paths, image_dir)
     missing = 0
     if pos_rows is not None:
         cols = {c: [] for c in ("x", "y", "heading", "traverse", "frame")}

@@ -22,7 +22,8 @@ relative path, fetched when this node lacks it and published put-if-absent, so o
 * ``clusters/<feature key>-k<K>-s<seed>.parquet``: ``image_id``, ``cluster_id`` (one K, one seed).
 
 The data digest covers the manifest's image ids and paths, the files' sizes and modification times, and
-the image size, so regenerated data at the same paths is not served stale features.
+the image size, so regenerated data at the same paths is not served stale features. The ``raysys cluster``
+command is :mod:`raysys.distributed.cluster_command`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,12 +44,8 @@ import torch
 from filelock import FileLock
 
 from raysys import storage
-from raysys.config import PretrainConfig
-from raysys.data import formats
 from raysys.data.schema import image_key
-from raysys.data.sources import builtin_roots, read_pool
 from raysys.distributed.pipeline import decoded_dataset
-from raysys.distributed.runtime import init_ray
 from raysys.errors import ClusterError, ModelFileError
 from raysys.models import texture
 from raysys.models.backbones import embed
@@ -74,8 +70,7 @@ META_USES_LABELS = b"raysys.uses_labels"
 META_QUALITY = b"raysys.quality"
 META_CACHE_FILE = b"raysys.cache_file"
 
-__all__ = ["ClusterError", "cluster_assignments", "cluster_features", "cluster_quality",
-           "configure_parser", "data_digest", "noisy_labels", "run"]
+__all__ = ["ClusterError", "cluster_assignments", "cluster_features", "cluster_quality", "data_digest", "noisy_labels"]
 
 
 # ----------------------------------------------------------------------------- digests and cache files
@@ -148,7 +143,7 @@ def _unique_images(manifest: pa.Table) -> pa.Table:
     return manifest.take(np.sort(first))
 
 
-def _check_k(k, n_images: int) -> int:
+def check_k(k, n_images: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise ClusterError(f"K must be an integer, got {k!r}")
     if not 2 <= k <= n_images:
@@ -156,7 +151,7 @@ def _check_k(k, n_images: int) -> int:
     return int(k)
 
 
-def _labels(manifest: pa.Table) -> np.ndarray:
+def manifest_labels(manifest: pa.Table) -> np.ndarray:
     return np.asarray(manifest.column("label").to_pylist(), dtype=np.int64)
 
 
@@ -252,7 +247,7 @@ def _texture_encoder(manifest: pa.Table, data_key: str, image_size: int, seed: i
     with _entry(file, cache, shared):
         if not file.is_file():
             rows, images = decoded_images(manifest, image_size, progress)
-            labels = _labels(manifest)[rows]
+            labels = manifest_labels(manifest)[rows]
             diagnostic = labels if (labels >= 0).any() else None  # logged per epoch, never trained on
             log.info("training the texture encoder on %d images (%d epochs; cached as %s)", len(images), cfg.epochs, file)
             train = texture.train_texture_encoder
@@ -305,7 +300,7 @@ def noisy_labels(labels: np.ndarray, noise: float, seed: int) -> np.ndarray:
 
 
 def _oracle(manifest: pa.Table, k, cache: Path, noise: float = 0.0, seed: int = 0) -> pa.Table:
-    labels = _labels(manifest)
+    labels = manifest_labels(manifest)
     known = labels >= 0
     if not known.any():
         raise ClusterError("--encoder oracle needs labels, and every image's label is unknown (-1); "
@@ -355,7 +350,7 @@ def cluster_assignments(
         return _oracle(manifest, k, cache, noise, seed)
     if noise:
         raise ClusterError(f"noise={noise:g} applies only to --encoder oracle (the noisy oracle), not {encoder}")
-    k = _check_k(k, manifest.num_rows)
+    k = check_k(k, manifest.num_rows)
     if image_size < 8:
         raise ClusterError(f"image_size must be at least 8 pixels, got {image_size}")
     data_key = data_digest(manifest, image_size)
@@ -372,9 +367,9 @@ def cluster_assignments(
                 if not feature_file.is_file():
                     _save_features(feature_file, *extract_features(model, manifest, image_size, progress))
             image_ids, features = _load_features(feature_file)
-            k = _check_k(k, len(image_ids))  # undecodable files may have left fewer images than rows
+            k = check_k(k, len(image_ids))  # undecodable files may have left fewer images than rows
             ids = cluster_features(features, k, seed)
-            labels = _labels(manifest)
+            labels = manifest_labels(manifest)
             row_of = {i: r for r, i in enumerate(manifest.column("image_id").to_pylist())}
             quality = cluster_quality(ids, labels[[row_of[i] for i in image_ids]])
             if quality:
@@ -383,28 +378,6 @@ def cluster_assignments(
             _write_parquet(_assignment_table(image_ids, ids, _metadata(encoder, k, seed, False, quality, cluster_file)),
                            cluster_file)
     return pq.read_table(cluster_file)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Options of ``raysys cluster``."""
-    p.add_argument("--data", help="pretraining pool: a folder of images or datasets side by side "
-                                  "(default: the built-in simulated data under --builtin-root)")
-    p.add_argument("--builtin-root", default="data/builtin", help="where the built-in data is written")
-    p.add_argument("--preset", default="demo", choices=("smoke", "demo", "paper"), help="built-in data size")
-    p.add_argument("--encoder", default="texture",
-                   help="texture (deep texture clustering, trained here), oracle (true labels: diagnostics "
-                        "on simulated data only) or a saved raysys model (run folder, model.pt, checkpoint)")
-    p.add_argument("--k", action="append", help="number of clusters; repeatable or a comma list (e.g. 10,40,70)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
-    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
-    p.add_argument("--texture-epochs", type=int, help="texture encoder epochs (default: TextureConfig's)")
-    add_texture_arguments(p)
-    p.add_argument("--out", help="also copy the result to this .parquet file (with several K: FILE-k<K>.parquet)")
-    return p
 
 
 def add_texture_arguments(p: argparse.ArgumentParser) -> None:
@@ -421,91 +394,3 @@ def texture_settings(args) -> dict:
     given = {"epochs": getattr(args, "texture_epochs", None), "init_weights": args.texture_weights,
              "colour_invariant": args.texture_colour_invariant or None}
     return {key: value for key, value in given.items() if value is not None}
-
-
-def _parse_ks(values: list[str] | None, encoder: str) -> list[int | None]:
-    if not values:
-        if encoder == "oracle":
-            return [None]  # the oracle has one cluster per label
-        raise ClusterError("--k is required (e.g. --k 40 or --k 10,40,70)")
-    ks = []
-    for value in values:
-        for part in value.split(","):
-            try:
-                ks.append(int(part))
-            except ValueError:
-                raise ClusterError(f"--k {part!r} is not an integer; pass e.g. --k 10,40,70") from None
-    return list(dict.fromkeys(ks))
-
-
-def _pool_manifest(args) -> pa.Table:
-    """Every image of the pool folder (held-out traverses included: a cluster table may cover more than the
-    trainer's pool), with hidden labels whenever the simulator left them (for NMI/purity and the oracle)."""
-    if args.data is not None and not Path(args.data).exists():
-        raise ClusterError(f"--data {args.data} does not exist; pass a folder of images")
-    roots = (builtin_roots(Path(args.builtin_root) / args.preset, args.preset, PretrainConfig.sim_seed)
-             if args.data is None else formats.discover(args.data))
-    return read_pool(roots["rover"]) if "rover" in roots else formats.read_manifest(args.data)
-
-
-def _out_file(out: str, k: int, several: bool) -> Path:
-    path = Path(out)
-    return path.with_name(f"{path.stem}-k{k}{path.suffix}") if several else path
-
-
-def _checked_args(args) -> tuple[list, pa.Table, dict]:
-    """``(ks, pool manifest, encoder settings)``, every bad argument refused before Ray starts."""
-    ks = _parse_ks(args.k, args.encoder)
-    if args.encoder not in ENCODERS and not Path(args.encoder).exists():
-        raise ClusterError(f"--encoder {args.encoder}: no such file or folder; pass texture, oracle or a saved model")
-    if args.image_size < 8:
-        raise ClusterError(f"--image-size must be at least 8, got {args.image_size}")
-    manifest = _pool_manifest(args)
-    n_images = len(set(manifest.column("image_id").to_pylist()))
-    if args.encoder == "oracle":
-        if not (_labels(manifest) >= 0).any():
-            raise ClusterError("--encoder oracle needs labels; this pool has none (only simulated data does)")
-        ks = ks[:1]
-    else:
-        for k in ks:
-            _check_k(k, n_images)
-    encoder_kw = texture_settings(args)
-    if args.encoder == "texture":
-        texture.TextureConfig.from_dict(encoder_kw)
-    elif encoder_kw:
-        raise ClusterError("--texture-epochs, --texture-colour-invariant and --texture-weights apply only to "
-                           "--encoder texture")
-    return ks, manifest, encoder_kw
-
-
-def _print_assignments(table: pa.Table, encoder: str) -> None:
-    meta = table.schema.metadata
-    sizes = np.bincount(table.column("cluster_id").to_numpy())
-    sizes = sizes[sizes > 0]
-    label = "oracle (USES TRUE LABELS)" if meta[META_USES_LABELS] == b"true" else encoder
-    print(f"{label} K={meta[META_K].decode()}: {meta[META_CACHE_FILE].decode()}")
-    print(f"  {len(sizes)} clusters over {table.num_rows} images; size min {sizes.min()}, "
-          f"median {np.median(sizes):g}, max {sizes.max()}")
-    quality = json.loads(meta[META_QUALITY])
-    if quality:
-        print(f"  NMI {quality['nmi']:.3f}, purity {quality['purity']:.3f}, same-cluster pairs sharing a class "
-              f"{quality.get('pair_precision', float('nan')):.3f}, same-class pairs sharing a cluster "
-              f"{quality.get('pair_recall', float('nan')):.3f} ({quality['n_labeled']} labeled images)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``raysys cluster``: cluster the pool for each ``--k``; prints the Parquet path, cluster sizes and,
-    when labels exist, NMI and purity."""
-    ks, manifest, encoder_kw = _checked_args(args)
-    init_ray()
-    for k in ks:
-        table = cluster_assignments(manifest, args.encoder, k, seed=args.seed, cache_dir=args.cache_dir,
-                                    image_size=args.image_size, **encoder_kw)
-        _print_assignments(table, args.encoder)
-        if args.out:
-            meta = table.schema.metadata
-            target = _out_file(args.out, int(meta[META_K]), len(ks) > 1)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(meta[META_CACHE_FILE].decode(), target)
-            print(f"  copied to {target}")
-    return 0

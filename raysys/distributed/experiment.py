@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from raysys.config import PretrainConfig
+from raysys.distributed.console import LOG_FILE, quiet_console, say
 from raysys.distributed.runtime import publish_run
 from raysys.distributed.trainer import pretrain
 from raysys.eval.linear import evaluate
@@ -46,18 +47,25 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def pretrain_and_evaluate(cfg: PretrainConfig, run_eval: bool = True) -> dict:
-    """The pretraining demo: pretrain, evaluate, print and save the table (``summary.json``)."""
-    run = pretrain(cfg)
-    metrics = run["metrics"] or {}
-    print(f"pretraining finished: epoch {metrics.get('epoch')}, loss {metrics.get('loss', float('nan')):.4f}, "
-          f"{metrics.get('images_per_s', 0):.0f} images/s; run folder {run['out']}")
-    rows = evaluate_run(run, cfg) if run_eval else []
-    if rows:
-        print(format_table(rows))
-    summary = {"metrics": metrics, "linear_eval": rows, "skipped_files": run["skipped_files"],
-               "command": " ".join(["python", *map(shlex.quote, sys.argv)])}  # shown by report.html
-    (Path(run["out"]) / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"report: {write_report(run['out'])}")
-    publish_run(Path(run["out"]), cfg.storage)  # the evaluations and the report join the run in shared storage
+def pretrain_and_evaluate(cfg: PretrainConfig, run_eval: bool = True, verbose: bool = False) -> dict:
+    """The pretraining demo: pretrain (one line per epoch on the console; Ray's own output in the run folder's
+    log unless ``verbose``), evaluate, print and save the table (``summary.json``)."""
+    with quiet_console(cfg.out, verbose):
+        say(f"[raysys] pretraining into {Path(cfg.out).resolve()}; Ray's own output in {LOG_FILE} there "
+            "(--verbose shows it here)")
+        run = pretrain(cfg, progress=True)
+        metrics = run["metrics"] or {}
+        say(f"pretraining finished: epoch {metrics.get('epoch')}, loss {metrics.get('loss', float('nan')):.4f}, "
+            f"{metrics.get('images_per_s', 0):.0f} images/s; run folder {run['out']}")
+        if run_eval:
+            say(f"[raysys] linear evaluation on {', '.join(sorted(run['benchmarks'])) or 'no benchmark'} "
+                "(pretrained, random-init, majority class)")
+        rows = evaluate_run(run, cfg) if run_eval else []
+        if rows:
+            say(format_table(rows))
+        summary = {"metrics": metrics, "linear_eval": rows, "skipped_files": run["skipped_files"],
+                   "command": " ".join(["python", *map(shlex.quote, sys.argv)])}  # shown by report.html
+        (Path(run["out"]) / "summary.json").write_text(json.dumps(summary, indent=2))
+        say(f"report: {write_report(run['out'])}")
+        publish_run(Path(run["out"]), cfg.storage)  # the evaluations and the report join the run in shared storage
     return summary

@@ -28,6 +28,7 @@ from raysys.data.decode import load_images
 from raysys.data.schema import image_key
 from raysys.data.sources import resolve_data, unseen_pool
 from raysys.distributed.pipeline import FileReport, decoded_pool, pretrain_dataset, write_file_report
+from raysys.distributed.progress import epoch_progress
 from raysys.distributed.runtime import (
     check_cluster,
     init_ray,
@@ -169,12 +170,14 @@ def pretrain(
     callbacks: list | None = None,
     reserved_cpus: float = 0.0,
     concurrent: int = 1,
+    progress: bool = False,
 ) -> dict:
     """Pretrain per ``cfg``; returns the final metrics, the run folder, the benchmarks found and the config
     that ran (validated, ESS defaults derived).
 
     ``manifest``/``benchmarks`` default to :func:`resolve_data`; a sweep passes its own (e.g. with
-    cluster ids attached), its Train callbacks, and the CPUs its trials reserve.
+    cluster ids attached), its Train callbacks, and the CPUs its trials reserve. ``progress``: one line per
+    epoch on the console.
     """
     cfg = cfg.validate()
     begin = time.perf_counter()
@@ -198,15 +201,16 @@ def pretrain(
         data["paired_pool"] = ray.put(decoded_pool(manifest, cfg.image_size, report))
     else:
         data["dataset"] = pretrain_dataset(manifest, cfg.augment_config, cfg.image_size, report, cache=cfg.cache_decoded,
-                                           seed=cfg.seed, views=cfg.augment_on == "data" and cfg.objective.inputs == "views")
+                                           seed=cfg.seed, views=cfg.views_on == "data" and cfg.objective.inputs == "views",
+                                           decode_size=cfg.decode_size)
     start = time.perf_counter()
-    trainer = _trainer(cfg, manifest, out, data, callbacks,
-                       worker_resources(cfg, ray.cluster_resources().get("CPU", 1.0), reserved_cpus, concurrent),
-                       concurrent)
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        raise _storage_failure(cfg.storage) or exc
+    resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 1.0), reserved_cpus, concurrent)
+    with epoch_progress(progress) as shown:
+        trainer = _trainer(cfg, manifest, out, data, [*(callbacks or []), *shown], resources, concurrent)
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            raise _storage_failure(cfg.storage) or exc
     seconds = time.perf_counter() - start
     skipped = write_file_report(report, out)["skipped"]
     if result.checkpoint is None:

@@ -17,6 +17,7 @@ from helpers import bucket_keys
 from raysys.data import formats, simulate
 from raysys.data.schema import make_manifest
 from raysys.data.sources import attach_clusters
+from raysys.distributed import cluster_command
 from raysys.distributed import clustering as cl
 from raysys.errors import run_command
 from raysys.eval.features import extract_features as reference_features
@@ -356,7 +357,7 @@ def test_attach_clusters_joins_by_id_and_fills_missing(caplog):
 
 
 def cli_args(**kw):
-    parser = cl.configure_parser(argparse.ArgumentParser())
+    parser = cluster_command.configure_parser(argparse.ArgumentParser())
     argv = [item for key, value in kw.items() for item in (f"--{key.replace('_', '-')}", str(value))]
     return parser.parse_args(argv)
 
@@ -367,7 +368,7 @@ def test_cli_prints_path_sizes_and_quality(ray_session, small_pool, model_file, 
     for path in small_pool.column("path").to_pylist()[:40]:
         (folder / path.rsplit("/", 1)[1]).symlink_to(path)
     out = tmp_path / "clusters.parquet"
-    code = cl.run(cli_args(data=folder, encoder=model_file, k="3,4", cache_dir=tmp_path / "cache",
+    code = cluster_command.run(cli_args(data=folder, encoder=model_file, k="3,4", cache_dir=tmp_path / "cache",
                            image_size=16, out=out))
     assert code == 0
     text = capsys.readouterr().out
@@ -389,7 +390,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, kw, message):
 
     for i in range(4):
         Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / f"img{i}.png")
-    assert run_command("raysys cluster", cl.run, cli_args(data=folder, cache_dir=tmp_path / "cache", **kw)) == 2
+    assert run_command("raysys cluster", cluster_command.run, cli_args(data=folder, cache_dir=tmp_path / "cache", **kw)) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
 

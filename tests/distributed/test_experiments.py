@@ -1,7 +1,10 @@
 """The mixed-domain, temperature and method-comparison sweep scripts at smoke scale, in this process's Ray."""
 
 import json
+import os
 import runpy
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +19,16 @@ from raysys.reporting import results as report
 def _run_script(name: str, out: Path, *args: str) -> int:
     script = runpy.run_path(str(REPO / "experiments" / f"{name}.py"), run_name="test")
     return main(name, "test", script["configure"], ["--preset", "smoke", "--out", str(out), *args])
+
+
+def _run_as_job(ray_session, name: str, out: Path, *args: str) -> str:
+    """Run a sweep script as ``ray job submit`` runs it: its own process, joining this session's Ray; return what
+    it printed (stdout and stderr together)."""
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / f"{name}.py"), "--preset", "smoke", "--out", str(out),
+                           *args], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout
+    return proc.stdout
 
 
 def _rows(out: Path) -> dict:
@@ -232,7 +245,11 @@ def test_sweep_k_self_clustering_reclusters_inside_the_trial(ray_session, tmp_pa
     from raysys.data.sources import resolve_data
 
     out = tmp_path / "self"
-    assert _run_script("sweep_k", out, "--encoder", "self", "--no-supervised", "--no-baseline", "--k", "4") == 0
+    console = _run_as_job(ray_session, "sweep_k", out, "--encoder", "self", "--no-supervised", "--no-baseline", "--k", "4")
+    lines = console.splitlines()
+    assert len(lines) <= 60 and "TrainingReport(" not in console, console
+    assert lines[0].startswith("[raysys] sweep_k: 1 trial(s)") and "trial 1/1 done: cluster-k4-t0.5-s0" in console
+    assert "TrainingReport(" in (out / "ray-output.log").read_text()  # Ray's own output: in the log, not the console
     row = _rows(out)["cluster-k4-t0.5-s0"]
     trial = out / "trials" / "cluster-k4-t0.5-s0"
     table = pq.read_table(trial / "clusters.parquet")

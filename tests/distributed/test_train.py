@@ -6,13 +6,15 @@ These are the slow tests (each ``TorchTrainer.fit`` costs ~20 s of fixed overhea
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import bucket_keys
+from helpers import REPO, bucket_keys
 
 from raysys.config import make_config
 
@@ -30,15 +32,23 @@ def _scalars(tb_dir: Path) -> set[str]:
     return set(acc.Tags()["scalars"])
 
 
-def test_smoke_pretrain_and_linear_eval(ray_session, builtin_root, s3_bucket, tmp_path):
-    """The smoke run with ``--storage`` on the live object store: its run folder (evaluations and report
-    included), checkpoints and TensorBoard events land in the bucket."""
-    from raysys.distributed.experiment import pretrain_and_evaluate
-
+def test_smoke_pretrain_and_linear_eval(ray_session, s3_bucket, tmp_path):
+    """``raysys pretrain`` as a user runs it (its own process, joining this Ray), with ``--storage`` on the live
+    object store: one line per epoch on the console and Ray's own output in the run folder's log; the run folder
+    (evaluations and report included), checkpoints and TensorBoard events land in the bucket."""
     shared = f"{s3_bucket}/run"
-    cfg = make_config("smoke", out=str(tmp_path / "run"), builtin_root=builtin_root, storage=shared).validate()
-    summary = pretrain_and_evaluate(cfg)
+    cfg = make_config("smoke", out=str(tmp_path / "run"), storage=shared).validate()
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "raysys.cli", "pretrain", "--preset", "smoke", "--out", cfg.out,
+                           "--storage", shared], env=env, cwd=REPO, text=True, timeout=600,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.returncode == 0, proc.stdout
     out = tmp_path / "run"
+    summary = json.loads((out / "summary.json").read_text())
+    epochs = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == [f"{e}/{cfg.epochs}" for e in range(1, cfg.epochs + 1)], proc.stdout
+    assert all(" loss " in line and " img/s" in line for line in epochs)
+    assert "TrainingReport(" not in proc.stdout and "TrainingReport(" in (out / "ray-output.log").read_text()
     stored = {k.removeprefix("run/") for k in bucket_keys(s3_bucket)}
     assert {"config.json", "model.pt", "eval-msl.json", "eval-hirise.json", "summary.json", "report.html"} <= stored
     assert any(k.startswith("tb/events.out.tfevents") for k in stored), sorted(stored)

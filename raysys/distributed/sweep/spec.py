@@ -219,6 +219,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    "baseline as DCL; default off, so that cluster-aware trials differ from the baseline only in "
                    "the negatives they remove (see docs/results.md)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out (and --storage)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own output (Data progress, Train reports, Tune "
+                   "tables, actor logs) on the console; default: in the sweep folder's ray-output.log")
     p.add_argument("--supervised", action=argparse.BooleanOptionalAction, default=None,
                    help="add (or, --no-supervised, skip) the supervised reference runs (default: the preset's; "
                         "the demo preset skips them to finish in 15 minutes)")

@@ -9,6 +9,7 @@ from raysys import storage
 from raysys.config import PretrainConfig
 from raysys.data.formats import discover
 from raysys.data.sources import is_simulated
+from raysys.distributed.console import say
 from raysys.distributed.sweep.spec import BENCHMARKS, SweepSpec
 from raysys.distributed.trainer import CURVE_FILE
 from raysys.reporting import fn_study
@@ -78,8 +79,8 @@ def _write_summary_file(out: Path, lines: list[str], plots: list[str], errors: l
     if errors:
         lines += ["", f"{len(errors)} trial(s) failed:"] + [f"- {e}" for e in errors]
     report.write_atomic(out / "summary.md", "\n".join(lines) + "\n")
-    print(*shown, sep="\n")
-    print(f"\nresults: {out / 'results.csv'}\nsummary: {out / 'summary.md'}\nTensorBoard: tensorboard --logdir {out}")
+    say("\n".join(shown + ([f"{len(errors)} trial(s) failed:", *errors] if errors else [])))
+    say(f"\nresults: {out / 'results.csv'}\nsummary: {out / 'summary.md'}\nTensorBoard: tensorboard --logdir {out}")
     return ["summary.md", *plots]
 
 

@@ -19,6 +19,7 @@ from raysys import storage
 from raysys.config import PretrainConfig
 from raysys.data.sources import attach_clusters, heldout_manifest, resolve_data
 from raysys.distributed.clustering import cluster_assignments, cluster_quality
+from raysys.distributed.console import say
 from raysys.distributed.runtime import publish_run, torch_threads
 from raysys.distributed.sweep.spec import (
     SUPERVISED_METHODS,
@@ -241,8 +242,7 @@ def prepare_clusters(spec: SweepSpec) -> None:
         manifest, _ = resolve_data(PretrainConfig.from_dict({**spec.base, "seed": seed}))
         for k, noise, encoder in clusterings:
             trial_clusters(spec, manifest, k, seed, noise, progress=True, encoder=encoder)
-    print(f"[raysys] clustering for {len(clusterings) * spec.seeds} trial(s), shared: "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+    say(f"[raysys] clustering for {len(clusterings) * spec.seeds} trial(s), shared: {time.perf_counter() - start:.0f} s")
 
 
 def trial_timing(name: str, total: float, timing: dict) -> dict:

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from raysys import storage
 from raysys.config import PretrainConfig
 from raysys.config.presets import SWEEP_PRESETS
 from raysys.data.sources import resolve_data
+from raysys.distributed.console import LOG_FILE, quiet_console, say
+from raysys.distributed.progress import SweepProgress
 from raysys.distributed.runtime import check_cluster, init_ray
 from raysys.distributed.sweep.spec import (
     SUPERVISED_METHODS,
@@ -42,15 +43,13 @@ from raysys.reporting.html import write_report
 
 
 class ResultsWriter(tune.Callback):
-    """Rewrites ``results.csv`` after every finished trial, so an interrupted sweep keeps its results, and
-    prints one line per finished trial with an ETA for the sweep (from this session's pace). ``write``:
-    how the trials' rows become the file (:func:`results_writer`)."""
+    """Rewrites ``results.csv`` after every finished trial, so an interrupted sweep keeps its results.
+    ``write``: how the trials' rows become the file (:func:`results_writer`)."""
 
-    def __init__(self, path: Path, storage_root: str | None, total: int, write=report.write_results_csv):
+    def __init__(self, path: Path, storage_root: str | None, write=report.write_results_csv):
         self.path, self.write = path, write
         self.storage_root = storage_root
         self.rows = {row["trial"]: row for row in report.read_results_csv(path)}
-        self.total, self.done_before, self.started = total, len(self.rows), time.perf_counter()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if trial.last_result:
@@ -58,15 +57,6 @@ class ResultsWriter(tune.Callback):
             self.rows[row["trial"]] = row
             self.write(list(self.rows.values()), self.path)
             publish_files(self.path.parent, self.storage_root, [self.path.name])
-            print(self.progress_line(row), flush=True)
-
-    def progress_line(self, row: dict) -> str:
-        done = len(self.rows)
-        left = max(0, self.total - done)
-        pace = (time.perf_counter() - self.started) / max(1, done - self.done_before)
-        score = f", MSL {row['msl_acc']:.1%}" if isinstance(row.get("msl_acc"), float) else ""
-        eta = f"ETA {left * pace / 60:.0f} min for the {left} left" if left else "all trials done"
-        return f"[raysys] trial {done}/{self.total} done: {row['trial']}{score}; {eta}"
 
 
 def results_writer(spec: SweepSpec):
@@ -148,10 +138,9 @@ def _scheduler(spec: SweepSpec, base: PretrainConfig):
                          reduction_factor=2, max_t=base.epochs + 1)  # + 1: the trial's final report
 
 
-def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
-    """Run (or resume) the sweep; write results.csv, summary.md and plots; return the result rows."""
-    out = Path(spec.out).resolve()
-    spec = dataclasses.replace(spec, out=str(out))
+def _checked(spec: SweepSpec, resume: bool) -> tuple[SweepSpec, list[str]]:
+    """The spec with an absolute ``out`` and its stages' Tune experiments, after every check that needs no Ray."""
+    spec = dataclasses.replace(spec, out=str(Path(spec.out).resolve()))
     if spec.storage:
         storage.check_reachable(spec.storage)
     experiments = [storage.join(spec.storage_root, stage.name) for stage in spec.stages()]
@@ -163,33 +152,57 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
     base = PretrainConfig.from_dict(spec.base)
     manifest, _ = resolve_data(base)  # writes the built-in data once, before trials race to do it; fails fast
     _check_ks(spec, manifest.num_rows)
-    init_ray()
-    concurrent = spec.max_concurrent or default_concurrency(base)
-    check_cluster(base, concurrent)
-    if spec.asha:
-        if not base.knn_monitor or base.eval_every:
-            raise ConfigError("--asha stops trials on the per-epoch kNN monitor, which is off here (--knn-monitor none, "
-                              "or a study's evaluation curve in its place); drop --asha")
-        # Supervised trials never report the monitor's metric: don't let Tune's strict check fail them.
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(asdict(spec), indent=2))
-    write = results_writer(spec)
-    writer = ResultsWriter(out / "results.csv", spec.storage, total=len(spec.grid()) * spec.seeds, write=write)
-    results = []
-    for stage, experiment in zip(spec.stages(), experiments):
-        prepare_clusters(stage)
-        results += list(_tuner(stage, concurrent, writer, experiment if storage.exists(experiment) else None).fit())
-    rows = [result_row(r.config, r.metrics) for r in results if r.metrics]
-    errors = [str(r.error).splitlines()[0] for r in results if r.error]
-    write(rows, out / "results.csv")
-    files = (write_study_summary if spec.plot == "steps" else write_summary)(spec, rows, errors)
-    print(f"report: {write_report(out)}")
-    publish_files(out, spec.storage, ["sweep.json", "results.csv", "report.html", *files])
+    if spec.asha and (not base.knn_monitor or base.eval_every):
+        raise ConfigError("--asha stops trials on the per-epoch kNN monitor, which is off here (--knn-monitor none, "
+                          "or a study's evaluation curve in its place); drop --asha")
+    return spec, experiments
+
+
+def _header(spec: SweepSpec, concurrent: int) -> None:
+    """What runs and where everything goes, before the first trial."""
+    out, configs = Path(spec.out), len(spec.grid())
+    resources = ray.cluster_resources()
+    gpus = f" and {resources['GPU']:g} GPU(s)" if resources.get("GPU") else ""
+    say(f"[raysys] {spec.name}: {configs * spec.seeds} trial(s) ({configs} configuration(s) x {spec.seeds} seed(s)), "
+        f"{concurrent} at a time on {resources.get('CPU', 0):g} CPU(s){gpus}")
+    say(f"[raysys] results.csv, summary.md and report.html go to {out}; Ray's own output to {out / LOG_FILE} "
+        "(--verbose shows it here)")
+    say(f"[raysys] TensorBoard: tensorboard --logdir {spec.storage_root}")
+
+
+def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> list[dict]:
+    """Run (or resume) the sweep; write results.csv, summary.md and plots; return the result rows. Ray's own
+    output goes to the sweep folder's log file unless ``verbose``."""
+    spec, experiments = _checked(spec, resume)
+    out = Path(spec.out)
+    with quiet_console(out, verbose):
+        init_ray()
+        base = PretrainConfig.from_dict(spec.base)
+        concurrent = spec.max_concurrent or default_concurrency(base)
+        check_cluster(base, concurrent)
+        if spec.asha:  # supervised trials never report the monitor's metric: don't let Tune's strict check fail them
+            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.json").write_text(json.dumps(asdict(spec), indent=2))
+        _header(spec, concurrent)
+        write = results_writer(spec)
+        writer = ResultsWriter(out / "results.csv", spec.storage, write=write)
+        progress = SweepProgress(len(spec.grid()) * spec.seeds, len(writer.rows), _tune_trial_name, result_row)
+        results = []
+        for stage, experiment in zip(spec.stages(), experiments):
+            prepare_clusters(stage)
+            tuner = _tuner(stage, concurrent, [writer, progress], experiment if storage.exists(experiment) else None)
+            results += list(tuner.fit())
+        rows = [result_row(r.config, r.metrics) for r in results if r.metrics]
+        errors = [str(r.error).splitlines()[0] for r in results if r.error]
+        write(rows, out / "results.csv")
+        files = (write_study_summary if spec.plot == "steps" else write_summary)(spec, rows, errors)
+        say(f"report: {write_report(out)}")
+        publish_files(out, spec.storage, ["sweep.json", "results.csv", "report.html", *files])
     return rows
 
 
-def _tuner(spec: SweepSpec, concurrent: int, writer: ResultsWriter, restore: str | None) -> tune.Tuner:
+def _tuner(spec: SweepSpec, concurrent: int, callbacks: list, restore: str | None) -> tune.Tuner:
     """The Tune run of one stage: every variant x seed, or the interrupted one at ``restore``."""
     trainable = tune.with_resources(run_trial, _trial_resources(spec, concurrent))
     if restore:
@@ -206,7 +219,7 @@ def _tuner(spec: SweepSpec, concurrent: int, writer: ResultsWriter, restore: str
         },
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_tune_trial_name,
                                     trial_dirname_creator=_tune_trial_name, scheduler=_scheduler(spec, base)),
-        run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_root, callbacks=[writer],
+        run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_root, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
 
@@ -223,7 +236,8 @@ def main(name: str, description: str, configure, argv=None) -> int:
     def sweep() -> int:
         if args.preset not in SWEEP_PRESETS:
             raise ConfigError(f"--preset {args.preset!r} is unknown; choose one of {list(SWEEP_PRESETS)}")
-        run_sweep(spec_from_args(name, args, **build(args, SWEEP_PRESETS[args.preset])), resume=args.resume)
+        run_sweep(spec_from_args(name, args, **build(args, SWEEP_PRESETS[args.preset])), resume=args.resume,
+                  verbose=args.verbose)
         return 0
 
     return run_command(name, sweep)
