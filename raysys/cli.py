@@ -20,7 +20,7 @@ from raysys.errors import run_command
 COMMANDS = {
     "simulate": ("raysys.data.simulate", "write the built-in Mars-like datasets in the real formats"),
     "pretrain": (None, "contrastive pretraining on Ray Train, then linear evaluation"),
-    "cluster": ("raysys.distributed.clustering",
+    "cluster": ("raysys.distributed.cluster_command",
                 "unsupervised clusters of the pretraining pool (k-means on encoder features)"),
     "linear-eval": ("raysys.eval.linear", "linear evaluation of a saved encoder on labeled benchmarks"),
     "fn-sim": ("raysys.eval.fnsim", "simulate false-negative view pairs per batch (paper Appendix B)"),
@@ -28,6 +28,10 @@ COMMANDS = {
     "visualize": ("raysys.reporting.visualize",
                   "t-SNE of an encoder's features drawn with image thumbnails, and a TensorBoard projector"),
     "report": ("raysys.reporting.html", "write DIR/report.html: one self-contained page of an experiment"),
+    "export": ("raysys.models.export", "write a run's encoder (no projection head) as torchvision, safetensors, "
+                                       "ONNX or TorchScript"),
+    "embed": ("raysys.distributed.embed", "embed every image of a dataset into a Parquet file (Ray Data batch inference)"),
+    "search": ("raysys.eval.search", "nearest neighbours of an image in an embeddings file (cosine similarity)"),
 }
 
 
@@ -35,7 +39,7 @@ def _pretrain(args) -> int:
     cfg = config_from_args(args)  # validated before the distributed layer (and Ray) is imported
     from raysys.distributed.experiment import pretrain_and_evaluate
 
-    pretrain_and_evaluate(cfg, run_eval=not args.no_eval)
+    pretrain_and_evaluate(cfg, run_eval=not args.no_eval, verbose=args.verbose)
     return 0
 
 
@@ -49,6 +53,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             continue
         if module_name is None:
             add_pretrain_arguments(p)
+            p.add_argument("--verbose", action="store_true", help="show Ray's own output (Data progress, Train "
+                           "reports, actor logs) on the console; default: in the run folder's ray-output.log")
             p.set_defaults(func=_pretrain)
         else:
             module = importlib.import_module(module_name)
