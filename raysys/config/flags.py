@@ -51,7 +51,10 @@ def add_pretrain_arguments(p) -> None:
     p.add_argument("--sync-bn", choices=SYNC_BN_MODES, help="SimCLR's global batch norm over every worker's images "
                    "(auto, the default: on when --workers > 1; MoCo keeps shuffle-BN)")
     p.add_argument("--augment-on", choices=AUGMENT_ON, help="make the two views in each Train worker on its "
-                   "device (worker, default: on GPU, augmentation off the CPUs) or in Ray Data's CPU tasks (data)")
+                   "device (worker: on GPU, augmentation off the CPUs) or in Ray Data's CPU tasks (data); auto, the "
+                   "default: the worker on GPUs and on CPU-only clusters (where it measured faster)")
+    p.add_argument("--decode-scale", type=float, help="decode images at this many times --image-size, so small "
+                   "random crops upsample less (default 1.25; memory of the decode cache grows with its square)")
     p.add_argument("--max-images", type=int, help="use at most this many pretraining images")
     p.add_argument("--mix-ratio", type=float, help="mixed-domain pretraining: fraction of the pool drawn from "
                    "--mix-data (0: Mars only, 1: out-of-domain only); the pool size stays the same")

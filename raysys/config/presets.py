@@ -27,7 +27,7 @@ PRESETS: dict[str, dict] = {
     ),
     "paper": dict(
         sim_preset="paper", backbone="resnet50", width=1.0, small_stem=False, image_size=224,
-        epochs=400, batch_size=128, lr=3e-4, cache_decoded=False, shuffle_buffer=4096,
+        epochs=400, batch_size=128, lr=3e-4, cache_decoded=False,
     ),
 }
 

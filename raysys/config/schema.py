@@ -26,7 +26,10 @@ SCHEDULES = ("constant", "cosine")
 PROBE_ACTIVATIONS = ("none", "relu")
 AMP_MODES = ("none", "bf16", "fp16")
 SYNC_BN_MODES = ("auto", "on", "off")
-AUGMENT_ON = ("data", "worker")
+AUGMENT_ON = ("auto", "data", "worker")
+# Where --augment-on auto makes the views without a GPU (bench/gpu_step.py --device cpu, README): on a CPU-only
+# cluster the Train workers' own cores made them faster than Ray Data's tasks competing with them for the cores.
+CPU_AUGMENT_ON = "worker"
 PAIR_RULES = tuple(RULES)
 FRAMEWORKS = tuple(OBJECTIVES)  # contrastive (simclr, moco) and the pretext tasks
 CLUSTER_MODES = ClusterRule.MODES
@@ -125,11 +128,18 @@ class PretrainConfig:
     image_size: int = 224
     augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
     cache_decoded: bool = True  # keep decoded, resized images in the object store across epochs
-    # Where the two views are made: in the Train worker on its device (the same batched torch code; on GPU
-    # it keeps 224 px augmentation off the CPUs, on 2 CPU cores it measured faster than separate tasks) or
-    # in Ray Data's CPU tasks ("data"). Ray Data decodes either way.
-    augment_on: str = "worker"
-    shuffle_buffer: int = 1024
+    # Images are decoded at decode_scale x image_size: RandomResizedCrop's small crops (8 % of the area: 0.28 of
+    # the side) then upsample 2.8x instead of 3.5x. Costs decode_scale^2 the pixels: 1.56x at 1.25, i.e. 235 KB
+    # instead of 150 KB per 224 px image in the decode cache (23 GB instead of 15 GB per 100,000 images).
+    decode_scale: float = 1.25
+    # Where the two views are made: in the Train worker on its device (the same batched torch code, on a side
+    # stream one batch ahead; on GPU it keeps 224 px augmentation off the CPUs) or in Ray Data's CPU tasks
+    # ("data"). auto: the worker on GPUs, CPU_AUGMENT_ON without. Ray Data decodes either way.
+    augment_on: str = "auto"
+    # Rows Ray Data's local shuffle buffer holds before each epoch's first batch: the pool is permuted once and
+    # its small blocks come in a new order every epoch, so a buffer of about one batch varies the batches; a
+    # larger one only delays every epoch's start while it fills.
+    shuffle_buffer: int = 256
     # Resources: workers=N Ray Train workers; CPUs per worker derived from the cluster when None.
     workers: int = 1
     gpus_per_worker: float = 0.0
@@ -181,6 +191,18 @@ class PretrainConfig:
     def augment_config(self) -> AugmentConfig:
         return AugmentConfig.from_dict(self.augment)
 
+    @property
+    def decode_size(self) -> int:
+        """Side of the decoded images the views are cut from (``decode_scale`` x ``image_size``)."""
+        return round(self.image_size * self.decode_scale)
+
+    @property
+    def views_on(self) -> str:
+        """Where the views are made: ``augment_on`` with auto resolved (the worker on GPUs)."""
+        if self.augment_on != "auto":
+            return self.augment_on
+        return "worker" if self.gpus_per_worker > 0 else CPU_AUGMENT_ON
+
     def validate(self) -> "PretrainConfig":
         """Raise :class:`ConfigError` (one line: the option, the value, the fix) on any bad value; return the
         config to run (the same one, with ``storage`` in its canonical form)."""
@@ -229,7 +251,7 @@ class PretrainConfig:
             (self.max_images is None or self.max_images >= self.batch_size,
              f"--max-images {self.max_images} is smaller than one batch ({self.batch_size}); raise it or lower --batch-size"),
         ]
-        for ok, message in checks + self._detector_checks() + self._eval_checks() + self._study_checks():
+        for ok, message in checks + self._detector_checks() + self._eval_checks() + self._study_checks() + self._data_checks():
             if not ok:
                 raise ConfigError(message)
         for path, option in ((self.data, "--data"), (self.init_weights, "--init-weights"), (self.mix_data, "--mix-data"),
@@ -245,11 +267,15 @@ class PretrainConfig:
     def _eval_checks(self) -> list[tuple[bool, str]]:
         return [(self.eval_activation in PROBE_ACTIVATIONS, f"eval_activation: choose one of {list(PROBE_ACTIVATIONS)}")]
 
+    def _data_checks(self) -> list[tuple[bool, str]]:
+        return [(1.0 <= self.decode_scale <= 2.0, f"--decode-scale must be in [1, 2] (got {self.decode_scale}): "
+                 "images are decoded at this many times --image-size")]
+
     def _study_checks(self) -> list[tuple[bool, str]]:
         return [
             (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})"),
             (self.eval_every >= 0, f"eval_every must be >= 0 steps (got {self.eval_every}); 0 turns the curve off"),
-            (not (self.paired_batches and self.augment_on == "data"),
+            (not (self.paired_batches and self.views_on == "data"),
              "paired batches make the views in the worker from the step's seed; drop --augment-on data"),
         ]
 

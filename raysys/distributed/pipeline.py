@@ -1,20 +1,26 @@
 """Ray Data pipeline: manifest -> read bytes -> decode (bad files skipped and reported) -> two views.
 
-Two stages, both ``map_batches`` over whole batches:
+Two stages, both ``map_batches`` with one batch per block:
 
-1. :func:`decode_batch` reads each row's file, decodes and resizes it to ``image_size`` (one bad file
+1. :func:`decode_batch` reads each row's file, decodes and resizes it to the decode size (one bad file
    never aborts the dataset, unlike ``read_images``); bad files are dropped and, with files
    converted from 16-bit/CMYK/alpha, sent to a :class:`FileReport` actor that the driver lists in the
    run folder.
    The decoded, resized images may be materialized once and reused every epoch (``cache_decoded``).
 2. :func:`two_views_batch` draws two SimCLR views for the whole batch at once with tensor ops
-   (``raysys.data.augment.two_views``). It is never materialized, so every epoch sees fresh views.
+   (``raysys.data.augment.two_views``), returned as uint8 (the worker turns them into floats on its
+   device). It is never materialized, so every epoch sees fresh views.
+
+Sizing: a map task never splits a block, so the blocks are what spreads the work. There are
+:data:`BLOCKS_PER_CPU` per cluster CPU (at most :data:`BATCH_ROWS` rows each), so every CPU gets work and
+each task's output stays small in the object store.
 
 The output columns are documented in :mod:`raysys.data.schema`.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -31,9 +37,12 @@ from raysys.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Rows per decode/augment batch: large enough that per-batch overhead is small, small enough to
-# keep several blocks in flight on a 2-core machine.
+# Rows per block, at most: large enough that per-task overhead is small; and blocks per cluster CPU: enough that
+# every CPU has work and the stream keeps flowing while the slowest tasks finish. Never fewer rows than
+# MIN_BLOCK_ROWS (a tiny pool stays a few blocks).
 BATCH_ROWS = 256
+BLOCKS_PER_CPU = 4
+MIN_BLOCK_ROWS = 16
 
 
 @ray.remote(num_cpus=0)
@@ -97,12 +106,14 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, domains: list[st
 
 
 def two_views_batch(batch: dict[str, np.ndarray], augment: dict) -> dict[str, np.ndarray]:
-    """Replace ``image`` by two independently augmented float views (fresh randomness every call)."""
+    """Replace ``image`` by two independently augmented views, uint8 ``[n, 3, S, S]`` (fresh randomness every
+    call): a quarter of float32's bytes in the object store and on the wire, and no coarser than the 8-bit
+    source (:func:`raysys.data.augment.to_uint8`)."""
     # torch and torchvision here, not at the top: a decode task's fresh process would spend ~6 s of a
     # 2-core machine importing them, and decoding needs neither.
     import torch
 
-    from raysys.data.augment import AugmentConfig, two_views
+    from raysys.data.augment import AugmentConfig, to_uint8, two_views
 
     torch.set_num_threads(1)  # one task per CPU: extra intra-op threads only oversubscribe
     images = torch.from_numpy(np.ascontiguousarray(batch.pop("image")))
@@ -110,44 +121,62 @@ def two_views_batch(batch: dict[str, np.ndarray], augment: dict) -> dict[str, np
     # worker process, which would give different workers identical augmentation streams.
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
     v1, v2 = two_views(images, AugmentConfig.from_dict(augment), generator)
-    batch[VIEW1], batch[VIEW2] = v1.numpy(), v2.numpy()
+    batch[VIEW1], batch[VIEW2] = to_uint8(v1).numpy(), to_uint8(v2).numpy()
     return batch
 
 
+def block_count(num_rows: int, cpus: float) -> int:
+    """Blocks for ``num_rows`` rows on ``cpus`` CPUs: BLOCKS_PER_CPU per CPU and at most BATCH_ROWS rows each,
+    but no block under MIN_BLOCK_ROWS rows."""
+    wanted = max(BLOCKS_PER_CPU * math.ceil(cpus), math.ceil(num_rows / BATCH_ROWS))
+    return max(1, min(wanted, num_rows // MIN_BLOCK_ROWS))
+
+
 def decoded_dataset(
-    manifest: pa.Table, image_size: int, report=None, cache: bool = False, num_blocks: int | None = None
+    manifest: pa.Table, image_size: int, report=None, cache: bool = False, num_blocks: int | None = None,
+    shuffle_blocks: bool = False,
 ) -> ray.data.Dataset:
-    """Decoded, resized images with metadata; materialized once when ``cache`` is set."""
+    """Decoded, resized images with metadata; materialized once when ``cache`` is set. ``shuffle_blocks``: a
+    new block order on every pass, drawn where it costs nothing -- over the cached blocks, or else over the
+    manifest's blocks before decoding (after it, it would wait for the whole pass: an all-to-all barrier)."""
     domains = sorted(set(manifest.column("domain").to_pylist()))
     columns = ["path", "image_id", "label", "domain", "x", "y", "heading"]
     if "cluster_id" in manifest.column_names:
         columns.append("cluster_id")
-    blocks = num_blocks or max(2, math.ceil(manifest.num_rows / (4 * BATCH_ROWS)))
-    ds = ray.data.from_arrow(manifest.select(columns)).repartition(blocks)
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs=dict(image_size=image_size, domains=domains, report=report),
-        batch_size=BATCH_ROWS,
-        batch_format="numpy",
-    )
-    return ds.materialize() if cache else ds
+    table = manifest.select(columns)
+    cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else os.cpu_count()  # else Ray Data starts it
+    blocks = num_blocks or block_count(table.num_rows, cpus)
+    bounds = np.linspace(0, table.num_rows, blocks + 1).astype(int)
+    ds = ray.data.from_arrow([table.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])])
+    # This pipeline's own context (the stages after share it): no per-operator reservation. With it the augment
+    # stage held about half the CPUs (5-6 tasks at once of 8 logical CPUs, bench/data_pipeline.py), without it
+    # all of them; its object-store limit still bounds what waits in flight.
+    ds.context.op_resource_reservation_enabled = False
+    if shuffle_blocks and not cache:
+        ds = ds.randomize_block_order()
+    ds = ds.map_batches(decode_batch, fn_kwargs=dict(image_size=image_size, domains=domains, report=report),
+                        batch_size=None, batch_format="numpy")
+    if not cache:
+        return ds
+    ds = ds.materialize()
+    return ds.randomize_block_order() if shuffle_blocks else ds
 
 
 def two_view_dataset(decoded: ray.data.Dataset, augment) -> ray.data.Dataset:
-    """Lazily add ``view1``/``view2`` (``augment``: an AugmentConfig or its dict); block order is reshuffled
-    on every pass (every epoch)."""
+    """Lazily add ``view1``/``view2`` (``augment``: an AugmentConfig or its dict), one task per decoded block
+    (fused with decoding when it is not cached)."""
     augment = augment.to_dict() if hasattr(augment, "to_dict") else dict(augment)
-    return decoded.randomize_block_order().map_batches(
-        two_views_batch, fn_kwargs=dict(augment=augment), batch_size=BATCH_ROWS, batch_format="numpy"
-    )
+    return decoded.map_batches(two_views_batch, fn_kwargs=dict(augment=augment), batch_size=None,
+                               batch_format="numpy")
 
 
 def pretrain_dataset(
     manifest: pa.Table, augment, image_size: int, report=None, cache: bool = False,
-    seed: int = 0, views: bool = True,
+    seed: int = 0, views: bool = True, decode_size: int | None = None,
 ) -> ray.data.Dataset:
     """The full two-view pretraining stream for ``manifest``, its rows permuted once (``seed``); with
     ``views=False`` the decoded ``image`` column instead, for workers that make the views on their device.
+    Images are decoded at ``decode_size`` (default ``image_size``), the views made at ``image_size``.
 
     Manifests list a traverse's frames together, and blocks are contiguous row ranges: without the
     permutation a block (hence a batch) holds a few traverses, and batches share classes far more often
@@ -155,8 +184,27 @@ def pretrain_dataset(
     vary the batches every epoch (:func:`train_batches`).
     """
     permuted = manifest.take(np.random.default_rng(seed).permutation(manifest.num_rows))
-    decoded = decoded_dataset(permuted, image_size, report, cache)
-    return two_view_dataset(decoded, augment) if views else decoded.randomize_block_order()
+    decoded = decoded_dataset(permuted, decode_size or image_size, report, cache, shuffle_blocks=True)
+    return two_view_dataset(decoded, augment) if views else decoded
+
+
+def peak_tasks(ds: ray.data.Dataset, stage: str) -> int:
+    """Most tasks of the map stage whose name holds ``stage`` (its function's name) that ran at once in ``ds``'s
+    latest execution, from Ray Data's own execution stats: each output block's start and end of work, on one
+    node's monotonic clock."""
+    stats, spans = [ds._current_executor.get_stats()], {}  # private in Ray 2.60: the latest run's stats
+    while stats:
+        level = stats.pop()
+        stats.extend(level.parents or [])
+        for name, blocks in level.metadata.items():
+            for block in blocks if stage in name else []:
+                run = block.exec_stats
+                if run is not None and run.start_time_s is not None:
+                    lo, hi = spans.get((name, run.task_idx), (math.inf, -math.inf))
+                    spans[(name, run.task_idx)] = (min(lo, run.start_time_s), max(hi, run.end_time_s))
+    # a task's end sorts before another's start at the same instant: touching is not overlapping
+    events = sorted([(lo, 1) for lo, _ in spans.values()] + [(hi, -1) for _, hi in spans.values()])
+    return max(itertools.accumulate(step for _, step in events), default=0)
 
 
 def decoded_pool(manifest: pa.Table, image_size: int, report=None, max_bytes: int = 4 << 30) -> dict[str, np.ndarray]:
@@ -172,7 +220,8 @@ def decoded_pool(manifest: pa.Table, image_size: int, report=None, max_bytes: in
 
 
 def train_batches(stream, batch_size: int, shuffle_buffer: int | None, pin_memory: bool = False):
-    """One epoch of torch batches from a stream (a Dataset or a Train worker's shard); in a Train worker
-    they arrive on its device, copied from pinned memory when ``pin_memory`` (GPU workers)."""
-    return stream.iter_torch_batches(batch_size=batch_size, drop_last=True, pin_memory=pin_memory,
+    """One epoch of torch batches from a stream (a Dataset or a Train worker's shard), on the host -- in pinned
+    memory when ``pin_memory`` (GPU workers): the worker copies each to its device itself, on a side stream
+    while the previous step runs (:func:`raysys.distributed.worker.device_batches`)."""
+    return stream.iter_torch_batches(batch_size=batch_size, drop_last=True, pin_memory=pin_memory, device="cpu",
                                      local_shuffle_buffer_size=shuffle_buffer or None)

@@ -8,6 +8,7 @@ checkpoint) -> per epoch :func:`run_epoch` (each batch through :func:`train_step
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import math
@@ -92,7 +93,8 @@ class Worker:
     step: int = 0
     placements: list = field(default_factory=list)
     step_seconds: float = 0.0  # time spent inside train_step in this run (resumes start again from 0)
-    generator: torch.Generator | None = None  # the rank's random stream on its device: views, pretext tasks
+    generator: torch.Generator | None = None  # the rank's random stream on its device: the objective's draws
+    view_generator: torch.Generator | None = None  # the views', drawn one batch ahead (device_batches)
     self_clusters: SelfClusters | None = None  # --self-cluster-k: the cluster ids the model makes itself
     curve: dict = field(default_factory=lambda: {"points": []})  # eval_every: the evaluation curve, with pairing
     window: dict = field(default_factory=dict)  # diagnostics (and loss) summed since the last curve point
@@ -157,7 +159,8 @@ def set_up(config: dict) -> Worker:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16" and device.type == "cuda")
     w = Worker(cfg, rank, world, device, model, raw_model, optimizer, scheduler, scaler)
     # fresh entropy per rank and start, as the pipeline's tasks draw it
-    w.generator = torch.Generator(device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    w.generator, w.view_generator = (torch.Generator(device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+                                     for _ in range(2))
     initial_digest = weights_digest(w.raw_model) if cfg.eval_every else None  # before a resume loads others
     position = _load_state(w)
     w.start_epoch, w.step = position["epoch"], position["step"]
@@ -188,28 +191,77 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _on_device(w: Worker, views) -> tuple[torch.Tensor, ...]:
+    """Views as float32 channels_last on the device: uint8 from Ray Data's tasks turned into [0, 1] there (a
+    quarter of the bytes on the wire), float16 from this worker widened (one pass; autocast casts again)."""
+    out = []
+    for v in views:
+        v = v.to(w.device, non_blocking=True)
+        if v.dtype == torch.uint8:
+            v = v.to(torch.float32, memory_format=torch.channels_last).div_(255.0)
+        out.append(v.to(torch.float32, memory_format=torch.channels_last))
+    return tuple(out)
+
+
 def _inputs(w: Worker, batch: dict) -> tuple[torch.Tensor, ...]:
-    """What the objective takes, on the device: the two views, channels_last (from the pipeline, or made here
-    from ``image``), or the decoded images as floats for a pretext task."""
+    """What the objective takes, on the device: the two views (from the pipeline, or made here from ``image``,
+    in float16 on a GPU), or the decoded images as floats for a pretext task."""
     if VIEW1 in batch:
-        views = (batch[VIEW1], batch[VIEW2])
-    else:
-        images = batch["image"].to(w.device, non_blocking=True)
-        if w.objective.inputs == "images":
-            return (to_float(images, w.cfg.image_size),)
-        views = two_views(images, w.cfg.augment_config, w.generator)
-    return tuple(v.to(w.device, non_blocking=True, memory_format=torch.channels_last) for v in views)
+        return _on_device(w, (batch[VIEW1], batch[VIEW2]))
+    images = batch["image"].to(w.device, non_blocking=True)
+    if w.objective.inputs == "images":
+        return (to_float(images, w.cfg.image_size),)
+    half = torch.float16 if w.device.type == "cuda" else torch.float32
+    return _on_device(w, two_views(images, w.cfg.augment_config, w.view_generator, dtype=half))
+
+
+def _prepare(w: Worker, batch: dict, stream, step: int) -> tuple[dict, object]:
+    """``batch`` ready for :func:`train_step` (the objective's inputs and the metadata, on the device), its work
+    queued on ``stream`` when there is one; with the event marking its end. Paired batches seed the views
+    from the step they will train."""
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        if w.cfg.paired_batches:
+            w.view_generator.manual_seed(view_seed(w.cfg.seed, step, w.rank))
+        ready = {k: batch[k].to(w.device, non_blocking=True) for k in BATCH_META if k in batch}
+        ready["inputs"] = _inputs(w, batch)
+        return ready, stream.record_event() if stream is not None else None
+
+
+def _hand_over(w: Worker, prepared: tuple[dict, object]) -> dict:
+    """A prepared batch for the current stream: it waits (on the device, not the host) for the side stream's
+    work, and the allocator learns the tensors are used here, so the side stream cannot reuse their memory."""
+    ready, done = prepared
+    if done is not None:
+        current = torch.cuda.current_stream(w.device)
+        current.wait_event(done)
+        for tensor in (*ready["inputs"], *(v for k, v in ready.items() if k != "inputs")):
+            tensor.record_stream(current)
+    return ready
+
+
+def device_batches(w: Worker, batches):
+    """Each batch of ``batches`` prepared one batch ahead (:func:`_prepare`): on a GPU the next batch's copy and
+    views run on a side stream while the current step runs on the main one; on CPU the same code in order."""
+    side = torch.cuda.Stream(w.device) if w.device.type == "cuda" else None
+    ahead = None
+    for batch in batches:
+        prepared = _prepare(w, batch, side, w.step + (ahead is not None))  # the step this batch will train
+        if ahead is not None:
+            yield _hand_over(w, ahead)
+        ahead = prepared
+    if ahead is not None:
+        yield _hand_over(w, ahead)
 
 
 def train_step(w: Worker, batch: dict) -> tuple[torch.Tensor, dict]:
-    """One optimisation step on one batch: the objective's loss, backward, optimizer and schedule. The loss
-    comes back detached on the device, so the step does not wait for it."""
-    meta = {k: batch[k].to(w.device) for k in BATCH_META if k in batch}
-    if w.cfg.paired_batches:  # the same views at this step in every run of the seed
+    """One optimisation step on one batch from :func:`device_batches`: the objective's loss, backward, optimizer
+    and schedule. The loss comes back detached on the device, so the step does not wait for it."""
+    meta = {k: batch[k] for k in BATCH_META if k in batch}
+    if w.cfg.paired_batches:  # the objective's own draws at this step the same in every run of the seed
         w.generator.manual_seed(view_seed(w.cfg.seed, w.step, w.rank))
     if w.self_clusters is not None:
         meta["cluster_id"] = w.self_clusters.lookup(meta["image_id"])
-    loss, stats = w.objective.loss(*_inputs(w, batch), meta)
+    loss, stats = w.objective.loss(*batch["inputs"], meta)
     w.optimizer.zero_grad(set_to_none=True)
     w.scaler.scale(loss).backward()
     w.scaler.step(w.optimizer)
@@ -228,8 +280,10 @@ def _add(sums: dict, counts: dict, key: str, value) -> None:
 def epoch_batches(w: Worker, shard, epoch: int):
     """This rank's batches of ``epoch``: paired (a function of the seed) or from the Ray Data shard."""
     if isinstance(shard, PairedBatches):
-        return shard.epoch(epoch, w.local_batch)
-    return train_batches(shard, w.local_batch, w.cfg.shuffle_buffer, pin_memory=w.device.type == "cuda")
+        batches = shard.epoch(epoch, w.local_batch)
+    else:
+        batches = train_batches(shard, w.local_batch, w.cfg.shuffle_buffer, pin_memory=w.device.type == "cuda")
+    return device_batches(w, batches)
 
 
 def run_epoch(w: Worker, batches, writer: SummaryWriter | None, curve_data=None) -> dict:
@@ -335,6 +389,7 @@ def epoch_metrics(w: Worker, epoch: int, totals: dict, monitor) -> dict:
     elapsed = max(totals["elapsed"], 1e-9)
     metrics = {
         "epoch": epoch + 1,
+        "epochs": w.cfg.epochs,  # for the console's progress and ETA
         "start_epoch": w.start_epoch,
         "step": w.step,
         "loss": totals["loss"] / max(1, totals["steps"]),
@@ -416,7 +471,7 @@ def train_loop(config: dict) -> dict:
         metrics = epoch_metrics(w, epoch, totals, monitor)
         if writer is not None:
             for key, value in metrics.items():
-                if key not in ("epoch", "start_epoch", "step"):
+                if key not in ("epoch", "epochs", "start_epoch", "step"):
                     writer.add_scalar(f"train/{key}", value, w.step)
             writer.flush()
             sync_tensorboard(config["tb_dir"], config.get("tb_storage"))

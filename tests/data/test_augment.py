@@ -419,3 +419,111 @@ def test_whole_batch_selection_equals_the_subset_path(monkeypatch):
     whole = aug.two_views(images, cfg, torch.Generator().manual_seed(3))
     for a, b in zip(subset, whole):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ no host syncs, half precision
+
+# Calls that make the host wait for the device: reading a value back, or a blocking host-to-device copy
+# (torch.tensor(list, device=...)); bool()/int()/float() of a tensor expression does the same implicitly.
+SYNC_METHODS = {"nonzero", "item", "tolist", "cpu", "numpy", "synchronize"}
+# _apply_to calls it only for CPU tensors (no device to wait for); the whole-batch test below checks that
+CPU_ONLY = {"_apply_to_subset"}
+
+
+def host_syncs(source: str, roots: tuple[str, ...]) -> list[str]:
+    """Host-synchronising calls in the module-level functions reachable from ``roots`` in ``source`` (calls to
+    other module functions followed; CPU_ONLY not): ``function:line call`` for each."""
+    import ast
+
+    functions = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)}
+    seen, todo, found = set(), list(roots), []
+    while todo:
+        name = todo.pop()
+        if name in seen or name in CPU_ONLY or name not in functions:
+            continue
+        seen.add(name)
+        for node in ast.walk(functions[name]):
+            if isinstance(node, ast.Name):
+                todo.append(node.id)  # called, or passed on (a lambda's body is walked here already)
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            tensor_arg = node.args and any(isinstance(part, ast.Subscript) or (isinstance(part, ast.Call) and isinstance(
+                part.func, ast.Attribute)) for part in ast.walk(node.args[0]))  # int(x.sum()), not int(round(w / h))
+            if ((isinstance(func, ast.Attribute) and func.attr in SYNC_METHODS)
+                    or (isinstance(func, ast.Attribute) and func.attr == "tensor" and any(k.arg == "device" for k in node.keywords))
+                    or (isinstance(func, ast.Name) and (func.id == "bool" or func.id in ("int", "float") and tensor_arg))):
+                found.append(f"{name}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_static_check_finds_host_syncs():
+    """The scanner itself: it follows calls and flags each kind of sync (so its silence below means something)."""
+    source = ("def root(x):\n    return helper(x) + int(x.sum()) + float(2 * 3) + int(round(len(x) / 2))\n"
+              "def helper(x):\n    y = torch.tensor([1.0], device=x.device)\n    return x[x.nonzero()] + bool(x) + x.max().item()\n"
+              "def _apply_to_subset(x):\n    return x.nonzero()\n")
+    found = host_syncs(source, ("root",))
+    assert [f.split(" ")[0] for f in found] == ["root:2", "helper:4", "helper:5", "helper:5", "helper:5"], found
+
+
+def test_augmentation_hot_path_has_no_host_sync():
+    from pathlib import Path
+
+    from raysys.data import augment as aug
+
+    assert host_syncs(Path(aug.__file__).read_text(), ("two_views", "augment", "to_uint8")) == []
+
+
+def test_whole_batch_path_never_gathers_a_subset(monkeypatch):
+    """Off CPU the optional ops run on the whole batch: the CPU-only subset path (its nonzero) is never called."""
+    import functools
+
+    from raysys.data import augment as aug
+
+    def refuse(*_):
+        raise AssertionError("the subset path (nonzero: a host sync) ran on the whole-batch path")
+
+    monkeypatch.setattr(aug, "_apply_to_subset", refuse)
+    monkeypatch.setattr(aug, "_apply_to", functools.partial(aug._apply_to, whole_batch=True))
+    aug.two_views(noise(8, 24, 24), AugmentConfig(size=16, jitter_p=1.0, grayscale_p=1.0, blur_p=1.0), seeded(1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_views_never_wait_for_the_device():
+    """On CUDA, with the random stream on the device (as the worker draws it), making views does nothing that
+    synchronises with the host: torch raises on any such call in sync debug mode "error"."""
+    images = noise(16).cuda()
+    generator = torch.Generator("cuda").manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for dtype in (torch.float32, torch.float16):
+            two_views(images, AugmentConfig.moco_v2(size=32), generator, dtype=dtype)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_half_precision_views_match_float32():
+    """float16 after the crop (what the worker uses on a GPU) against float32 on the same draws: every pixel within
+    3 grey levels (hue rotation is the largest step), no bias in the mean beyond 0.05 grey levels, and the views'
+    spread the same to within the largest pixel difference's share of it."""
+    images = noise(64, 48, 48, seed=4)
+    cfg = AugmentConfig.moco_v2(size=32, crop_scale=(0.08, 1.0))  # every op, blur included
+    full = two_views(images, cfg, seeded(5))
+    half = two_views(images, cfg, seeded(5), dtype=torch.float16)
+    for a, b in zip(full, half):
+        assert b.dtype == torch.float16
+        diff = b.float() - a
+        assert diff.abs().max() <= 3 / 255, diff.abs().max() * 255
+        assert diff.mean().abs() <= 0.05 / 255, diff.mean() * 255
+        assert (b.float().std() - a.std()).abs() <= diff.abs().mean(), (b.float().std(), a.std())
+
+
+def test_uint8_views_round_to_the_nearest_grey_level():
+    from raysys.data.augment import to_uint8
+
+    views = torch.rand(4, 3, 8, 8, generator=seeded(2))
+    views[0, 0, 0, :3] = torch.tensor([0.0, 1.0, 0.5 / 255 - 1e-4])
+    quantized = to_uint8(views)
+    assert quantized.dtype == torch.uint8 and quantized[0, 0, 0, :3].tolist() == [0, 255, 0]
+    assert (quantized.float() / 255 - views).abs().max() <= 0.5 / 255 + 1e-7

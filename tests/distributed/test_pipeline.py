@@ -77,9 +77,8 @@ def test_pipeline_skips_and_reports_bad_files(ray_session, messy_folder, tmp_pat
     expected_ids = sorted(image_key(name) for name in good)
     for rows in epochs:
         assert sorted(int(r["image_id"]) for r in rows) == expected_ids
-        for r in rows:
-            assert r["view1"].shape == (3, SIZE, SIZE) and r["view1"].dtype == np.float32
-            assert 0.0 <= r["view1"].min() and r["view1"].max() <= 1.0
+        for r in rows:  # uint8 views: the worker makes them floats on its device
+            assert r["view1"].shape == (3, SIZE, SIZE) and r["view1"].dtype == np.uint8
     first = {int(r["image_id"]): r for r in epochs[0]}
     second = {int(r["image_id"]): r for r in epochs[1]}
     # Noise images only: a flat-colour image (alpha, CMYK) is unchanged by crop and flip, so its two views
@@ -97,13 +96,12 @@ def test_pipeline_skips_and_reports_bad_files(ray_session, messy_folder, tmp_pat
 
 
 
-def test_training_batches_mix_traverses_like_iid_draws(ray_session, tmp_path, monkeypatch):
-    """The training stream of a pool listed frame by frame along its traverses, in the demo preset's geometry
-    scaled down (a handful of blocks, a shuffle buffer of one block): over many batches, the share of
+def test_training_batches_mix_traverses_like_iid_draws(ray_session, tmp_path):
+    """The training stream of a pool listed frame by frame along its traverses, as training builds it (blocks
+    sized for the session's CPUs, the smoke preset's shuffle buffer): over many batches, the share of
     same-class pairs matches draws without replacement from the pool, within four standard errors.
     Under-mixed batches would sit far above it."""
     from raysys.data.sources import resolve_data
-    from raysys.distributed import pipeline
     from raysys.distributed.pipeline import pretrain_dataset, train_batches
 
     cfg = make_config("smoke", builtin_root=str(tmp_path / "builtin"), image_size=8, max_images=None)
@@ -112,9 +110,54 @@ def test_training_batches_mix_traverses_like_iid_draws(ray_session, tmp_path, mo
     labels = manifest.column("label").to_numpy()
     expected = same_class_share(labels)
     assert np.mean(labels[1:] == labels[:-1]) > 2 * expected, "the pool must list traverses together"
-    monkeypatch.setattr(pipeline, "BATCH_ROWS", 32)  # 4 blocks of 128 rows, as the demo's 5 of 1024
     stream = pretrain_dataset(manifest, cfg.augment_config, cfg.image_size, cache=True, seed=0)
     measured = [same_class_share(b["label"].numpy()) for _ in range(40)
-                for b in train_batches(stream, cfg.batch_size, shuffle_buffer=4 * pipeline.BATCH_ROWS)]
+                for b in train_batches(stream, cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer)]
     tolerance = batch_mean_tolerance(labels, cfg.batch_size, len(measured))
     assert abs(np.mean(measured) - expected) < tolerance, (np.mean(measured), expected, tolerance, len(measured))
+
+
+def test_blocks_give_every_cpu_several_tasks():
+    from raysys.distributed.pipeline import BATCH_ROWS, BLOCKS_PER_CPU, MIN_BLOCK_ROWS, block_count
+
+    for rows, cpus in [(4096, 16), (4096, 2), (100_000, 16), (512, 8), (40, 8), (5, 2)]:
+        blocks = block_count(rows, cpus)
+        per_block = rows / blocks
+        assert per_block <= BATCH_ROWS or blocks == 1
+        # several blocks per CPU unless that would make blocks under MIN_BLOCK_ROWS rows
+        assert blocks >= BLOCKS_PER_CPU * cpus or per_block < 2 * MIN_BLOCK_ROWS, (rows, cpus, blocks)
+    assert block_count(4096, 16) == 64  # the issue's case: 4 blocks of 1,024 rows gave 4 augment tasks
+
+
+# Its own Ray with 8 logical CPUs (the session's has 2): the training stream, decode cached, two epochs (the
+# first starts the 8 worker processes); prints how many augment tasks ran at once in the second, from Ray
+# Data's own stats.
+_LOGICAL_CPUS = """
+import sys, ray
+from raysys.data.augment import AugmentConfig
+from raysys.data.formats import read_folder
+from raysys.distributed.pipeline import peak_tasks, pretrain_dataset
+ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+ray.data.DataContext.get_current().enable_progress_bars = False
+ds = pretrain_dataset(read_folder(sys.argv[1]), AugmentConfig(size=32), 32, cache=True, decode_size=48)
+for _ in range(2):
+    rows = sum(len(b["view1"]) for b in ds.iter_batches(batch_size=256))
+print("rows", rows, "at once", peak_tasks(ds, "two_views_batch"))
+"""
+
+
+def test_augment_stage_runs_a_task_per_logical_cpu(tmp_path):
+    """With ``ray.init(num_cpus=8)`` on this machine, the augment stage runs at least 6 tasks at once: the blocks
+    and the compact views leave nothing but CPUs to limit it (4,096 rows came as 4 blocks, 4 tasks at most)."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(1)
+    for i in range(2048):
+        (tmp_path / f"{i:04d}.jpg").write_bytes(_jpeg_bytes(rng, 48))
+    run = subprocess.run([sys.executable, "-c", _LOGICAL_CPUS, str(tmp_path)], capture_output=True, text=True,
+                         timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    words = run.stdout.split()
+    rows, at_once = int(words[words.index("rows") + 1]), int(words[words.index("once") + 1])
+    assert rows == 2048 and at_once >= 6, run.stdout
