@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
+from raysys.errors import RaysysError
+
 LOG_FILE = "ray-output.log"
 STATUS_EVERY_S = 30.0  # a console that is not a terminal (a job log) gets the live line at most this often
 
@@ -72,13 +74,30 @@ class Status:
 def quiet_console(folder: str | Path, verbose: bool = False):
     """Send this process's standard output and error to ``folder/ray-output.log`` for the duration, keeping
     the console for :func:`say`, :class:`Status` and raysys's warnings; restored on the way out, before any
-    error is printed. ``verbose``: change nothing."""
-    global _terminal
+    error is printed. Bad input (a :class:`RaysysError`) leaves no log behind where there was none, so a
+    rejected command touches nothing. ``verbose``: change nothing."""
     if verbose or _terminal is not None:  # nested: the outer one already redirects
         yield
         return
     path = Path(folder) / LOG_FILE
+    made = [p for p in (path, path.parent, *path.parent.parents) if not p.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
+    state, rejected = _redirect(path), False
+    try:
+        yield
+    except RaysysError:
+        rejected = True
+        raise
+    finally:
+        _restore(state)
+        for p in made if rejected else ():  # the log, then the folders made for it, while empty
+            if p.is_file() or (p.is_dir() and not any(p.iterdir())):
+                p.unlink() if p.is_file() else p.rmdir()
+
+
+def _redirect(path: Path) -> tuple:
+    """Point file descriptors 1 and 2 (and Python's streams) at ``path``; keep the console for :func:`say`."""
+    global _terminal
     sys.stdout.flush(), sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     _terminal = os.fdopen(os.dup(1), "w", buffering=1)
@@ -91,15 +110,18 @@ def quiet_console(folder: str | Path, verbose: bool = False):
     # Python-level streams too, in case they were replaced (pytest, a notebook) and no longer write to fds 1, 2.
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))
-    try:
-        yield
-    finally:
-        sys.stdout.close(), sys.stderr.close()
-        sys.stdout, sys.stderr = streams
-        Status.clear_shown()
-        for fd, copy in zip((1, 2), saved):
-            os.dup2(copy, fd)
-            os.close(copy)
-        logging.getLogger("raysys").removeHandler(warnings)
-        _terminal.close()
-        _terminal = None
+    return saved, streams, warnings
+
+
+def _restore(state: tuple) -> None:
+    global _terminal
+    saved, streams, warnings = state
+    sys.stdout.flush(), sys.stderr.flush()  # not closed: a Ray thread may still hold them for a last line
+    sys.stdout, sys.stderr = streams
+    Status.clear_shown()
+    for fd, copy in zip((1, 2), saved):
+        os.dup2(copy, fd)
+        os.close(copy)
+    logging.getLogger("raysys").removeHandler(warnings)
+    _terminal.close()
+    _terminal = None

@@ -13,6 +13,7 @@ from raysys.config import make_config
 from raysys.config.presets import LABEL_FRACTION_PRESETS
 from raysys.data.sampling import check_fractions, check_seeds
 from raysys.data.sources import data_roots
+from raysys.distributed.console import LOG_FILE, quiet_console, say
 from raysys.distributed.trainer import pretrain
 from raysys.errors import ConfigError, ModelFileError, run_command
 from raysys.eval.label_fraction import (
@@ -37,7 +38,9 @@ def _pretrain(out: Path, preset: str, data) -> str:
     """Pretrain an encoder with the preset (Ray Train) into ``out/pretrain``; reuse a finished one."""
     run_dir = out / "pretrain"
     if not (run_dir / MODEL_FILE).is_file():
-        pretrain(make_config(preset, out=str(run_dir), data=data).validate())
+        with quiet_console(run_dir):  # Ray's own output in the run's log; one line per epoch here
+            say(f"[raysys] pretraining an encoder into {run_dir.resolve()}; Ray's own output in {LOG_FILE} there")
+            pretrain(make_config(preset, out=str(run_dir), data=data).validate(), progress=True)
     return str(run_dir)
 
 
