@@ -45,7 +45,7 @@ from filelock import FileLock
 
 from raysys import storage
 from raysys.data.schema import image_key
-from raysys.distributed.pipeline import decoded_dataset
+from raysys.distributed.pipeline import decoded_dataset, progress_bars
 from raysys.errors import ClusterError, ModelFileError
 from raysys.models import texture
 from raysys.models.backbones import embed
@@ -162,17 +162,6 @@ def _use_gpu() -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-@contextmanager
-def _progress_bars(enabled: bool):
-    """Ray Data progress bars on or off while a dataset runs; the process-wide setting is restored after."""
-    ctx = ray.data.DataContext.get_current()
-    before, ctx.enable_progress_bars = ctx.enable_progress_bars, enabled
-    try:
-        yield
-    finally:
-        ctx.enable_progress_bars = before
-
-
 class _Embedder:
     """Ray Data actor holding one model: uint8 ``image`` batches -> ``feature`` rows (same ``image_id``)."""
 
@@ -203,7 +192,7 @@ def extract_features(model: torch.nn.Module, manifest: pa.Table, image_size: int
         batch_size=EMBED_BATCH, batch_format="numpy", compute=pool, **resources,
     )
     keys, parts = [], []
-    with _progress_bars(progress):
+    with progress_bars(progress):
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             keys.append(batch["image_id"])
             parts.append(batch["feature"])
@@ -225,7 +214,7 @@ def decoded_images(manifest: pa.Table, image_size: int, progress: bool = True) -
     manifest order; undecodable files are left out."""
     row_of = {image_key(i): row for row, i in enumerate(manifest.column("image_id").to_pylist())}
     keys, parts = [], []
-    with _progress_bars(progress):
+    with progress_bars(progress):
         for batch in decoded_dataset(manifest, image_size).iter_batches(batch_size=None, batch_format="numpy"):
             keys.append(batch["image_id"])
             parts.append(batch["image"])

@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import tempfile
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +38,9 @@ import torch
 from raysys import storage
 from raysys.data import formats
 from raysys.data.augment import to_float
-from raysys.data.decode import CONVERTED_MODES, DecodeError, decode
 from raysys.data.schema import MANIFEST_SCHEMA
 from raysys.data.sources import has_hidden_labels
-from raysys.distributed.pipeline import FileReport, write_file_report
+from raysys.distributed.pipeline import FileReport, decode_files, progress_bars, write_file_report
 from raysys.distributed.runtime import init_ray
 from raysys.errors import ConfigError
 from raysys.models.export import load_encoder, sidecar_path
@@ -131,23 +129,9 @@ def done_ids(location: str, digest: str) -> set[str]:
 def decode_rows(batch: dict[str, np.ndarray], image_size: int, report) -> dict[str, np.ndarray]:
     """Manifest rows -> the decoded ``image`` uint8 ``[n, S, S, 3]`` and the rows' other columns; files that
     cannot be decoded are dropped and sent to ``report`` (as the pretraining pipeline does)."""
-    images, keep, skipped, converted = [], [], [], []
-    for i, path in enumerate(batch["path"]):
-        try:
-            with open(path, "rb") as f:
-                image, mode = decode(f.read(), image_size)
-        except (DecodeError, OSError) as exc:
-            skipped.append((str(path), str(exc)))
-            continue
-        images.append(image)
-        keep.append(i)
-        if mode in CONVERTED_MODES:
-            converted.append((str(path), mode))
-    for kind, items in (("skipped", skipped), ("converted", converted)):
-        if items:
-            report.add.remote(kind, items)
-    out = {k: v[np.asarray(keep, dtype=np.int64)] for k, v in batch.items()}
-    out["image"] = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+    images, keep = decode_files(batch["path"], image_size, report)
+    out = {k: v[keep] for k, v in batch.items()}
+    out["image"] = images
     return out
 
 
@@ -216,17 +200,6 @@ def embedding_stream(manifest: pa.Table, files: dict[str, bytes], image_size: in
                         batch_size=None, batch_format="numpy", **_encoder_resources())
     return ds.map_batches(write_part, fn_kwargs=dict(location=location, meta=meta), batch_size=ROWS_PER_FILE,
                           batch_format="numpy", num_cpus=WRITER_CPUS)
-
-
-@contextmanager
-def progress_bars(enabled: bool):
-    """Ray Data's progress bars on or off while a dataset runs; the process-wide setting is restored after."""
-    ctx = ray.data.DataContext.get_current()
-    before, ctx.enable_progress_bars = ctx.enable_progress_bars, enabled
-    try:
-        yield
-    finally:
-        ctx.enable_progress_bars = before
 
 
 def _check_single_node(storage_uri: str | None) -> None:

@@ -24,6 +24,7 @@ import itertools
 import logging
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -71,10 +72,11 @@ def write_file_report(report, out_dir: str | Path) -> dict[str, list[tuple[str, 
     return notes
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: int, domains: list[str], report=None) -> dict[str, np.ndarray]:
-    """Decode a batch of manifest rows into ``image`` uint8 [n, S, S, 3] plus numeric metadata."""
+def decode_files(paths, image_size: int, report=None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode image files to uint8 ``[n, S, S, 3]``; returns them and the indices of ``paths`` they came from.
+    Files that cannot be decoded are left out; they, and the ones converted to RGB, go to ``report``."""
     images, keep, skipped, converted = [], [], [], []
-    for i, path in enumerate(batch["path"]):
+    for i, path in enumerate(paths):
         try:
             with open(path, "rb") as f:
                 image, mode = decode(f.read(), image_size)
@@ -89,10 +91,27 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, domains: list[st
         for kind, items in (("skipped", skipped), ("converted", converted)):
             if items:
                 report.add.remote(kind, items)
-    keep = np.asarray(keep, dtype=np.int64)
+    stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return stacked, np.asarray(keep, dtype=np.int64)
+
+
+@contextmanager
+def progress_bars(enabled: bool):
+    """Ray Data's progress bars on or off while a dataset runs; the process-wide setting is restored after."""
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.enable_progress_bars = ctx.enable_progress_bars, enabled
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = before
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, domains: list[str], report=None) -> dict[str, np.ndarray]:
+    """Decode a batch of manifest rows into ``image`` uint8 [n, S, S, 3] plus numeric metadata."""
+    images, keep = decode_files(batch["path"], image_size, report)
     domain_index = {d: i for i, d in enumerate(domains)}
     out = {
-        "image": np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8),
+        "image": images,
         "image_id": np.array([image_key(str(s)) for s in batch["image_id"][keep]], dtype=np.int64),
         "label": batch["label"][keep].astype(np.int64),
         "domain": np.array([domain_index[str(d)] for d in batch["domain"][keep]], dtype=np.int64),
