@@ -8,6 +8,7 @@ SimCLR baseline and a supervised baseline, on Ray Tune.
         --gpus-per-worker 1
 """
 
+import argparse
 import sys
 
 from raysys.distributed.clustering import add_texture_arguments, texture_settings
@@ -25,11 +26,15 @@ def configure(parser):
                         "clustering (default 1)")
     parser.add_argument("--self-every", type=int, help="--encoder self: re-cluster every this many epochs (default 1)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the SimCLR baseline runs")
+    parser.add_argument("--random-init", action=argparse.BooleanOptionalAction, help="add (or skip) the untrained "
+                        "encoder, evaluated like the rest: the figures' reference line (default: the preset's)")
     add_texture_arguments(parser)
 
     def build(args, preset):
         variants = [] if args.no_baseline else [variant("baseline")]
         variants += [variant("cluster", k=k) for k in args.k or preset["ks"]]
+        if preset.get("random_init") if args.random_init is None else args.random_init:
+            variants.append(variant("random-init"))
         schedule = dict(self_cluster_warmup=args.self_warmup, self_cluster_every=args.self_every,
                         max_steps=None if args.epochs else preset.get("k_steps"))  # the study's budget
         return dict(variants=variants, encoder=args.encoder, param="k", swept=["cluster"],

@@ -55,21 +55,23 @@ assert tuple(PRESETS) == PRESET_NAMES, "the schema's preset names and this table
 SWEEP_PRESETS = {
     "smoke": dict(pretrain={}, ks=[4], seeds=1, supervised=True, supervised_steps=12, fine_tune_epochs=3,
                   temperatures=[0.1, 0.5], mix_ratios=[0.0, 1.0], mix_images=384, texture={}),
-    "demo": dict(pretrain=dict(epochs=2, max_images=2048), k_steps=600, ks=[20], seeds=2, supervised=False, supervised_steps=500,
+    "demo": dict(pretrain=dict(epochs=2, max_images=2048), k_steps=600, ks=[20], seeds=2, supervised=False, random_init=True,
+                 supervised_steps=500,
                  fine_tune_epochs=5, temperatures=[0.1, 0.2, 0.5, 1.0], mix_ratios=[0.0, 0.5, 1.0], mix_images=2000,
                  texture=dict(epochs=2)),
-    "paper": dict(pretrain={}, ks=list(range(10, 281, 30)), seeds=3, supervised=True, supervised_steps=5000,
+    "paper": dict(pretrain={}, ks=list(range(10, 281, 30)), seeds=3, supervised=True, random_init=True, supervised_steps=5000,
                   fine_tune_epochs=100, temperatures=[0.05, 0.1, 0.2, 0.5, 1.0], mix_ratios=[0.0, 0.25, 0.5, 0.75, 1.0],
                   mix_images=100_000, texture={}),
     # The demo model on GPUs: the demo grids, trials sharing each GPU (a quarter each).
     "gpu": dict(base="demo", pretrain=dict(epochs=2, max_images=2048, gpus_per_worker=0.25), k_steps=1000, ks=[20], seeds=3,
-                supervised=False, supervised_steps=500, fine_tune_epochs=5, temperatures=[0.1, 0.2, 0.5, 1.0],
+                supervised=False, random_init=True, supervised_steps=500, fine_tune_epochs=5, temperatures=[0.1, 0.2, 0.5, 1.0],
                 mix_ratios=[0.0, 0.5, 1.0], mix_images=2000, texture=dict(epochs=2)),
 }
 # A sweep preset trains with the pretraining preset of its own name, or of its ``base``. k_steps: the K sweep's
 # step budget, the false-negative study's (FN_STUDY_PRESETS), at which oracle elimination separated from SimCLR
 # (from about step 150 of 600); the other sweeps keep the preset's epochs (demo: 32 steps), and so does the K
-# sweep given --epochs (the Quickstart's --epochs 2).
+# sweep given --epochs (the Quickstart's --epochs 2). random_init: the K sweep adds the untrained encoder
+# (about 40 s of evaluation a seed on the demo) as its figures' reference line; not in smoke, the tests' preset.
 # The supervised reference trains for supervised_steps optimizer steps (batch 128) on each benchmark: demo 500
 # (about 40 epochs of the demo MSL train split, 13 of HiRISE's, which 5 epochs under-trained), paper 5000 (about
 # 100 epochs of MSL v2.1's 5,920 train images).

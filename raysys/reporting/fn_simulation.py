@@ -22,19 +22,15 @@ from raysys.eval.fnsim import (
     simulate_table2,
 )
 from raysys.reporting.html import write_report
+from raysys.reporting.plots import pyplot, save_figure
 from raysys.storage import write_text_atomic
 
 
 def plot_panel(rows: list[dict], x_key: str, path: Path, xlabel: str, title: str, log_y: bool = False) -> None:
     """Simulated mean ± standard error (markers) and the exact expectation (dashed); one line per class
     count unless the class count is the x axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series = [None] if x_key == "classes" else sorted({r["classes"] for r in rows})
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for c in series:
         pts = sorted((r for r in rows if c is None or r["classes"] == c), key=lambda r: r[x_key])
         xs = [r[x_key] for r in pts]
@@ -52,8 +48,15 @@ def plot_panel(rows: list[dict], x_key: str, path: Path, xlabel: str, title: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, agreement_reading(rows))
+
+
+def agreement_reading(rows: list[dict]) -> str:
+    """One line: at how many points the simulated mean lies within two standard errors of the exact expectation."""
+    close = [abs(r["simulated_mean"] - r["analytic"]) <= 2 * r["simulated_sem"] for r in rows]
+    worst = max(rows, key=lambda r: abs(r["simulated_mean"] - r["analytic"]))
+    return (f"The simulation agrees with the exact expectation within 2 standard errors at {sum(close)} of "
+            f"{len(rows)} points (largest gap {100 * abs(worst['simulated_mean'] - worst['analytic']):.3g} points).")
 
 
 def plot_fig6(panels: dict[str, list[dict]], out: Path) -> list[Path]:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from scipy import stats
 
-from raysys.reporting.results import _missing, pyplot, write_atomic
+from raysys.reporting.plots import pyplot, save_figure
+from raysys.reporting.results import _missing, write_atomic
 
 BASELINE_ARM = "simclr"
 # Per evaluation step (curve.json), then the trial's final evaluation on the last step's row only.
@@ -234,8 +235,23 @@ def plot_study(rows: list[dict], arms: list[str], path: str | Path, metric: str 
         ax.grid(alpha=0.3)
     left.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, gap_reading(rows, metric, label))
+
+
+def gap_reading(rows: list[dict], metric: str = "knn_acc", label: str = "kNN accuracy") -> str:
+    """One line: each arm's paired gap to the baseline at its last evaluation step, with its 95 % interval, and
+    which arms' intervals lie wholly above or below 0 there."""
+    last = {arm: points[-1] for arm, points in paired_gaps(rows, metric).items() if points}
+    if not last:
+        return f"{label}: no arm paired with {BASELINE_ARM} (a seed of both at one step)."
+    gaps = ", ".join(f"{arm} {_pts(m)} [{_pts(lo)}, {_pts(hi)}]" for arm, (_, m, lo, hi, _) in last.items())
+    above = [arm for arm, (_, _, lo, _, _) in last.items() if lo > 0]
+    below = [arm for arm, (_, _, _, hi, _) in last.items() if hi < 0]
+    verdict = "; ".join([f"above 0: {', '.join(above)}"] * bool(above) + [f"below 0: {', '.join(below)}"] * bool(below))
+    steps = sorted({step for step, *_ in last.values()})
+    seeds = sorted({n for *_, n in last.values()})
+    return (f"{label}, paired gap to {BASELINE_ARM} at step {'/'.join(map(str, steps))} (points, 95 % interval, "
+            f"{'/'.join(map(str, seeds))} seeds): {gaps}; " + (verdict or "no interval clear of 0") + ".")
 
 
 def plot_removed_pairs(rows: list[dict], path: str | Path) -> bool:
@@ -261,8 +277,10 @@ def plot_removed_pairs(rows: list[dict], path: str | Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    last = [f"{arm} precision {precision[arm][-1][1]:.2f}"
+            + (f", recall {recall[arm][-1][1]:.2f}" if arm in recall else "") for arm in label_free]
+    rate = f" (random removal: {statistics.fmean(base_rate):.2f})" if base_rate else ""
+    save_figure(fig, path, f"Removed pairs at the last step: {'; '.join(last)}{rate}.")
     return True
 
 

@@ -8,8 +8,9 @@ top-down, figures first, each table once:
   and any top-level ``command`` key of the folder's other JSON files;
 * the figures: every ``*.png`` of the experiment (see :func:`find_figures` for which folders are left out),
   then the training curves (loss and kNN accuracy of every run, from its ``tb/`` scalars) and the confusion
-  matrices (of the run, or of a sweep's best trial), drawn here by :mod:`raysys.reporting.run_figures`;
-* the best trial of ``results.csv`` (highest ``msl_acc``);
+  matrices (of the run, or of a sweep's best trial), drawn here by :mod:`raysys.reporting.run_figures`; each
+  captioned with its one-line reading where the PNG holds one (:func:`raysys.reporting.plots.save_figure`);
+* the best trial of ``results.csv`` (highest ``msl_acc`` of a pretrained encoder);
 * the results: mean ± std over seeds (:func:`raysys.reporting.results.group` / :func:`raysys.reporting.results.results_table`)
   and one row per trial;
 * the linear evaluations of the folder (``eval-*.json``) and the record tables of its other JSON files;
@@ -31,10 +32,12 @@ import time
 from pathlib import Path
 
 from raysys.errors import ConfigError
+from raysys.reporting import plots
 from raysys.reporting import results as report
 from raysys.reporting import run_figures
 
 REPORT_FILE = "report.html"
+REFERENCES = ("random-init", "supervised", "supervised-transfer")  # trials that pretrain nothing
 MAX_TABLE_ROWS = 500  # a longer CSV is cut, with a note: the page must stay light enough to open
 # Folders that hold run internals, not figures of the experiment (see find_figures).
 SKIPPED_DIRS = frozenset({"ray", "tb", "cache", "feature-cache", "projector", "checkpoints"})
@@ -196,9 +199,12 @@ def _anchor(relpath: str) -> str:
 
 
 def _embedded(name: str, png: bytes) -> str:
+    """The figure, its caption the name and, where the PNG holds one, its one-line reading."""
     data = base64.b64encode(png).decode("ascii")
+    reading = plots.figure_reading(png)
+    caption = f"<code>{_e(name)}</code>" + (f": {_e(reading)}" if reading else "")
     return (f'<figure id="fig-{_e(_anchor(name))}"><img alt="{_e(name)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{_e(name)}</figcaption></figure>")
+            f"<figcaption>{caption}</figcaption></figure>")
 
 
 def _figure(path: Path, root: Path) -> str:
@@ -254,8 +260,9 @@ def _reproduce_section(commands: list[tuple[str, str]]) -> str:
 
 
 def best_trial(rows: list[dict]) -> dict | None:
-    """The result row with the highest ``msl_acc`` (None when no row has one)."""
-    scored = [r for r in rows if isinstance(r.get("msl_acc"), (int, float))]
+    """The pretrained encoder's row with the highest ``msl_acc`` (None when no row has one): the references
+    (the untrained encoder, the supervised runs) are what it is compared with, never the best trial."""
+    scored = [r for r in rows if isinstance(r.get("msl_acc"), (int, float)) and r.get("method") not in REFERENCES]
     return max(scored, key=lambda r: r["msl_acc"], default=None)
 
 
@@ -287,7 +294,7 @@ def _results_section(rows: list[dict], best: dict | None, sweep: dict, root: Pat
     columns = [c for c in known if any(r.get(c) not in (None, "") for r in rows)]  # no all-empty columns
     classes = ["best" if best is not None and r is best else "" for r in rows]
     per_trial = html_table(columns, [[r.get(c) for c in columns] for r in rows], classes)
-    readings = "".join(f"<p>{_e(report.precision_reading(groups, bench))}</p>" for bench in ("msl", "hirise")
+    readings = "".join(f"<p>{_e(plots.precision_reading(groups, bench))}</p>" for bench in ("msl", "hirise")
                        if sweep.get("plot") == "precision")
     return (f"<h3>Mean ± std over seeds (accuracies in %)</h3>{markdown_to_html(table)}{readings}"
             f"<h3>Every trial (<code>results.csv</code>)</h3>{per_trial}")

@@ -10,6 +10,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from raysys.reporting.plots import pyplot, save_figure
 from raysys.storage import write_text_atomic
 
 CSV_FILE, TABLE_FILE = "label-fraction.csv", "label-fraction.md"
@@ -80,12 +81,7 @@ def _pct(mean: float, std: float | None = None) -> str:
 def plot_curves(summary: list[dict], benchmark: str, path, majority: float | None = None) -> None:
     """Fig. 4 style: test accuracy vs % of train labels, mean ± std over seeds per encoder, a dotted line
     at each encoder's plateau fraction and the majority-class accuracy for reference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4))
     for (bench, encoder), curve in sorted(_curves(summary).items()):
         if bench != benchmark:
             continue
@@ -104,8 +100,20 @@ def plot_curves(summary: list[dict], benchmark: str, path, majority: float | Non
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, curves_reading(summary, benchmark, majority))
+
+
+def curves_reading(summary: list[dict], benchmark: str, majority: float | None = None) -> str:
+    """One line: per encoder, its full-label accuracy and the label fraction from which it stays within 1 point."""
+    parts = []
+    for (bench, encoder), curve in sorted(_curves(summary).items()):
+        if bench == benchmark:
+            full = max(curve, key=lambda e: e["fraction"])
+            parts.append(f"{encoder} {_pct(full['accuracy'], full['accuracy_std'])} % with every label, within 1 point "
+                         f"of it from {100 * plateau_fraction(curve):g} % of them")
+    if majority is not None:
+        parts.append(f"majority class {100 * majority:.1f} %")
+    return f"{benchmark.upper()}: " + "; ".join(parts) + "."
 
 
 def write_results(rows: list[dict], out, majority: dict | None = None) -> dict:

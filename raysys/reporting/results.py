@@ -66,13 +66,22 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def order_key(value) -> tuple:
+    """Sort key of a grouping value: none first, then numbers in numeric order (K 10, 40, 160), then text."""
+    if value is None:
+        return (0, 0, "")
+    if isinstance(value, (int, float)):
+        return (1, value, "")
+    return (2, 0, str(value))
+
+
 def group(rows: list[dict], keys=GROUP_KEYS) -> list[dict]:
     """Mean and standard deviation over seeds of every metric, per combination of ``keys``."""
     groups = defaultdict(list)
     for row in rows:
         groups[tuple(row.get(k) for k in keys)].append(row)
     out = []
-    for key, members in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+    for key, members in sorted(groups.items(), key=lambda kv: tuple(order_key(x) for x in kv[0])):
         entry = dict(zip(keys, key), n=len(members))
         for metric in METRICS:
             values = [m[metric] for m in members if not _missing(m.get(metric))]
@@ -90,7 +99,7 @@ def _what(g: dict, label: str | None = None) -> str:
     """The method (``label``, default :func:`_label`), framework and pair rule cells of a table row (``–`` where
     a reference has none)."""
     framework = g.get("framework")
-    return (f"| {label or _label(g)} | {FRAMEWORK_NAMES.get(framework, framework) or '–'} "
+    return (f"| {label or method_label(g)} | {FRAMEWORK_NAMES.get(framework, framework) or '–'} "
             f"| {g.get('pair_rule') or '–'} |")
 
 
@@ -115,7 +124,7 @@ def _delta(deltas: list[float]) -> str:
     return f"{100 * statistics.fmean(deltas):+.1f}{spread} ({sum(d > 0 for d in deltas)}/{len(deltas)} seeds up)"
 
 
-def _pct(mean, std=None) -> str:
+def pct(mean, std=None) -> str:
     if mean is None:
         return "–"
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std else "")
@@ -138,10 +147,10 @@ def results_table(groups: list[dict], param: str = "k", swept=("cluster",), rows
                                                              "removed_precision", "removed_recall")) if clusters else ""
         lines.append(
             f"{_what(g, METHOD_LABELS.get(g['method'], g['method']))} {'–' if value is None else f'{value:g}'} "
-            f"| {g['n']} | {_pct(g['msl_acc'], g['msl_acc_std'])} | {_pct(g['msl_balanced_acc'], g['msl_balanced_acc_std'])} "
-            f"| {_pct(g['hirise_acc'], g['hirise_acc_std'])} | {_pct(g['hirise_balanced_acc'], g['hirise_balanced_acc_std'])} "
-            f"| {_pct(g['msl_knn_acc'], g['msl_knn_acc_std'])} | {_pct(g['hirise_knn_acc'], g['hirise_knn_acc_std'])} "
-            f"| {_pct(g['fn_fraction'])} |"
+            f"| {g['n']} | {pct(g['msl_acc'], g['msl_acc_std'])} | {pct(g['msl_balanced_acc'], g['msl_balanced_acc_std'])} "
+            f"| {pct(g['hirise_acc'], g['hirise_acc_std'])} | {pct(g['hirise_balanced_acc'], g['hirise_balanced_acc_std'])} "
+            f"| {pct(g['msl_knn_acc'], g['msl_knn_acc_std'])} | {pct(g['hirise_knn_acc'], g['hirise_knn_acc_std'])} "
+            f"| {pct(g['fn_fraction'])} |"
             + (f" {'–' if g['method'] == 'baseline' else _delta(paired_deltas(rows, g))} |" if paired else "") + extra
         )
     return "\n".join(lines)
@@ -157,13 +166,13 @@ def methods_table(groups: list[dict]) -> str:
     lines = [f"{WHAT_HEAD} FN pairs per batch % | MSL acc % | MSL balanced % | HiRISE acc % | HiRISE balanced % |{extra} "
              "seeds |", "|" + " --- |" * (9 + 2 * tuned + pretext)]
     for g in groups:
-        cells = [_pct(g["fn_fraction"], g["fn_fraction_std"]), _pct(g["msl_acc"], g["msl_acc_std"]),
-                 _pct(g["msl_balanced_acc"], g["msl_balanced_acc_std"]), _pct(g["hirise_acc"], g["hirise_acc_std"]),
-                 _pct(g["hirise_balanced_acc"], g["hirise_balanced_acc_std"])]
+        cells = [pct(g["fn_fraction"], g["fn_fraction_std"]), pct(g["msl_acc"], g["msl_acc_std"]),
+                 pct(g["msl_balanced_acc"], g["msl_balanced_acc_std"]), pct(g["hirise_acc"], g["hirise_acc_std"]),
+                 pct(g["hirise_balanced_acc"], g["hirise_balanced_acc_std"])]
         if tuned:
-            cells += [_pct(g["msl_ft_acc"], g["msl_ft_acc_std"]), _pct(g["hirise_ft_acc"], g["hirise_ft_acc_std"])]
+            cells += [pct(g["msl_ft_acc"], g["msl_ft_acc_std"]), pct(g["hirise_ft_acc"], g["hirise_ft_acc_std"])]
         if pretext:
-            cells.append(_pct(g["pretext_accuracy"], g["pretext_accuracy_std"]))
+            cells.append(pct(g["pretext_accuracy"], g["pretext_accuracy_std"]))
         lines.append(f"{_what(g)} {' | '.join(cells)} | {g['n']} |")
     return "\n".join(lines)
 
@@ -173,7 +182,7 @@ def methods_table(groups: list[dict]) -> str:
 METHOD_LABELS = {"supervised": "supervised, from scratch", "supervised-transfer": "supervised, from weights"}
 
 
-def _label(g: dict) -> str:
+def method_label(g: dict) -> str:
     """A method's name with the parameter that defines it (``cluster K=10``, ``mixed r=0.5``)."""
     if g["method"] == "cluster" and g.get("noise") is not None:
         return f"cluster {g.get('cluster_mode') or 'eliminate'}, noise {g['noise']:g}"
@@ -184,92 +193,6 @@ def _label(g: dict) -> str:
     return METHOD_LABELS.get(g["method"], g["method"])
 
 
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend, imported when a plot is drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-# Published test accuracies on the real benchmarks (shared facts: the paper's Table 2 and the benchmark authors'),
-# drawn as reference lines only where a sweep evaluated on the real datasets.
-PUBLISHED = {
-    "msl": (("paper: SimCLR baseline, linear eval", 75.60), ("Wagstaff et al.: supervised transfer", 74.5)),
-    "hirise": (("paper: SimCLR baseline, linear eval", 89.70), ("Wagstaff et al.: supervised transfer", 92.8)),
-}
-
-
-def _published_lines(ax, benchmark: str) -> None:
-    for i, (source, value) in enumerate(PUBLISHED.get(benchmark, ())):
-        ax.axhline(value, linestyle="-.", color=f"C{6 + i}", label=f"{source} ({value:.1f}%, published)")
-
-
-def published_note(benchmarks) -> str:
-    """One line per real benchmark with the published numbers a sweep's table can be read against."""
-    return "\n".join(f"Published on real {b.upper()}: " + "; ".join(f"{s} {v:.1f} %" for s, v in PUBLISHED[b]) + "."
-                     for b in benchmarks if b in PUBLISHED)
-
-
-def _legend_below(ax) -> None:
-    """The legend under the axes, never over the data (the figure grows to hold it)."""
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
-
-
-def plot_vs_param(groups: list[dict], benchmark: str, param: str, path: str | Path, title: str,
-                  swept=("cluster",), published: bool = False) -> None:
-    """Fig. 5 style: accuracy vs ``param`` with error bars, one line per ``swept`` method; every other
-    method (baseline, supervised) is a horizontal reference line, and so are the published numbers when
-    ``published`` (the benchmark is the real dataset)."""
-    plt = pyplot()
-    metric = f"{benchmark}_acc"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in swept:
-        points = sorted((g for g in groups if g["method"] == method and g[metric] is not None), key=lambda g: g[param])
-        if points:
-            ax.errorbar([g[param] for g in points], [100 * g[metric] for g in points],
-                        yerr=[100 * (g[f"{metric}_std"] or 0) for g in points], marker="o", capsize=4, label=method)
-    for g in groups:
-        if g["method"] not in swept and g[metric] is not None:
-            ax.axhline(100 * g[metric], linestyle="--" if g["method"] == "baseline" else ":",
-                       color="gray" if g["method"] == "baseline" else "black",
-                       label=f"{_label(g)} ({100 * g[metric]:.1f}%)")
-    if published:
-        _published_lines(ax, benchmark)
-    ax.set_xlabel(param)
-    ax.set_ylabel(f"{benchmark.upper()} test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    _legend_below(ax)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_methods(groups: list[dict], benchmark: str, path: str | Path, title: str, metric: str | None = None,
-                 ylabel: str | None = None, published: bool = False) -> None:
-    """Fig. 3 style: one bar per method (mean over seeds, standard deviation as error bar) of
-    ``metric`` (default ``<benchmark>_acc``), in %, with the published numbers as lines when ``published``."""
-    plt = pyplot()
-    metric = metric or f"{benchmark}_acc"
-    shown = [g for g in groups if g.get(metric) is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    heights = [100 * g[metric] for g in shown]
-    bars = ax.bar(range(len(shown)), heights, yerr=[100 * (g[f"{metric}_std"] or 0) for g in shown], capsize=4,
-                  color=[f"C{i}" for i in range(len(shown))])
-    ax.bar_label(bars, labels=[f"{h:.1f}" for h in heights], padding=2, fontsize=8)
-    ax.set_xticks(range(len(shown)), [_label(g) for g in shown], rotation=15)
-    ax.set_ylabel(ylabel or f"{benchmark.upper()} test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, axis="y")
-    if published:
-        _published_lines(ax, benchmark)
-        _legend_below(ax)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
 def spatial_table(groups: list[dict]) -> str:
     """ESS comparison: place recognition on held-out traverses beside linear-probe accuracy."""
     lines = [f"{WHAT_HEAD} radius m | sigma m | positives/anchor | place R@1 % | chance R@1 % | place R@5 % "
@@ -278,10 +201,10 @@ def spatial_table(groups: list[dict]) -> str:
         err = g.get("place_median_error")
         lines.append(
             f"{_what(g)} {_num(g.get('ess_radius_m'))} | {_num(g.get('ess_sigma_m'))} | {_num(g.get('positives_per_anchor'))} "
-            f"| {_pct(g.get('place_recall1'), g.get('place_recall1_std'))} | {_pct(g.get('place_chance_recall1'))} "
-            f"| {_pct(g.get('place_recall5'), g.get('place_recall5_std'))} "
-            f"| {'–' if err is None else f'{err:.1f}'} | {_pct(g['msl_acc'], g['msl_acc_std'])} "
-            f"| {_pct(g['hirise_acc'], g['hirise_acc_std'])} | {g['n']} |")
+            f"| {pct(g.get('place_recall1'), g.get('place_recall1_std'))} | {pct(g.get('place_chance_recall1'))} "
+            f"| {pct(g.get('place_recall5'), g.get('place_recall5_std'))} "
+            f"| {'–' if err is None else f'{err:.1f}'} | {pct(g['msl_acc'], g['msl_acc_std'])} "
+            f"| {pct(g['hirise_acc'], g['hirise_acc_std'])} | {g['n']} |")
     return "\n".join(lines)
 
 
@@ -294,12 +217,25 @@ def grouped_table(groups: list[dict], plot: str = "line", param: str = "k", swep
     """The grouped table a sweep draws: place recognition, methods side by side (``bars``), the noisy
     oracle's precision curve (``precision``) or accuracy against the swept ``param``."""
     if place_recognition:
-        return spatial_table(groups)
-    if plot == "bars":
-        return methods_table(groups)
-    if plot == "precision":
-        return precision_table(groups)
-    return results_table(groups, param, swept, rows)
+        table = spatial_table(groups)
+    elif plot == "bars":
+        table = methods_table(groups)
+    elif plot == "precision":
+        table = precision_table(groups)
+    else:
+        table = results_table(groups, param, swept, rows)
+    return drop_empty_columns(table)
+
+
+def drop_empty_columns(table: str) -> str:
+    """A markdown table without the columns that hold ``–`` in every row (nothing measured them)."""
+    header, rule, *body = [_md_cells(line) for line in table.splitlines()]
+    keep = [i for i in range(len(header)) if not body or any(row[i] != "–" for row in body)]
+    return "\n".join("| " + " | ".join(row[i] for i in keep) + " |" for row in (header, rule, *body))
+
+
+def _md_cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
 
 def precision_table(groups: list[dict]) -> str:
@@ -312,86 +248,11 @@ def precision_table(groups: list[dict]) -> str:
         clustered = g["method"] == "cluster"
         cells = [g.get("cluster_mode") if clustered else "–", _num(g.get("noise")),
                  _num(g.get("removed_precision")), _num(g.get("removed_recall")),
-                 _pct(g["fn_fraction"], g["fn_fraction_std"]), _num(g.get("cluster_nmi")),
-                 _pct(g["msl_acc"], g["msl_acc_std"]), _pct(g["msl_balanced_acc"], g["msl_balanced_acc_std"]),
-                 _pct(g["hirise_acc"], g["hirise_acc_std"]), _pct(g["hirise_balanced_acc"], g["hirise_balanced_acc_std"]),
+                 pct(g["fn_fraction"], g["fn_fraction_std"]), _num(g.get("cluster_nmi")),
+                 pct(g["msl_acc"], g["msl_acc_std"]), pct(g["msl_balanced_acc"], g["msl_balanced_acc_std"]),
+                 pct(g["hirise_acc"], g["hirise_acc_std"]), pct(g["hirise_balanced_acc"], g["hirise_balanced_acc_std"]),
                  str(g["n"])]
         lines.append(f"{_what(g, g['method'])} " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _baseline(groups: list[dict], metric: str) -> dict | None:
-    return next((g for g in groups if g["method"] == "baseline" and g.get(metric) is not None), None)
-
-
-def _curves(groups: list[dict], metric: str) -> dict[str, list[dict]]:
-    """Cluster-aware groups with a measured removed precision, per mode, in order of precision."""
-    curves = defaultdict(list)
-    for g in groups:
-        if g["method"] == "cluster" and g.get("removed_precision") is not None and g.get(metric) is not None:
-            curves[g.get("cluster_mode") or "eliminate"].append(g)
-    return {mode: sorted(points, key=lambda g: g["removed_precision"]) for mode, points in sorted(curves.items())}
-
-
-def plot_vs_precision(groups: list[dict], benchmark: str, path: str | Path, title: str,
-                      ylabel: str | None = None) -> None:
-    """Accuracy against removed-pair precision, one line per mode (error bars: spread over seeds in both
-    directions; each point annotated with its noise and removed-pair recall), the baseline's mean ± spread
-    as a band."""
-    plt = pyplot()
-    metric = f"{benchmark}_acc"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    base = _baseline(groups, metric)
-    if base:
-        mean, spread = 100 * base[metric], 100 * (base[f"{metric}_std"] or 0)
-        ax.axhspan(mean - spread, mean + spread, color="gray", alpha=0.25, label=f"baseline {mean:.1f} ± {spread:.1f}%")
-        ax.axhline(mean, color="gray", linestyle="--")
-    for mode, points in _curves(groups, metric).items():
-        ax.errorbar([g["removed_precision"] for g in points], [100 * g[metric] for g in points],
-                    xerr=[g["removed_precision_std"] or 0 for g in points],
-                    yerr=[100 * (g[f"{metric}_std"] or 0) for g in points], marker="o", capsize=4, label=mode)
-        for g in points:
-            recall = f", recall {g['removed_recall']:.2f}" if g.get("removed_recall") is not None else ""
-            ax.annotate(f"noise {g['noise']:g}{recall}", (g["removed_precision"], 100 * g[metric]), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))
-    ax.set_xlabel("removed-pair precision (share that are true false negatives)")
-    ax.set_ylabel(ylabel or f"{benchmark.upper()} test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    _legend_below(ax)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-def precision_reading(groups: list[dict], benchmark: str, name: str | None = None) -> str:
-    """One sentence per mode: the removed-pair precision (and its recall) from which on every measured level of
-    the mode beats the baseline by more than both spreads (its mean - std above the baseline's mean + std), or
-    that none does."""
-    metric = f"{benchmark}_acc"
-    name = name or benchmark.upper()
-    base = _baseline(groups, metric)
-    if base is None:
-        return f"{name}: no baseline result to compare with."
-    curves = _curves(groups, metric)
-    if base["n"] < 2 or any(g["n"] < 2 for points in curves.values() for g in points):
-        return f"{name}: one seed per configuration gives no spread to compare with; run --seeds 3 or more."
-    bar = base[metric] + (base[f"{metric}_std"] or 0)
-    baseline = f"baseline {_pct(base[metric], base[f'{metric}_std'])} %"
-    sentences = []
-    for mode, points in curves.items():
-        wins = [g[metric] - (g[f"{metric}_std"] or 0) > bar for g in points]
-        above = len(points)
-        while above and wins[above - 1]:
-            above -= 1  # points[above:] all win: the precision above which the mode pays
-        if above < len(points):
-            g = points[above]
-            recall = f", recall {g['removed_recall']:.2f}" if g.get("removed_recall") is not None else ""
-            sentences.append(f"{mode} beats the {baseline} by more than the seeds' spread at every removed-pair "
-                             f"precision from {g['removed_precision']:.2f} on (noise {g['noise']:g}{recall}: "
-                             f"{_pct(g[metric], g[f'{metric}_std'])} %)")
-        else:
-            best = max(points, key=lambda g: g[metric])
-            sentences.append(f"{mode} does not beat the {baseline} by more than the seeds' spread even at "
-                             f"precision {points[-1]['removed_precision']:.2f} (its best: precision "
-                             f"{best['removed_precision']:.2f}, {_pct(best[metric], best[f'{metric}_std'])} %)")
-    return f"{name}: " + ("; ".join(sentences) if sentences else "no cluster-aware result") + "."

@@ -1,21 +1,31 @@
 """Figures the report draws from what runs leave behind: training curves from each run's TensorBoard
-scalars (``tb/``) and confusion matrices from ``eval-*.json``. Each returns PNG bytes, for embedding."""
+scalars (``tb/``) and confusion matrices from ``eval-*.json``. Each returns PNG bytes, for embedding, that hold
+the figure's one-line reading (:func:`raysys.reporting.results.figure_reading`)."""
 
 from __future__ import annotations
 
 import io
 import logging
+import statistics
 from pathlib import Path
 
 import numpy as np
 
-from raysys.reporting.results import pyplot
+from raysys.reporting.plots import pyplot, save_figure
 
-CURVES = (("train/loss", "contrastive / task loss"), ("train/knn_acc", "kNN monitor accuracy (val)"))
+# Per panel: the scalars it draws, the finest first (the worker logs the loss every few steps and, in a study, kNN
+# accuracy at every evaluation step; each epoch's end adds the epoch's mean loss and the kNN monitor), each
+# with what one point is.
+CURVES = (
+    ("contrastive / task loss", (("train/loss_step", "per logged step"), ("train/loss", "epoch mean"))),
+    ("kNN accuracy (val)", (("study/knn_acc", "per evaluation step"), ("train/knn_acc", "at each epoch end"))),
+)
 MAX_CURVES = 40  # runs drawn in one training-curve figure; more would be an unreadable tangle
+MARKERS_UP_TO = 30  # points per line drawn with markers: sparse curves show where they were measured
 
 
-def read_scalars(tb_dir: Path, tags=tuple(tag for tag, _ in CURVES)) -> dict[str, list[tuple[int, float]]]:
+def read_scalars(tb_dir: Path, tags=tuple(tag for _, choices in CURVES for tag, _ in choices)
+                 ) -> dict[str, list[tuple[int, float]]]:
     """``{tag: [(step, value)]}`` of the TensorBoard event files in ``tb_dir`` (tags absent there are left out)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -26,34 +36,67 @@ def read_scalars(tb_dir: Path, tags=tuple(tag for tag, _ in CURVES)) -> dict[str
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in tags if tag in present}
 
 
-def _png(fig) -> bytes:
+def _png(fig, reading: str | None = None) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    pyplot().close(fig)
+    save_figure(fig, buf, reading)
     return buf.getvalue()
 
 
+def panel_curves(runs: dict[str, dict[str, list[tuple[int, float]]]], choices) -> tuple[dict[str, list], str | None]:
+    """Each run's curve for one panel and what one point is: of the panel's ``choices`` that every run logged (runs
+    that logged none are left out), the one with the most points, the finer on a tie (a run shorter than the
+    per-step logging interval has more epoch ends than logged steps); ``({}, None)`` when no run logged any."""
+    logged = [name for name, scalars in runs.items() if any(scalars.get(tag) for tag, _ in choices)]
+    complete = [(tag, point) for tag, point in choices if logged and all(runs[name].get(tag) for name in logged)]
+    if not complete:
+        return {}, None
+    tag, point = max(complete, key=lambda choice: sum(len(runs[name][choice[0]]) for name in logged))
+    return {name: runs[name][tag] for name in logged}, point
+
+
+def curves_reading(loss: dict[str, list], accuracy: dict[str, list]) -> str:
+    """One line: in how many runs the loss fell from its first point to its last (medians of both), and the
+    range of the last kNN accuracies with the best run."""
+    moved = [(points[0][1], points[-1][1]) for points in loss.values() if len(points) > 1]
+    parts = []
+    if moved:
+        first, last = statistics.median(a for a, _ in moved), statistics.median(b for _, b in moved)
+        parts.append(f"loss fell in {sum(b < a for a, b in moved)} of {len(moved)} runs "
+                     f"(median {first:.3g} at the first point, {last:.3g} at the last)")
+    if accuracy:
+        final = {name: points[-1][1] for name, points in accuracy.items()}
+        best, low = max(final, key=final.get), min(final.values())
+        parts.append(f"last kNN accuracy {100 * low:.1f} % in every run" if low == final[best] else
+                     f"last kNN accuracy {100 * low:.1f}–{100 * final[best]:.1f} % (best: {best})")
+    return "; ".join(parts) + "." if parts else ""
+
+
 def training_curves_png(runs: dict[str, dict[str, list[tuple[int, float]]]]) -> bytes | None:
-    """Loss and kNN accuracy against the training step, one line per run (``{name: read_scalars(...)}``);
-    the legend sits below the panels, off the data. None when no run logged either scalar."""
-    runs = {name: curves for name, curves in sorted(runs.items())[:MAX_CURVES] if curves}
-    if not runs:
+    """Loss and kNN accuracy against the training step (integer ticks), one line per run
+    (``{name: read_scalars(...)}``), each panel from its finest logged scalar (:data:`CURVES`); the legend sits
+    below the panels, off the data, and the PNG holds the curves' reading (:func:`curves_reading`). None when no
+    run logged either scalar."""
+    from matplotlib.ticker import MaxNLocator
+
+    runs = dict(sorted(runs.items())[:MAX_CURVES])
+    panels = [(title, *panel_curves(runs, choices)) for title, choices in CURVES]
+    if not any(curves for _, curves, _ in panels):
         return None
     plt = pyplot()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(11, 3.8))
-    for ax, (tag, title) in zip(axes, CURVES):
-        for i, (name, curves) in enumerate(runs.items()):
-            if tag in curves:
-                steps, values = zip(*curves[tag])
-                ax.plot(steps, values, marker="o", ms=2, lw=1, color=f"C{i % 10}", label=name)
+    colors = {name: f"C{i % 10}" for i, name in enumerate(runs)}
+    for ax, (title, curves, point) in zip(axes, panels):
+        for name, points in curves.items():
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if len(steps) <= MARKERS_UP_TO else None, ms=3, lw=1,
+                    color=colors[name], label=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("training step")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(f"{title}, {point}" if point else title, fontsize=10)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if not handles:
-        handles, labels = axes[1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4, fontsize=7, frameon=False)
-    return _png(fig)
+    handles = max((ax.get_legend_handles_labels() for ax in axes), key=lambda hl: len(hl[0]))
+    fig.legend(*handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4, fontsize=7, frameon=False)
+    return _png(fig, curves_reading(panels[0][1], panels[1][1]))
 
 
 def confusion_png(evaluation: dict, title: str) -> bytes | None:
@@ -82,4 +125,18 @@ def confusion_png(evaluation: dict, title: str) -> bytes | None:
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
-    return _png(fig)
+    return _png(fig, confusion_reading(counts, labels))
+
+
+def confusion_reading(counts: np.ndarray, names: list[str]) -> str:
+    """One line: the accuracy over the matrix's test images and the most frequent confusion."""
+    total = int(counts.sum())
+    if not total:
+        return ""
+    errors = counts - np.diag(np.diag(counts))
+    reading = f"accuracy {100 * np.trace(counts) / total:.1f} % of {total} test images"
+    if errors.any():
+        true, predicted = np.unravel_index(np.argmax(errors), errors.shape)
+        reading += (f"; most frequent confusion: {names[true]} taken for {names[predicted]} "
+                    f"({errors[true, predicted]} of {counts[true].sum()} {names[true]} images)")
+    return reading + "."

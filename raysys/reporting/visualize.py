@@ -37,6 +37,7 @@ from raysys.errors import ConfigError, ModelFileError
 from raysys.eval.features import extract_features
 from raysys.eval.linear import DEFAULT_IMAGE_SIZE
 from raysys.models.io import load_saved, resolve_model_file, run_folder
+from raysys.reporting.plots import READING_KEY
 
 COLOR_MODES = ("label", "cluster")
 DEFAULT_N = 500
@@ -209,9 +210,26 @@ def plot_thumbnails(coords: np.ndarray, thumbs: np.ndarray, groups: np.ndarray, 
     else:
         title += f" ({len(present)} groups: legend omitted)"
     ax.set_title(title, fontsize=12)
-    fig.savefig(path, bbox_inches="tight")
+    fig.savefig(path, bbox_inches="tight", metadata={READING_KEY: map_reading(coords, groups)})
     plt.close(fig)
     return Path(path)
+
+
+def map_reading(coords: np.ndarray, groups: np.ndarray) -> str:
+    """One line: how often an image's nearest neighbour in the 2-d map is of its own group, beside the share
+    two images drawn at random would (what a map without group structure scores); unlabeled images left out."""
+    known = groups != UNLABELED
+    coords, groups = coords[known], groups[known]
+    if len(groups) < 2:
+        return f"{len(groups)} labelled image(s): too few to read group structure from."
+    from scipy.spatial import cKDTree
+
+    nearest = cKDTree(coords).query(coords, k=2)[1][:, 1]  # the first is the image itself
+    same = float(np.mean(groups[nearest] == groups))
+    counts = np.unique(groups, return_counts=True)[1]
+    chance = float((counts * (counts - 1)).sum() / (len(groups) * (len(groups) - 1)))
+    return (f"{100 * same:.0f} % of the {len(groups)} labelled images have a nearest neighbour in the map of their "
+            f"own group ({len(counts)} groups; two images at random: {100 * chance:.0f} %).")
 
 
 def _tsv_cell(value) -> str:

@@ -111,3 +111,6 @@ def test_k_sweep_runs_at_the_studys_budget_unless_given_epochs(given, expected, 
     assert SWEEP_PRESETS["demo"]["k_steps"] == FN_STUDY_PRESETS["demo"]["steps"] == 600
     assert {trial_config(k_sweep, {**v, "seed": 0}).max_steps for v in k_sweep.grid()} == {expected}
     assert PretrainConfig.from_dict(spec("sweep_temperature", []).base).max_steps is None
+    # The untrained encoder is the demo K sweep's reference line unless declined.
+    assert [v["method"] for v in k_sweep.variants] == ["baseline", "cluster", "random-init"]
+    assert "random-init" not in [v["method"] for v in spec("sweep_k", [*given, "--no-random-init"]).variants]

@@ -53,3 +53,27 @@ def test_pairing_check_names_the_seed_whose_arms_differ():
     arm_seed = {t: (t.rsplit("-", 1)[0], int(t[-1])) for t in curves}
     assert fn_study.pairing_check({t: curves[t] for t in ("simclr-s0", "supcon-s0")}, arm_seed).startswith("Pairing checked")
     assert "seed 1: ['simclr', 'supcon']" in fn_study.pairing_check(curves, arm_seed)
+
+
+def test_gap_reading_is_stored_in_the_study_plot(tmp_path):
+    from raysys.reporting.plots import figure_reading
+
+    rows = _rows()  # oracle-elim +2.0 [-0.5, +4.5] at step 100 (see above): its interval spans 0
+    reading = fn_study.gap_reading(rows)
+    assert reading == ("kNN accuracy, paired gap to simclr at step 100 (points, 95 % interval, 3 seeds): "
+                       "oracle-elim +2.0 [-0.5, +4.5]; no interval clear of 0.")
+    lifted = [{**r, "knn_acc": r["knn_acc"] + 0.1} if r["arm"] == "oracle-elim" else r for r in rows]
+    assert fn_study.gap_reading(lifted).endswith("oracle-elim +12.0 [+9.5, +14.5]; above 0: oracle-elim.")
+    fn_study.plot_study(rows, ["simclr", "oracle-elim"], tmp_path / "study.png")
+    assert figure_reading(tmp_path / "study.png") == reading
+
+
+def test_removed_pairs_plot_reads_the_last_steps_precision_and_recall(tmp_path):
+    from raysys.reporting.plots import figure_reading
+
+    rows = [{"arm": "simclr", "seed": s, "step": step, "false_negative_fraction": 0.1} for s in (0, 1) for step in (0, 4)]
+    rows += [{"arm": "fnc", "seed": s, "step": step, "removed_pair_precision": p, "removed_pair_recall": r}
+             for s in (0, 1) for step, p, r in ((0, 0.2 + 0.1 * s, 0.1), (4, 0.3 + 0.1 * s, 0.2))]
+    assert fn_study.plot_removed_pairs(rows, tmp_path / "pairs.png")
+    assert figure_reading(tmp_path / "pairs.png") == (
+        "Removed pairs at the last step: fnc precision 0.35, recall 0.20 (random removal: 0.10).")

@@ -13,7 +13,9 @@ from raysys.distributed.console import say
 from raysys.distributed.sweep.spec import BENCHMARKS, SweepSpec
 from raysys.distributed.trainer import CURVE_FILE
 from raysys.reporting import fn_study
+from raysys.reporting import plots as draw
 from raysys.reporting import results as report
+from raysys.reporting.html import best_trial
 
 
 def real_benchmarks(spec: SweepSpec) -> set[str]:
@@ -31,8 +33,8 @@ def study_curves(spec: SweepSpec, trials: list[str]) -> dict[str, dict]:
 
 
 def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[str]:
-    """``summary.md`` (the reproduce command, the grouped table, the best trial) and one plot per benchmark;
-    returns the names of the files written."""
+    """``summary.md`` (the reproduce command, the grouped table, each plot's one-line reading, the best trial) and
+    one plot per benchmark; returns the names of the files written."""
     out = Path(spec.out)
     groups = report.group(rows)
     table = report.grouped_table(groups, spec.plot, spec.param, spec.swept, spec.place_recognition, rows)
@@ -41,31 +43,31 @@ def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[
         if any(g.get(f"{bench}_acc") is not None for g in groups):
             path = out / f"{spec.name}-{bench}.png"
             if spec.plot == "bars":
-                report.plot_methods(groups, bench, path, f"{bench.upper()}: methods compared ({spec.name})",
-                                    published=bench in real)
+                readings.append(draw.plot_methods(groups, bench, path, f"{bench.upper()}: methods compared "
+                                                    f"({spec.name})", published=bench in real))
             elif spec.plot == "precision":
-                report.plot_vs_precision(groups, bench, path, f"{bench.upper()}: accuracy vs removed-pair precision")
-                readings.append(report.precision_reading(groups, bench))
+                readings.append(draw.plot_vs_precision(groups, bench, path,
+                                                         f"{bench.upper()}: accuracy vs removed-pair precision"))
             else:
-                report.plot_vs_param(groups, bench, spec.param, path,
-                                     f"{bench.upper()}: accuracy vs {spec.param} ({spec.name})", spec.swept,
-                                     published=bench in real)
+                readings.append(draw.plot_vs_param(groups, bench, spec.param, path,
+                                                     f"{bench.upper()}: accuracy vs {spec.param} ({spec.name})",
+                                                     spec.swept, published=bench in real))
             plots.append(path.name)
     if spec.plot == "precision" and any(g.get("pool_knn_acc") is not None for g in groups):
         path, name = out / f"{spec.name}-pool-knn.png", "kNN on unseen pool images"
-        report.plot_vs_precision(groups, "pool_knn", path, f"{name} at the step budget vs removed-pair precision",
-                                 ylabel=f"{name} (%)")
-        readings.append(report.precision_reading(groups, "pool_knn", name))
+        readings.append(draw.plot_vs_precision(groups, "pool_knn", path, f"{name} at the step budget vs "
+                                                 "removed-pair precision", ylabel=f"{name} (%)", name=name))
         plots.append(path.name)
     if spec.place_recognition and any(g.get("place_recall1") is not None for g in groups):
         path = out / f"{spec.name}-place.png"
-        report.plot_methods(groups, "place", path, f"Place recognition on held-out traverses ({spec.name})",
-                            metric="place_recall1", ylabel="recall@1 within the radius (%)")
+        readings.append(draw.plot_methods(groups, "place", path, f"Place recognition on held-out traverses "
+                                            f"({spec.name})", metric="place_recall1",
+                                            ylabel="recall@1 within the radius (%)"))
         plots.append(path.name)
-    best = max((r for r in rows if r.get("msl_acc") is not None), key=lambda r: r["msl_acc"], default=None)
+    best = best_trial(rows)
     lines = [f"# {spec.name}", "", f"Reproduce: `{spec.command}`", "", table, ""] + [f"{r}\n" for r in readings]
     if real:
-        lines += [report.published_note(sorted(real)), ""]
+        lines += [draw.published_note(sorted(real)), ""]
     if best:
         lines += [f"Best trial on MSL: **{best['trial']}** ({100 * best['msl_acc']:.1f} %).", ""]
     return _write_summary_file(out, lines, plots, errors, [table, *readings])
