@@ -10,7 +10,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from raysys.reporting.plots import pyplot, save_figure
+from raysys.reporting.plots import bench_name, pyplot, save_figure
 from raysys.storage import write_text_atomic
 
 CSV_FILE, TABLE_FILE = "label-fraction.csv", "label-fraction.md"
@@ -95,8 +95,8 @@ def plot_curves(summary: list[dict], benchmark: str, path, majority: float | Non
     if majority is not None:
         ax.axhline(100 * majority, linestyle="--", color="gray", label=f"majority class ({100 * majority:.1f}%)")
     ax.set_xlabel("train labels used by the linear probe (%)")
-    ax.set_ylabel(f"{benchmark.upper()} test accuracy (%)")
-    ax.set_title(f"Label efficiency on {benchmark.upper()} (mean ± std over seeds)")
+    ax.set_ylabel(f"{bench_name(benchmark)} test accuracy (%)")
+    ax.set_title(f"Label efficiency on {bench_name(benchmark)} (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -113,7 +113,7 @@ def curves_reading(summary: list[dict], benchmark: str, majority: float | None =
                          f"of it from {100 * plateau_fraction(curve):g} % of them")
     if majority is not None:
         parts.append(f"majority class {100 * majority:.1f} %")
-    return f"{benchmark.upper()}: " + "; ".join(parts) + "."
+    return f"{bench_name(benchmark)}: " + "; ".join(parts) + "."
 
 
 def write_results(rows: list[dict], out, majority: dict | None = None) -> dict:

@@ -11,6 +11,14 @@ from pathlib import Path
 from raysys.reporting.results import method_label, order_key, pct
 
 
+BENCHMARK_NAMES = {"msl": "MSL", "hirise": "HiRISE"}
+
+
+def bench_name(benchmark: str) -> str:
+    """``MSL``, ``HiRISE``: a benchmark as the papers write it."""
+    return BENCHMARK_NAMES.get(benchmark, benchmark.upper())
+
+
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend, imported when a plot is drawn."""
     import matplotlib
@@ -36,7 +44,7 @@ def _published_lines(ax, benchmark: str) -> None:
 
 def published_note(benchmarks) -> str:
     """One line per real benchmark with the published numbers a sweep's table can be read against."""
-    return "\n".join(f"Published on real {b.upper()}: " + "; ".join(f"{s} {v:.1f} %" for s, v in PUBLISHED[b]) + "."
+    return "\n".join(f"Published on real {bench_name(b)}: " + "; ".join(f"{s} {v:.1f} %" for s, v in PUBLISHED[b]) + "."
                      for b in benchmarks if b in PUBLISHED)
 
 
@@ -127,11 +135,11 @@ def plot_vs_param(groups: list[dict], benchmark: str, param: str, path: str | Pa
     _reference_lines(ax, [g for g in measured if g["method"] not in swept or is_oracle(g)], metric)
     if published:
         _published_lines(ax, benchmark)
-    ax.set_ylabel(f"{benchmark.upper()} test accuracy (%)")
+    ax.set_ylabel(f"{bench_name(benchmark)} test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     _legend_below(ax)
-    reading = comparison_reading(groups, metric, benchmark.upper(), swept)
+    reading = comparison_reading(groups, metric, bench_name(benchmark), swept)
     save_figure(fig, path, reading)
     return reading
 
@@ -154,13 +162,13 @@ def plot_methods(groups: list[dict], benchmark: str, path: str | Path, title: st
                   color=[f"C{i}" for i in range(len(shown))])
     ax.bar_label(bars, labels=[f"{h:.1f}" for h in heights], padding=2, fontsize=8)
     ax.set_xticks(range(len(shown)), [method_label(g) for g in shown], rotation=15)
-    ax.set_ylabel(ylabel or f"{benchmark.upper()} test accuracy (%)")
+    ax.set_ylabel(ylabel or f"{bench_name(benchmark)} test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
     if published:
         _published_lines(ax, benchmark)
         _legend_below(ax)
-    name = benchmark.upper() if metric == f"{benchmark}_acc" else metric.replace("_", " ")
+    name = bench_name(benchmark) if metric == f"{benchmark}_acc" else metric.replace("_", " ")
     reading = comparison_reading(groups, metric, name)
     save_figure(fig, path, reading)
     return reading
@@ -272,7 +280,7 @@ def plot_vs_precision(groups: list[dict], benchmark: str, path: str | Path, titl
             ax.annotate(f"noise {g['noise']:g}{recall}", (g["removed_precision"], 100 * g[metric]), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel("removed-pair precision (share that are true false negatives)")
-    ax.set_ylabel(ylabel or f"{benchmark.upper()} test accuracy (%)")
+    ax.set_ylabel(ylabel or f"{bench_name(benchmark)} test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     _legend_below(ax)
@@ -286,7 +294,7 @@ def precision_reading(groups: list[dict], benchmark: str, name: str | None = Non
     the mode beats the baseline by more than both spreads (its mean - std above the baseline's mean + std), or
     that none does."""
     metric = f"{benchmark}_acc"
-    name = name or benchmark.upper()
+    name = name or bench_name(benchmark)
     base = _baseline(groups, metric)
     if base is None:
         return f"{name}: no baseline result to compare with."

@@ -43,14 +43,14 @@ def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[
         if any(g.get(f"{bench}_acc") is not None for g in groups):
             path = out / f"{spec.name}-{bench}.png"
             if spec.plot == "bars":
-                readings.append(draw.plot_methods(groups, bench, path, f"{bench.upper()}: methods compared "
+                readings.append(draw.plot_methods(groups, bench, path, f"{draw.bench_name(bench)}: methods compared "
                                                     f"({spec.name})", published=bench in real))
             elif spec.plot == "precision":
                 readings.append(draw.plot_vs_precision(groups, bench, path,
-                                                         f"{bench.upper()}: accuracy vs removed-pair precision"))
+                                                         f"{draw.bench_name(bench)}: accuracy vs removed-pair precision"))
             else:
                 readings.append(draw.plot_vs_param(groups, bench, spec.param, path,
-                                                     f"{bench.upper()}: accuracy vs {spec.param} ({spec.name})",
+                                                     f"{draw.bench_name(bench)}: accuracy vs {spec.param} ({spec.name})",
                                                      spec.swept, published=bench in real))
             plots.append(path.name)
     if spec.plot == "precision" and any(g.get("pool_knn_acc") is not None for g in groups):
