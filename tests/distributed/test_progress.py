@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from raysys.distributed import console, progress
-from raysys.distributed.sweep import trial
+from raysys.distributed import sweep_trial as trial
 from raysys.distributed.trainer import run_timing
 
 

@@ -1,5 +1,17 @@
-"""Running a sweep: the Tuner of each stage, the trials' resources and scheduler, and the results writer that
-keeps ``results.csv`` current.
+"""Ray Tune sweeps. One trial = (cluster-aware: cluster with K, cached) -> pretrain on Ray Train ->
+linear and kNN evaluation (optionally fine-tuning, place recognition) -> one final report.
+
+Experiment scripts declare the variants (a method and the parameters it sets: K, temperature, lr, mix
+ratio, ESS radius and sigma; see :func:`variant`) and call :func:`main`. Each trial is a Tune *function*
+trainable that builds a ``TorchTrainer`` (Train V2 cannot be passed to a ``Tuner`` directly), forwards
+its per-epoch metrics (the kNN monitor among them, which ``--asha`` stops trials on) to Tune, evaluates
+the encoder and ends with one ``tune.report`` holding every final metric. Trial run folders are named
+from the trial's parameters, so a restored or relaunched sweep resumes a trial's training from its
+checkpoint, and a trial that already finished (``final.json``) is reported again, not rerun.
+
+This module runs the Tuner of each stage with the trials' resources, scheduler and the results writer that
+keeps ``results.csv`` current; the spec and its flags are :mod:`.sweep_spec`, one trial :mod:`.sweep_trial`,
+the summary :mod:`.sweep_summary`. What experiment scripts use is importable from here.
 """
 
 from __future__ import annotations
@@ -23,23 +35,31 @@ from raysys.data.sources import resolve_data
 from raysys.distributed.console import LOG_FILE, quiet_console, say
 from raysys.distributed.progress import SweepProgress
 from raysys.distributed.runtime import check_cluster, init_ray
-from raysys.distributed.sweep.spec import (
+from raysys.distributed.sweep_spec import (
+    METHODS,
+    PRETEXT_METHODS,
     SUPERVISED_METHODS,
-    SweepSpec,
     TRIAL_DRIVER_CPUS,
+    SweepSpec,
+    add_budget_arguments,
     add_sweep_arguments,
     spec_from_args,
+    study_budget,
     trial_config,
     trial_name,
     trial_params,
+    variant,
     what_ran,
 )
-from raysys.distributed.sweep.summary import study_curves, write_study_summary, write_summary
-from raysys.distributed.sweep.trial import prepare_clusters, run_trial
+from raysys.distributed.sweep_summary import study_curves, write_study_summary, write_summary
+from raysys.distributed.sweep_trial import prepare_clusters, run_trial
 from raysys.errors import ConfigError, run_command
 from raysys.reporting import fn_study
 from raysys.reporting import results as report
 from raysys.reporting.html import write_report
+
+__all__ = ["METHODS", "PRETEXT_METHODS", "ResultsWriter", "SweepSpec", "add_budget_arguments", "add_sweep_arguments",
+           "main", "run_sweep", "spec_from_args", "study_budget", "trial_config", "trial_name", "variant"]
 
 
 class ResultsWriter(tune.Callback):

@@ -21,7 +21,7 @@ from raysys.data.sources import attach_clusters, heldout_manifest, resolve_data
 from raysys.distributed.clustering import cluster_assignments, cluster_quality
 from raysys.distributed.console import say
 from raysys.distributed.runtime import publish_run, torch_threads
-from raysys.distributed.sweep.spec import (
+from raysys.distributed.sweep_spec import (
     SUPERVISED_METHODS,
     SweepSpec,
     TRIAL_DRIVER_CPUS,

@@ -10,7 +10,7 @@ from raysys.config import PretrainConfig
 from raysys.data.formats import discover
 from raysys.data.sources import is_simulated
 from raysys.distributed.console import say
-from raysys.distributed.sweep.spec import BENCHMARKS, SweepSpec
+from raysys.distributed.sweep_spec import BENCHMARKS, SweepSpec
 from raysys.distributed.trainer import CURVE_FILE
 from raysys.reporting import fn_study
 from raysys.reporting import plots as draw
