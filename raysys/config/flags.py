@@ -14,6 +14,7 @@ from raysys.config.schema import (
     PAIR_RULES,
     PLACEMENTS,
     SCHEDULES,
+    STEMS,
     SYNC_BN_MODES,
     PretrainConfig,
 )
@@ -34,7 +35,11 @@ def add_pretrain_arguments(p) -> None:
     p.add_argument("--preset", default="demo",
                    help=f"one of {', '.join(sorted(PRESETS))}: smoke (tests, ~2 min CPU), demo (laptop, ~15 min CPU), paper (Appendix A, GPUs) "
                    "(default: %(default)s)")
+    _add_source_arguments(p)
     p.add_argument("--backbone", help=f"one of {', '.join(BACKBONES)}")
+    p.add_argument("--stem", choices=STEMS, help="the backbone's first layers: standard (torchvision's 7x7 conv and "
+                   "max-pool: an export loads into torchvision.models.resnet*) or small (3x3 conv, no pool: for images "
+                   "of 32 px and less); default: the preset's (small for smoke and demo)")
     p.add_argument("--width", type=float, help="channel width multiplier of the backbone")
     p.add_argument("--image-size", type=int, help="training image side in pixels")
     p.add_argument("--epochs", type=int, help="pretraining epochs")
@@ -82,6 +87,15 @@ def add_pretrain_arguments(p) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation after pretraining")
 
 
+def _add_source_arguments(p) -> None:
+    """Which images a run pretrains on, when ``--data`` holds several folders."""
+    p.add_argument("--pool", help="the folder of unlabeled images to pretrain on (absolute, or relative to --data): "
+                   "needed when --data holds several folders of images beside its benchmarks")
+    p.add_argument("--pretrain-on-eval-splits", action="store_true", default=None,
+                   help="also pretrain on the benchmarks' val and test images when --data has no pool (they are "
+                   "what the linear probe is scored on, so its numbers then overstate; default: train split only)")
+
+
 def _add_study_arguments(p) -> None:
     p.add_argument("--decoupled", action="store_true", default=None, help="take the positives out of the loss's "
                    "denominator (Yeh et al.'s decoupling): with --pair-rule instance it is DCL, with cluster the "
@@ -116,6 +130,8 @@ def config_from_args(args) -> PretrainConfig:
     """Build and validate the config from parsed :func:`add_pretrain_arguments` options."""
     names = {f.name for f in dataclasses.fields(PretrainConfig)} - {"preset"}
     overrides = {k: v for k, v in vars(args).items() if k in names}
+    if getattr(args, "stem", None):
+        overrides["small_stem"] = args.stem == "small"
     if overrides.get("knn_monitor") == "none":
         overrides["knn_monitor"] = ""
     return make_config(args.preset, **overrides).validate()

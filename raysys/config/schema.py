@@ -21,6 +21,7 @@ from raysys.methods.self_clusters import SOURCES
 from raysys.storage import check_storage, write_text_atomic
 
 BACKBONES = ("resnet18", "resnet50")
+STEMS = ("standard", "small")  # --stem: small_stem False / True
 SCHEDULES = ("constant", "cosine")
 # Between the linear probe's 128-unit dense layer and its class layer (raysys.eval.linear)
 PROBE_ACTIVATIONS = ("none", "relu")
@@ -60,6 +61,11 @@ class PretrainConfig:
     # s3://bucket/prefix that every node can reach. None: inside ``out``.
     storage: str | None = None
     data: str | None = None  # folder of pretraining images, or a root holding datasets; None: built-in
+    # The pool: which folder of ``data`` is pretrained on when it holds several (raysys.data.sources); None: found.
+    pool: str | None = None
+    # With no pool beside the benchmarks, they are pretrained on: train splits only unless this says otherwise,
+    # since val and test are what the probe is scored on.
+    pretrain_on_eval_splits: bool = False
     preset: str = "demo"
     seed: int = 0
     # Built-in data (used when ``data`` is None): written once under ``builtin_root/<sim_preset>``.

@@ -440,8 +440,10 @@ def discover(root) -> dict[str, Path]:
 
     MSL and HiRISE are found by their label files: in ``root`` itself (the HiRISE zip may unpack its
     files straight there) or in a subfolder, also one level down under the archive's folder name;
-    the archive folder names win over other subfolders. ``rover`` and ``diverse`` are the simulator's
-    ``rover-unlabeled/`` and ``diverse/``, found by name only, since any folder of images would qualify.
+    the archive folder names win over other subfolders. ``diverse`` is the out-of-domain folder of mixed-domain
+    pretraining, found by its name. ``rover``, the pretraining pool, is the one other subfolder holding images,
+    whatever its name (:func:`pool_folders`), where ``root`` holds a benchmark, ``diverse/`` or ``rover-unlabeled/``;
+    with several candidates, none is (the caller asks which).
     """
     root = _existing_dir(root, "a folder holding datasets side by side")
     found: dict[str, Path] = {}
@@ -457,7 +459,29 @@ def discover(root) -> dict[str, Path]:
             key = _detect_labeled(folder)
             if key and key not in found:
                 found[key] = folder
-    for key, name in (("rover", ROVER_DIR), ("diverse", DIVERSE_DIR)):
-        if (root / name).is_dir():
-            found[key] = root / name
+    if (root / DIVERSE_DIR).is_dir():
+        found["diverse"] = root / DIVERSE_DIR
+    pools = pool_folders(root, found)
+    if len(pools) == 1:
+        found["rover"] = pools[0]
     return found
+
+
+def pool_folders(root, found: dict[str, Path]) -> list[Path]:
+    """Subfolders of ``root`` that could be the pretraining pool: every one holding an image that is neither a
+    benchmark found there (nor holds one) nor the out-of-domain ``diverse/``, in name order. Only a root of
+    datasets side by side (``found`` is not empty, or it has ``rover-unlabeled/``) has any: another root is one
+    dataset, and an ImageFolder's class folders are no pools."""
+    root = Path(root).expanduser().resolve()
+    if not found and not (root / ROVER_DIR).is_dir():
+        return []
+    taken = set(found.values())
+    # a benchmark unpacked straight into the root has its image folder there
+    taken |= {root / d for key, folder in found.items() if folder == root for d in _IMAGE_DIRS.get(key, ())}
+    return [Path(e.path) for e in sorted(os.scandir(root), key=lambda e: e.name)
+            if e.is_dir() and _visible(e.name) and Path(e.path) not in taken
+            and not any(Path(e.path) in t.parents for t in taken) and _has_image_below(e.path)]
+
+
+# A benchmark's own image folders (MSL's older label lists name calibrated/NAME.JPG): never a pool.
+_IMAGE_DIRS = {"msl": (MSL_IMAGES, "calibrated"), "hirise": (HIRISE_IMAGES,)}

@@ -10,6 +10,7 @@ layer sits above the data layer).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysys.data import formats
-from raysys.data.mixing import mix_domains
+from raysys.data.mixing import mix_domains, mixed_counts
+from raysys.data.schema import SPLITS
 from raysys.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -32,11 +34,67 @@ def builtin_roots(builtin_dir, sim_preset: str, sim_seed: int) -> dict[str, Path
     return {k: Path(v) for k, v in simulate(builtin_dir, preset=sim_preset, seed=sim_seed).items()}
 
 
+BENCHMARKS = {"msl": "MSL v2.1", "hirise": "HiRISE v3.2"}  # key -> the name a person reads
+EVAL_SPLITS = ("val", "test")  # what a benchmark scores encoders on: never pretrained on unless asked
+
+
+@dataclass(frozen=True)
+class Sources:
+    """What a run trains and is scored on: the pretraining manifest, the benchmarks it is evaluated on, and one
+    line per source saying what it is and how many images it gives (printed before training)."""
+
+    manifest: pa.Table
+    benchmarks: dict[str, Path]
+    lines: tuple[str, ...]
+
+
 def data_roots(cfg) -> dict[str, Path]:
-    """The datasets a config names: its ``--data`` folder's, else the built-in data of its ``sim_preset``."""
+    """The datasets a config names: its ``--data`` folder's, else the built-in data of its ``sim_preset``.
+    ``rover`` is the pool folder: ``--pool``, else the one folder of images beside the benchmarks; several
+    such folders and no ``--pool`` is refused, naming them."""
     if cfg.data is None:
-        return builtin_roots(cfg.builtin_dir, cfg.sim_preset, cfg.sim_seed)
-    return {k: Path(v) for k, v in formats.discover(cfg.data).items()}
+        roots = builtin_roots(cfg.builtin_dir, cfg.sim_preset, cfg.sim_seed)
+    else:
+        roots = {k: Path(v) for k, v in formats.discover(cfg.data).items()}
+    if cfg.pool:
+        pool = pool_option(cfg)
+        roots = {k: v for k, v in roots.items() if k != "rover"}
+        if pool not in roots.values():  # --pool naming a benchmark picks its train split (pool_source)
+            roots["rover"] = pool
+        return roots
+    if "rover" not in roots and cfg.data is not None:
+        candidates = formats.pool_folders(cfg.data, roots)
+        if len(candidates) > 1:
+            names = ", ".join(f"{c.name}/" for c in candidates)
+            raise ConfigError(f"--data {cfg.data} holds {len(candidates)} folders of images that could be the "
+                              f"pretraining pool ({names}); pass --pool DIR to choose one")
+    return roots
+
+
+def pool_option(cfg) -> Path:
+    """The folder ``--pool`` names: relative to ``--data`` when it is there, else to the working directory."""
+    path = Path(cfg.pool).expanduser()
+    if not path.is_absolute() and cfg.data and (Path(cfg.data) / path).exists():
+        path = Path(cfg.data) / path
+    if not path.is_dir():
+        raise ConfigError(f"--pool {cfg.pool} is not a folder (looked in {cfg.data or '.'} and here); pass the "
+                          "folder of images to pretrain on")
+    return path.resolve()
+
+
+def pool_source(cfg, roots: dict[str, Path]) -> tuple[str, Path]:
+    """Where the pretraining images come from: ``("folder", dir)`` the pool folder, ``("benchmark", dir)`` a
+    benchmark's train split (the data has no pool, or ``--pool`` names it) or ``("dataset", dir)`` the
+    ``--data`` folder read as one dataset of any format."""
+    if "rover" in roots:
+        return "folder", roots["rover"]
+    found = [roots[k] for k in BENCHMARKS if k in roots]
+    if cfg.pool:
+        return "benchmark", pool_option(cfg)
+    if len(found) > 1:
+        raise ConfigError(f"--data {cfg.data} holds benchmarks but no folder of unlabeled images to pretrain on; "
+                          "put one beside them, or pass --pool with a benchmark's folder to pretrain on its train split")
+    return ("benchmark", found[0]) if found else ("dataset", Path(cfg.data))
 
 
 def is_simulated(root) -> bool:
@@ -59,25 +117,41 @@ def read_pool(root) -> pa.Table:
 
 
 def resolve_data(cfg) -> tuple[pa.Table, dict[str, Path]]:
-    """The pretraining manifest and the labeled benchmarks found beside it.
+    """The pretraining manifest and the benchmarks it is evaluated on (:func:`data_sources`)."""
+    sources = data_sources(cfg)
+    return sources.manifest, sources.benchmarks
 
-    ``cfg.data`` None: the built-in simulated datasets (written once under ``cfg.builtin_dir``).
-    A folder holding datasets side by side: its rover pool is pretrained on, its benchmarks evaluated.
-    Any other folder: read as one dataset (auto-detected format) and pretrained on.
+
+def data_sources(cfg) -> Sources:
+    """The pretraining manifest, the labeled benchmarks beside it, and what each gives.
+
+    ``cfg.data`` None: the built-in simulated datasets (written once under ``cfg.builtin_dir``). A folder
+    holding datasets side by side: its pool folder is pretrained on (:func:`data_roots`), its benchmarks
+    evaluated. Any other folder: read as one dataset (auto-detected format) and pretrained on. Whatever the
+    pool, no image of a benchmark's val or test split is pretrained on unless ``cfg.pretrain_on_eval_splits``.
     With ``cfg.mix_ratio`` > 0 that fraction of the pool is replaced by out-of-domain images; with
     ``cfg.cluster_ids`` the cluster table is attached.
     """
     roots = data_roots(cfg)
-    pool_root = roots.get("rover", Path(cfg.data) if cfg.data else None)
-    split = pool_split(cfg, roots)
-    # Held-out traverses ("unfamiliar environments") are never pretrained on: place recognition uses them.
-    manifest = split[0] if split else formats.read_manifest(pool_root)
+    kind, pool_root = pool_source(cfg, roots)
+    benchmarks = {k: formats.read_manifest(roots[k]) for k in BENCHMARKS if k in roots}
+    held = None
+    if kind == "folder":  # held-out traverses ("unfamiliar environments") are never pretrained on
+        manifest, held = pool_split(cfg, roots)
+    else:
+        manifest = read_dataset(pool_root)
+    found = manifest.num_rows
+    manifest, scored = without_eval_images(manifest, benchmarks.values(), cfg.pretrain_on_eval_splits)
+    lines = [pool_line(kind, pool_root, manifest, found, held, scored, cfg.pretrain_on_eval_splits)]
     if cfg.max_images is not None and manifest.num_rows > cfg.max_images:
         rows = np.random.default_rng(cfg.seed).choice(manifest.num_rows, cfg.max_images, replace=False)
         manifest = manifest.take(np.sort(rows))
+        lines[0] += f"; {cfg.max_images:,} of them drawn (--max-images)"
     if cfg.mix_ratio > 0:
-        manifest = mix_domains(manifest, formats.read_imagefolder(_mix_root(cfg, roots)), cfg.mix_ratio,
-                               seed=cfg.seed)
+        mix_root = _mix_root(cfg, roots)
+        manifest = mix_domains(manifest, formats.read_imagefolder(mix_root), cfg.mix_ratio, seed=cfg.seed)
+        lines.append(f"mixed-domain: {mixed_counts(manifest.num_rows, cfg.mix_ratio)[1]:,} of the {manifest.num_rows:,} "
+                     f"pretraining images from {mix_root} (--mix-ratio {cfg.mix_ratio:g})")
     if cfg.cluster_ids:
         manifest = attach_cluster_file(manifest, cfg.cluster_ids)
     if manifest.num_rows < cfg.batch_size:
@@ -85,8 +159,63 @@ def resolve_data(cfg) -> tuple[pa.Table, dict[str, Path]]:
             f"the pretraining pool at {pool_root} has {manifest.num_rows} images, fewer than one batch "
             f"({cfg.batch_size}); lower --batch-size or add images"
         )
-    benchmarks = {k: v for k, v in roots.items() if k in cfg.eval_benchmarks}
-    return manifest, benchmarks
+    evaluated = {k: roots[k] for k in benchmarks if k in cfg.eval_benchmarks}
+    lines += [benchmark_line(k, roots[k], benchmarks[k], k == cfg.knn_monitor) for k in evaluated]
+    return Sources(manifest, evaluated, tuple(lines))
+
+
+def read_dataset(root) -> pa.Table:
+    """One dataset of any format, as a pool: HiRISE's repeated rows (upsampled classes, for the probe) once."""
+    fmt = formats.detect_format(root)
+    return formats.read_manifest(root, fmt, **({"dedupe": True} if fmt == "hirise" else {}))
+
+
+def cluster_pool(cfg) -> pa.Table:
+    """Every image a cluster table of the pool covers: held-out traverses included (with the simulator's hidden
+    labels wherever it left them, for NMI and the oracle), benchmark val/test images left out as in pretraining."""
+    roots = data_roots(cfg)
+    kind, root = pool_source(cfg, roots)
+    if kind == "folder":
+        return read_pool(root)
+    benchmarks = [formats.read_manifest(roots[k]) for k in BENCHMARKS if k in roots]
+    return without_eval_images(read_dataset(root), benchmarks, cfg.pretrain_on_eval_splits)[0]
+
+
+def without_eval_images(manifest: pa.Table, benchmarks, keep: bool = False) -> tuple[pa.Table, int]:
+    """``manifest`` without the images of any benchmark's val and test splits (matched by path), and how many of
+    its rows are such images; ``keep`` (--pretrain-on-eval-splits) keeps them."""
+    held = [b.filter(pc.is_in(b.column("split"), value_set=pa.array(EVAL_SPLITS))).column("path") for b in benchmarks]
+    if not held:
+        return manifest, 0
+    scored = pc.is_in(manifest.column("path"), value_set=pa.concat_arrays([c.combine_chunks() for c in held]))
+    n_scored = pc.sum(scored).as_py() or 0
+    return (manifest if keep else manifest.filter(pc.invert(scored))), n_scored
+
+
+def pool_line(kind: str, root: Path, manifest: pa.Table, found: int, held: pa.Table | None, scored: int,
+              kept: bool) -> str:
+    """The console's line on the pool: which images it is, how many of them are pretrained on, and why not all."""
+    what = {"folder": "the folder", "benchmark": "the benchmark", "dataset": "the dataset"}[kind]
+    splits = [s for s in SPLITS if kind == "benchmark" and s in set(manifest.column("split").to_pylist())]
+    line = f"pretraining pool: {what} {root}" + (f" ({' + '.join(splits)})" if splits else "")
+    line += f", {manifest.num_rows:,} images"
+    if held is not None and held.num_rows:
+        line += f"; {held.num_rows:,} more in held-out traverses, kept for place recognition"
+    if scored and kept:
+        line += (f"; {scored:,} of them are benchmark val/test images, pretrained on as --pretrain-on-eval-splits "
+                 "asks: probe scores on them overstate")
+    elif scored:
+        line += (f"; {scored:,} of its {found:,} are benchmark val/test images and left out "
+                 "(--pretrain-on-eval-splits keeps them)")
+    return line
+
+
+def benchmark_line(key: str, root: Path, manifest: pa.Table, monitor: bool) -> str:
+    """The console's line on a benchmark: where it is, its splits' sizes and what each is used for."""
+    counts = {s: pc.sum(pc.equal(manifest.column("split"), s)).as_py() or 0 for s in ("train", "val", "test")}
+    sizes = " · ".join(f"{s} {n:,}" for s, n in counts.items() if n)
+    uses = "the probe fits on train, is scored on test" + ("; the kNN monitor uses train and val" if monitor else "")
+    return f"evaluation: {BENCHMARKS[key]} at {root}: {sizes} images ({uses})"
 
 
 def unseen_pool(cfg, manifest: pa.Table) -> pa.Table:
@@ -122,12 +251,11 @@ def attach_cluster_file(manifest: pa.Table, path: str) -> pa.Table:
 
 
 def pool_split(cfg, roots: dict[str, Path]) -> tuple[pa.Table, pa.Table] | None:
-    """``(pretrain, held-out)`` rows of the data's rover pool, None when it has none. Hidden labels are read
-    for the built-in data only (diagnostics such as the false-negative count)."""
+    """``(pretrain, held-out)`` rows of the data's rover pool, None when it has none; with the simulator's hidden
+    labels wherever it left them (diagnostics such as the false-negative count; a real archive has none)."""
     if "rover" not in roots:
         return None
-    pool = formats.read_folder(roots["rover"], hidden_labels=cfg.data is None)
-    return holdout_split(pool, read_holdout(roots["rover"]))
+    return holdout_split(read_pool(roots["rover"]), read_holdout(roots["rover"]))
 
 
 def heldout_manifest(cfg) -> pa.Table | None:

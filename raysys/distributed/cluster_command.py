@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from raysys.config import PretrainConfig
-from raysys.data import formats
-from raysys.data.sources import builtin_roots, read_pool
+from raysys.config import make_config
+from raysys.data.sources import cluster_pool
 from raysys.distributed.clustering import (
     DEFAULT_CACHE_DIR,
     DEFAULT_IMAGE_SIZE,
@@ -37,6 +36,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``raysys cluster``."""
     p.add_argument("--data", help="pretraining pool: a folder of images or datasets side by side "
                                   "(default: the built-in simulated data under --builtin-root)")
+    p.add_argument("--pool", help="the folder of images to cluster, when --data holds several beside its benchmarks")
     p.add_argument("--builtin-root", default="data/builtin", help="where the built-in data is written")
     p.add_argument("--preset", default="demo", choices=("smoke", "demo", "paper"), help="built-in data size")
     p.add_argument("--encoder", default="texture",
@@ -72,9 +72,7 @@ def _pool_manifest(args) -> pa.Table:
     trainer's pool), with hidden labels whenever the simulator left them (for NMI/purity and the oracle)."""
     if args.data is not None and not Path(args.data).exists():
         raise ClusterError(f"--data {args.data} does not exist; pass a folder of images")
-    roots = (builtin_roots(Path(args.builtin_root) / args.preset, args.preset, PretrainConfig.sim_seed)
-             if args.data is None else formats.discover(args.data))
-    return read_pool(roots["rover"]) if "rover" in roots else formats.read_manifest(args.data)
+    return cluster_pool(make_config(args.preset, data=args.data, pool=args.pool, builtin_root=args.builtin_root))
 
 
 def _out_file(out: str, k: int, several: bool) -> Path:

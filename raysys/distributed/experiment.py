@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from raysys.config import PretrainConfig
+from raysys.data.sources import data_sources
 from raysys.distributed.console import LOG_FILE, quiet_console, say
 from raysys.distributed.runtime import publish_run
 from raysys.distributed.trainer import pretrain
@@ -53,7 +54,10 @@ def pretrain_and_evaluate(cfg: PretrainConfig, run_eval: bool = True, verbose: b
     with quiet_console(cfg.out, verbose):
         say(f"[raysys] pretraining into {Path(cfg.out).resolve()}; Ray's own output in {LOG_FILE} there "
             "(--verbose shows it here)")
-        run = pretrain(cfg, progress=True)
+        sources = data_sources(cfg)
+        for line in sources.lines:
+            say(f"[raysys] {line}")
+        run = pretrain(cfg, sources.manifest, sources.benchmarks, progress=True)
         metrics = run["metrics"] or {}
         say(f"pretraining finished: epoch {metrics.get('epoch')}, loss {metrics.get('loss', float('nan')):.4f}, "
             f"{metrics.get('images_per_s', 0):.0f} images/s; run folder {run['out']}")

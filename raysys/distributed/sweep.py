@@ -31,7 +31,7 @@ from ray.tune.schedulers import ASHAScheduler
 from raysys import storage
 from raysys.config import PretrainConfig
 from raysys.config.presets import SWEEP_PRESETS
-from raysys.data.sources import resolve_data
+from raysys.data.sources import data_sources
 from raysys.distributed.console import LOG_FILE, quiet_console, say
 from raysys.distributed.progress import SweepProgress
 from raysys.distributed.runtime import check_cluster, init_ray
@@ -158,7 +158,7 @@ def _scheduler(spec: SweepSpec, base: PretrainConfig):
                          reduction_factor=2, max_t=base.epochs + 1)  # + 1: the trial's final report
 
 
-def _checked(spec: SweepSpec, resume: bool) -> tuple[SweepSpec, list[str]]:
+def _checked(spec: SweepSpec, resume: bool) -> tuple[SweepSpec, list[str], tuple[str, ...]]:
     """The spec with an absolute ``out`` and its stages' Tune experiments, after every check that needs no Ray."""
     spec = dataclasses.replace(spec, out=str(Path(spec.out).resolve()))
     if spec.storage:
@@ -170,15 +170,15 @@ def _checked(spec: SweepSpec, resume: bool) -> tuple[SweepSpec, list[str]]:
     if resume and not started:
         raise ConfigError(f"--resume: no sweep to resume at {experiments[0]}; drop --resume to start one")
     base = PretrainConfig.from_dict(spec.base)
-    manifest, _ = resolve_data(base)  # writes the built-in data once, before trials race to do it; fails fast
-    _check_ks(spec, manifest.num_rows)
+    sources = data_sources(base)  # writes the built-in data once, before trials race to do it; fails fast
+    _check_ks(spec, sources.manifest.num_rows)
     if spec.asha and (not base.knn_monitor or base.eval_every):
         raise ConfigError("--asha stops trials on the per-epoch kNN monitor, which is off here (--knn-monitor none, "
                           "or a study's evaluation curve in its place); drop --asha")
-    return spec, experiments
+    return spec, experiments, sources.lines
 
 
-def _header(spec: SweepSpec, concurrent: int) -> None:
+def _header(spec: SweepSpec, concurrent: int, sources: tuple[str, ...]) -> None:
     """What runs and where everything goes, before the first trial."""
     out, configs = Path(spec.out), len(spec.grid())
     resources = ray.cluster_resources()
@@ -188,12 +188,14 @@ def _header(spec: SweepSpec, concurrent: int) -> None:
     say(f"[raysys] results.csv, summary.md and report.html go to {out}; Ray's own output to {out / LOG_FILE} "
         "(--verbose shows it here)")
     say(f"[raysys] TensorBoard: tensorboard --logdir {spec.storage_root}")
+    for line in sources:
+        say(f"[raysys] {line}")
 
 
 def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> list[dict]:
     """Run (or resume) the sweep; write results.csv, summary.md and plots; return the result rows. Ray's own
     output goes to the sweep folder's log file unless ``verbose``."""
-    spec, experiments = _checked(spec, resume)
+    spec, experiments, sources = _checked(spec, resume)
     out = Path(spec.out)
     with quiet_console(out, verbose):
         init_ray()
@@ -204,7 +206,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> l
             os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         out.mkdir(parents=True, exist_ok=True)
         (out / "sweep.json").write_text(json.dumps(asdict(spec), indent=2))
-        _header(spec, concurrent)
+        _header(spec, concurrent, sources)
         write = results_writer(spec)
         writer = ResultsWriter(out / "results.csv", spec.storage, write=write)
         progress = SweepProgress(len(spec.grid()) * spec.seeds, len(writer.rows), _tune_trial_name, result_row)

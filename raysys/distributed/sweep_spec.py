@@ -14,7 +14,7 @@ from pathlib import Path
 from raysys import storage
 from raysys.config import PretrainConfig, make_config
 from raysys.config.presets import FN_STUDY_PRESETS, SWEEP_PRESETS
-from raysys.config.schema import check_saved
+from raysys.config.schema import STEMS, check_saved
 from raysys.data.augment import AugmentConfig
 from raysys.distributed.clustering import ENCODERS
 from raysys.errors import ConfigError
@@ -199,6 +199,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"one of {', '.join(SWEEP_PRESETS)}: smoke (tests), demo (2-core laptop, ~14 min for sweep_k), paper (GPU cluster), gpu (the demo model, trials sharing GPUs) (default: %(default)s)")
     p.add_argument("--out", default=None, help="sweep folder (default: runs/<sweep name>)")
     p.add_argument("--data", help="folder holding the pretraining pool and benchmarks (default: built-in data)")
+    p.add_argument("--pool", help="the folder of unlabeled images to pretrain on, when --data holds several")
+    p.add_argument("--stem", choices=STEMS, help="backbone stem: standard (torchvision-loadable exports) or small "
+                   "(the smoke and demo presets')")
     p.add_argument("--seeds", type=int, help="seeds per configuration")
     p.add_argument("--epochs", type=int, help="pretraining epochs per trial")
     p.add_argument("--workers", type=int, help="Ray Train workers per trial")
@@ -258,12 +261,13 @@ def spec_from_args(name: str, args, variants: list[dict], pretrain: dict | None 
     """
     preset = SWEEP_PRESETS[args.preset]
     overrides = {**preset["pretrain"], **(pretrain or {}), **{k: v for k, v in dict(
-        data=args.data, epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+        data=args.data, pool=args.pool, epochs=args.epochs, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
         placement=args.placement, cpus_per_worker=args.cpus_per_worker, decoupled=args.decoupled,
+        small_stem=None if args.stem is None else args.stem == "small",
     ).items() if v is not None}}
     # Absolute paths: Tune runs each trial with its own working directory.
     out = str(Path(args.out or f"runs/{name}").resolve())
-    for key in ("data", "mix_data"):
+    for key in ("data", "mix_data", "pool"):
         if overrides.get(key):
             overrides[key] = str(Path(overrides[key]).resolve())
     base = make_config(preset.get("base", args.preset), out=out, builtin_root=str(Path("data/builtin").resolve()), **overrides).validate()

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 RUN_NAME = "pretrain"
 SELF_CLUSTERS_FILE = "clusters.parquet"  # a self-clustering run's last cluster table
+IMAGES_FILE = "pretrain-images.parquet"  # the pretraining manifest: image_id, path, split, domain
 CURVE_FILE = "curve.json"  # eval_every: the evaluation curve, the initial weights' digest and the first batch
 
 
@@ -195,6 +196,8 @@ def pretrain(
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.json")
+    with storage.atomic_local_path(out / IMAGES_FILE) as tmp:  # which images this encoder saw, for the record
+        pq.write_table(manifest.select(["image_id", "path", "split", "domain"]), tmp)
     report = FileReport.remote()
     data = {"monitor": _knn_monitor_data(cfg, benchmarks or {}), "curve": _curve_data(cfg, manifest)}
     if cfg.paired_batches:

@@ -32,18 +32,47 @@ def _scalars(tb_dir: Path) -> set[str]:
     return set(acc.Tags()["scalars"])
 
 
+def _user_root(tmp_path: Path) -> tuple[Path, Path]:
+    """A ``--data`` root as a user lays it out: the benchmarks beside a pool folder of another name than the
+    simulator's (the built-in smoke data, linked)."""
+    from raysys.data.sources import builtin_roots
+
+    builtin = builtin_roots(REPO / "data" / "builtin" / "smoke", "smoke", 0)
+    root = tmp_path / "DATA"
+    root.mkdir()
+    for key, name in (("msl", "msl-labeled-data-set-v2.1"), ("hirise", "hirise-map-proj-v3_2"), ("rover", "real-unlabeled")):
+        (root / name).symlink_to(builtin[key], target_is_directory=True)
+    return root, Path(builtin["rover"])
+
+
 def test_smoke_pretrain_and_linear_eval(ray_session, s3_bucket, tmp_path):
-    """``raysys pretrain`` as a user runs it (its own process, joining this Ray), with ``--storage`` on the live
-    object store: one line per epoch on the console and Ray's own output in the run folder's log; the run folder
-    (evaluations and report included), checkpoints and TensorBoard events land in the bucket."""
+    """``raysys pretrain`` as a user runs it (its own process, joining this Ray) on their own ``--data`` root, with
+    ``--storage`` on the live object store: a line per source, then one line per epoch on the console and Ray's own
+    output in the run folder's log; it pretrains on the pool folder's images only; the run folder (evaluations and
+    report included), checkpoints and TensorBoard events land in the bucket."""
+    from raysys.data.formats import read_folder
+    from raysys.data.sources import read_holdout
+
     shared = f"{s3_bucket}/run"
+    root, pool = _user_root(tmp_path)
     cfg = make_config("smoke", out=str(tmp_path / "run"), storage=shared).validate()
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "raysys.cli", "pretrain", "--preset", "smoke", "--out", cfg.out,
-                           "--storage", shared], env=env, cwd=REPO, text=True, timeout=600,
+                           "--storage", shared, "--data", str(root)], env=env, cwd=REPO, text=True, timeout=600,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.returncode == 0, proc.stdout
     out = tmp_path / "run"
+    sources = [line for line in proc.stdout.splitlines() if line.startswith(("[raysys] pretraining pool:",
+                                                                             "[raysys] evaluation:"))]
+    assert len(sources) == 3 and str(root / "real-unlabeled") in sources[0], proc.stdout
+    assert "MSL v2.1" in sources[1] and "HiRISE v3.2" in sources[2]
+    import pyarrow.parquet as pq  # pretrained on: the pool's images (bar its held-out traverses), capped by the preset
+
+    seen = pq.read_table(out / "pretrain-images.parquet").column("path").to_pylist()
+    on_disk = read_folder(pool)
+    held = set(read_holdout(pool))
+    eligible = {p for p, t in zip(on_disk.column("path").to_pylist(), on_disk.column("traverse").to_pylist()) if t not in held}
+    assert len(seen) == min(cfg.max_images, len(eligible)) and set(seen) <= eligible
     summary = json.loads((out / "summary.json").read_text())
     epochs = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in epochs] == [f"{e}/{cfg.epochs}" for e in range(1, cfg.epochs + 1)], proc.stdout
