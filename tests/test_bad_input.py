@@ -78,7 +78,7 @@ CASES = [
      "--self-cluster-k 4: self-clustering needs K >= 2 and --pair-rule cluster"),
     ("self-clustering never reached", "pretrain", lambda t: ["--pair-rule", "cluster", "--self-cluster-k", "4",
                                                              "--self-cluster-warmup", "2", "--epochs", "2"],
-     "--self-cluster-warmup 2 must be below --epochs 2"),
+     "--self-cluster-warmup 2 must be below the run's 2 epoch(s)"),
     ("no step budget", "pretrain", lambda t: ["--max-steps", "0"], "--max-steps must be at least 1"),
     ("fnc under MoCo", "pretrain", lambda t: ["--pair-rule", "fnc", "--framework", "moco"],
      "--pair-rule fnc detects within the batch's views, which --framework moco lacks"),

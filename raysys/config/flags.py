@@ -36,18 +36,13 @@ def add_pretrain_arguments(p) -> None:
                    help=f"one of {', '.join(sorted(PRESETS))}: smoke (tests, ~2 min CPU), demo (laptop, ~15 min CPU), paper (Appendix A, GPUs) "
                    "(default: %(default)s)")
     _add_source_arguments(p)
-    p.add_argument("--backbone", help=f"one of {', '.join(BACKBONES)}")
-    p.add_argument("--stem", choices=STEMS, help="the backbone's first layers: standard (torchvision's 7x7 conv and "
-                   "max-pool: an export loads into torchvision.models.resnet*) or small (3x3 conv, no pool: for images "
-                   "of 32 px and less); default: the preset's (small for smoke and demo)")
-    p.add_argument("--width", type=float, help="channel width multiplier of the backbone")
+    _add_model_arguments(p)
     p.add_argument("--image-size", type=int, help="training image side in pixels")
     p.add_argument("--epochs", type=int, help="pretraining epochs")
     p.add_argument("--batch-size", type=int, help="global batch size (split across workers)")
     p.add_argument("--temperature", type=float, help="InfoNCE temperature (paper: 0.5)")
     p.add_argument("--lr", type=float, help="Adam learning rate (paper: 3e-4)")
-    p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule after warm-up")
-    p.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs")
+    _add_schedule_arguments(p)
     p.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0: CPU with gloo)")
     p.add_argument("--placement", choices=PLACEMENTS, help="spread the workers over nodes (SPREAD) or pack them "
@@ -87,6 +82,24 @@ def add_pretrain_arguments(p) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the linear evaluation after pretraining")
 
 
+def _add_model_arguments(p) -> None:
+    p.add_argument("--backbone", help=f"one of {', '.join(BACKBONES)}")
+    p.add_argument("--stem", choices=STEMS, help="the backbone's first layers: standard (torchvision's 7x7 conv and "
+                   "max-pool: an export loads into torchvision.models.resnet*) or small (3x3 conv, no pool: for images "
+                   "of 32 px and less); default: the preset's (small for smoke and demo)")
+    p.add_argument("--width", type=float, help="channel width multiplier of the backbone")
+
+
+def _add_schedule_arguments(p) -> None:
+    """The learning-rate schedule and the schedule's unit, the round (raysys.config.schedule)."""
+    p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule after warm-up")
+    p.add_argument("--warmup-epochs", type=int, help="linear lr warm-up, in rounds (epochs; see --round-steps)")
+    p.add_argument("--round-steps", type=int, help="the schedule's unit in optimizer steps: each round ends with a "
+                   "report (kNN monitor, TensorBoard) and a checkpoint, and the warm-ups and re-clustering interval "
+                   "count rounds (default: an epoch, or 1/15 of a --max-steps budget too short for 15 epochs of the "
+                   "pool, at least 10 steps)")
+
+
 def _add_source_arguments(p) -> None:
     """Which images a run pretrains on, when ``--data`` holds several folders."""
     p.add_argument("--pool", help="the folder of unlabeled images to pretrain on (absolute, or relative to --data): "
@@ -112,10 +125,10 @@ def _add_detector_arguments(p) -> None:
                    "from `raysys cluster --out FILE`")
     p.add_argument("--self-cluster-k", type=int, help="self-clustering (IFND): with --pair-rule cluster, cluster "
                    "the pool into K from the model's own features during training, no --cluster-ids needed")
-    p.add_argument("--self-cluster-warmup", type=int, help="self-clustering: epochs of plain SimCLR before the "
-                   "first clustering (default 1)")
-    p.add_argument("--self-cluster-every", type=int, help="self-clustering: re-cluster every this many epochs "
-                   "(default 1)")
+    p.add_argument("--self-cluster-warmup", type=int, help="self-clustering: rounds (epochs, see --round-steps) of "
+                   "plain SimCLR before the first clustering (default 1)")
+    p.add_argument("--self-cluster-every", type=int, help="self-clustering: re-cluster every this many rounds "
+                   "(epochs, see --round-steps; default 1)")
     p.add_argument("--self-cluster-source", choices=list(SOURCES), help="self-clustering: self (every image in "
                    "its cluster, default) or self-confident (IFND: only the most confident share, growing in training)")
     p.add_argument("--self-cluster-accept", type=float, help="self-confident: the share of images clustered by the "

@@ -89,6 +89,9 @@ class PretrainConfig:
     # A step budget instead: training stops after max_steps optimizer steps, the epochs (and the lr
     # schedule's length) derived from the pool size at start (pretrain). None: ``epochs`` decides.
     max_steps: int | None = None
+    # The schedule's unit (raysys.config.schedule): a round ends with a report and a checkpoint, and the
+    # epoch-counted options below count rounds. None: an epoch, or 1/15 of a step budget too short for 15 epochs.
+    round_steps: int | None = None
     batch_size: int = 128  # global batch: split evenly across workers
     lr: float = 3e-4
     weight_decay: float = 1e-6
@@ -252,8 +255,8 @@ class PretrainConfig:
             (self.pair_rule in PAIR_RULES, f"pair rule {self.pair_rule!r} is unknown; choose one of {list(PAIR_RULES)}"),
             (self.cluster_mode in CLUSTER_MODES,
              f"--cluster-mode {self.cluster_mode!r} is unknown; choose one of {list(CLUSTER_MODES)}"),
-            (0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
-             f"--warmup-epochs must be below --epochs (got {self.warmup_epochs} of {self.epochs})"),
+            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0 (got {self.warmup_epochs})"),
+            (self.round_steps is None or self.round_steps >= 1, f"--round-steps must be at least 1 (got {self.round_steps})"),
             (self.max_images is None or self.max_images >= self.batch_size,
              f"--max-images {self.max_images} is smaller than one batch ({self.batch_size}); raise it or lower --batch-size"),
         ]
@@ -290,9 +293,9 @@ class PretrainConfig:
             (self.self_cluster_k == 0 or (self.self_cluster_k >= 2 and self.pair_rule == "cluster"),
              f"--self-cluster-k {self.self_cluster_k}: self-clustering needs K >= 2 and --pair-rule cluster "
              f"(got --pair-rule {self.pair_rule}); pass both, or drop --self-cluster-k"),
-            (self.self_cluster_k == 0 or (0 <= self.self_cluster_warmup < self.epochs and self.self_cluster_every >= 1),
-             f"--self-cluster-warmup {self.self_cluster_warmup} must be below --epochs {self.epochs} (else no epoch "
-             f"uses the clusters) and --self-cluster-every >= 1 (got {self.self_cluster_every})"),
+            (self.self_cluster_k == 0 or (self.self_cluster_warmup >= 0 and self.self_cluster_every >= 1),
+             f"--self-cluster-warmup must be >= 0 and --self-cluster-every >= 1 (got {self.self_cluster_warmup} and "
+             f"{self.self_cluster_every}); they count rounds (epochs, see --round-steps)"),
             (not (self.self_cluster_k and self.cluster_ids),
              "--self-cluster-k makes its own cluster ids; drop --cluster-ids (or --self-cluster-k)"),
             (self.self_cluster_source in SOURCES,

@@ -50,9 +50,21 @@ class PairedBatches:
 
     def epoch(self, epoch: int, local_batch: int):
         """This rank's batches of ``epoch`` (the last partial global batch dropped)."""
-        order, global_batch = self.epoch_order(epoch), local_batch * self.world
-        for start in range(0, self.rows - global_batch + 1, global_batch):
-            mine = start + self.rank * local_batch
+        per_epoch = self.rows // (local_batch * self.world)
+        return self.steps(epoch * per_epoch, per_epoch, local_batch)
+
+    def steps(self, start: int, count: int, local_batch: int):
+        """This rank's batches of global steps ``start .. start + count - 1``: step ``g`` is batch ``g mod E`` of
+        epoch ``g div E`` (``E`` full global batches an epoch), so a run read in rounds shorter than an epoch, or
+        resumed inside one, sees the batches a run read in epochs does."""
+        global_batch = local_batch * self.world
+        per_epoch = self.rows // global_batch
+        order, ordered = None, None
+        for step in range(start, start + count):
+            epoch, index = divmod(step, per_epoch)
+            if epoch != ordered:
+                order, ordered = self.epoch_order(epoch), epoch
+            mine = index * global_batch + self.rank * local_batch
             yield self._batch(order[mine:mine + local_batch])
 
     def iter_torch_batches(self, batch_size: int, drop_last: bool = False, **_):

@@ -59,8 +59,8 @@ def pretrain_and_evaluate(cfg: PretrainConfig, run_eval: bool = True, verbose: b
             say(f"[raysys] {line}")
         run = pretrain(cfg, sources.manifest, sources.benchmarks, progress=True)
         metrics = run["metrics"] or {}
-        say(f"pretraining finished: epoch {metrics.get('epoch')}, loss {metrics.get('loss', float('nan')):.4f}, "
-            f"{metrics.get('images_per_s', 0):.0f} images/s; run folder {run['out']}")
+        say(f"pretraining finished: step {metrics.get('step')} (epoch {metrics.get('epoch', 0):.2f} of the pool), loss "
+            f"{metrics.get('loss', float('nan')):.4f}, {metrics.get('images_per_s', 0):.0f} images/s; run folder {run['out']}")
         if run_eval:
             say(f"[raysys] linear evaluation on {', '.join(sorted(run['benchmarks'])) or 'no benchmark'} "
                 "(pretrained, random-init, majority class)")

@@ -1,5 +1,5 @@
-"""Progress on the console: one line per epoch of a pretraining run, and a sweep's live status line with
-one line per finished trial (see :mod:`raysys.distributed.console` for where Ray's own output goes)."""
+"""Progress on the console: one line per round (an epoch, or a share of a step budget: raysys.config.schedule) of
+a pretraining run, and a sweep's live status line with one line per finished trial (see :mod:`raysys.distributed.console` for where Ray's own output goes)."""
 
 from __future__ import annotations
 
@@ -17,57 +17,61 @@ from raysys.distributed.console import Status, duration, say
 BAR_WIDTH = 20
 
 
-def epoch_line(metrics: dict, eta_s: float | None) -> str:
-    """``epoch 2/3 [#############-------] loss 5.213 · kNN 41.2% · 412 img/s · ETA 40 s``."""
-    epoch, epochs = metrics["epoch"], metrics.get("epochs") or metrics["epoch"]
-    filled = round(BAR_WIDTH * epoch / max(1, epochs))
-    parts = [f"epoch {epoch}/{epochs} [{'#' * filled}{'-' * (BAR_WIDTH - filled)}]", f"loss {metrics['loss']:.3f}"]
+def round_line(metrics: dict, eta_s: float | None) -> str:
+    """``epoch 2/3 [#############-------] loss 5.213 · kNN 41.2% · 412 img/s · ETA 40 s``; a round that is not an
+    epoch says how far through the pool it is: ``round 4/15 [...] (epoch 0.27) · loss ...``."""
+    done, total = metrics["round"], metrics.get("rounds") or metrics["round"]
+    filled = round(BAR_WIDTH * done / max(1, total))
+    unit = metrics.get("unit") or "epoch"
+    where = f" (epoch {metrics['epoch']:.2f})" if unit != "epoch" and metrics.get("epoch") is not None else ""
+    parts = [f"{unit} {done}/{total} [{'#' * filled}{'-' * (BAR_WIDTH - filled)}]{where}", f"loss {metrics['loss']:.3f}"]
     if metrics.get("knn_acc") is not None:
         parts.append(f"kNN {metrics['knn_acc']:.1%}")
     parts.append(f"{metrics['images_per_s']:.0f} img/s")
-    if epoch < epochs and eta_s is not None:
+    if done < total and eta_s is not None:
         parts.append(f"ETA {duration(eta_s)}")
     return " · ".join(parts)
 
 
-class _ForwardEpochs(UserCallback):
-    """Runs in Ray Train's controller (another process): hands rank 0's report of each epoch to the driver."""
+class _ForwardRounds(UserCallback):
+    """Runs in Ray Train's controller (another process): hands rank 0's report of each round to the driver."""
 
     def __init__(self, queue: Queue):
         self.queue = queue
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        if metrics and "epoch" in metrics[0] and "loss" in metrics[0]:
-            self.queue.put({k: metrics[0].get(k) for k in ("epoch", "epochs", "loss", "knn_acc", "images_per_s")})
+        if metrics and "round" in metrics[0] and "loss" in metrics[0]:
+            self.queue.put({k: metrics[0].get(k) for k in ("round", "rounds", "unit", "epoch", "loss", "knn_acc",
+                                                           "images_per_s")})
 
 
-def _show_epochs(queue: Queue, stop: threading.Event) -> None:
-    """Print each epoch's line as it arrives; the ETA from the pace between this run's epoch reports."""
-    first = None  # (time, epoch) of the first report: Ray Train's start-up is not an epoch's pace
+def _show_rounds(queue: Queue, stop: threading.Event) -> None:
+    """Print each round's line as it arrives; the ETA from the pace between this run's round reports."""
+    first = None  # (time, round) of the first report: Ray Train's start-up is not a round's pace
     while not (stop.is_set() and queue.empty()):
         try:
             metrics = queue.get(timeout=0.5)
         except Empty:
             continue
-        now, epoch = time.monotonic(), metrics["epoch"]
-        first = first or (now, epoch)
-        pace = (now - first[0]) / (epoch - first[1]) if epoch > first[1] else None
-        left = (metrics.get("epochs") or epoch) - epoch
-        say(epoch_line(metrics, pace * left if pace else None))
+        now, done = time.monotonic(), metrics["round"]
+        first = first or (now, done)
+        pace = (now - first[0]) / (done - first[1]) if done > first[1] else None
+        left = (metrics.get("rounds") or done) - done
+        say(round_line(metrics, pace * left if pace else None))
 
 
 @contextmanager
-def epoch_progress(enabled: bool = True):
-    """Train callbacks that print one line per epoch on the console while the run trains (none if not
+def round_progress(enabled: bool = True):
+    """Train callbacks that print one line per round on the console while the run trains (none if not
     ``enabled``: a sweep's trial reports to Tune instead)."""
     if not enabled:
         yield []
         return
     queue, stop = Queue(), threading.Event()
-    thread = threading.Thread(target=_show_epochs, args=(queue, stop), daemon=True)
+    thread = threading.Thread(target=_show_rounds, args=(queue, stop), daemon=True)
     thread.start()
     try:
-        yield [_ForwardEpochs(queue)]
+        yield [_ForwardRounds(queue)]
     finally:
         stop.set()
         thread.join(timeout=5)
@@ -75,13 +79,13 @@ def epoch_progress(enabled: bool = True):
 
 
 class SweepProgress(tune.Callback):
-    """A sweep's console: the live status line (trials done, running and left; each running trial's epoch and
+    """A sweep's console: the live status line (trials done, running and left; each running trial's round and
     images/s; the ETA) and one line per finished trial. The ETA counts only work done in this session: a trial
     reported again from its ``final.json`` after a resume took no time now."""
 
     def __init__(self, total: int, done_before: int, name_of, row_of):
         self.total, self.done, self.name_of, self.row_of = total, done_before, name_of, row_of
-        self.running: dict[str, dict] = {}  # trial -> its last epoch report and when it started
+        self.running: dict[str, dict] = {}  # trial -> its last round report and when it started
         self.started, self.work_done = time.monotonic(), 0.0  # trials' worth of work done this session
         self.status = Status()
 
@@ -90,11 +94,11 @@ class SweepProgress(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         state = self.running.get(trial.trial_id)
-        if state is None or "loss" not in result or "epoch" not in result:
+        if state is None or "loss" not in result or "round" not in result:
             return
-        epochs = result.get("epochs") or result["epoch"]
-        state.update(epoch=result["epoch"], epochs=epochs, images_per_s=result.get("images_per_s"),
-                     fraction=min(1.0, result["epoch"] / max(1, epochs)))
+        rounds = result.get("rounds") or result["round"]
+        state.update(round=result["round"], rounds=rounds, unit=result.get("unit") or "epoch",
+                     images_per_s=result.get("images_per_s"), fraction=min(1.0, result["round"] / max(1, rounds)))
         self.status.show(self.status_line())
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -113,7 +117,7 @@ class SweepProgress(tune.Callback):
         say(f"[raysys] trial {self.name_of(trial)} failed; its error is in the summary and the log")
 
     def eta(self) -> float | None:
-        """Seconds left at this session's pace, finished trials and the running ones' finished epochs counted."""
+        """Seconds left at this session's pace, finished trials and the running ones' finished rounds counted."""
         work = self.work_done + sum(state["fraction"] for state in self.running.values())
         if work <= 0:
             return None
@@ -121,8 +125,8 @@ class SweepProgress(tune.Callback):
         return (time.monotonic() - self.started) / work * max(0.0, left)
 
     def status_line(self) -> str:
-        running = [f"{s['name']} epoch {s['epoch']}/{s['epochs']}, {s['images_per_s']:.0f} img/s"
-                   for s in self.running.values() if "epoch" in s]
+        running = [f"{s['name']} {s['unit']} {s['round']}/{s['rounds']}, {s['images_per_s']:.0f} img/s"
+                   for s in self.running.values() if "round" in s]
         eta = self.eta()
         left = self.total - self.done - len(self.running)
         return " · ".join([f"[raysys] trials: {self.done} done, {len(self.running)} running, {left} left", *running,

@@ -30,8 +30,9 @@ from ray.tune.schedulers import ASHAScheduler
 
 from raysys import storage
 from raysys.config import PretrainConfig
+from raysys.config.schedule import Schedule
 from raysys.config.presets import SWEEP_PRESETS
-from raysys.data.sources import data_sources
+from raysys.data.sources import Sources, data_sources
 from raysys.distributed.console import LOG_FILE, quiet_console, say
 from raysys.distributed.progress import SweepProgress
 from raysys.distributed.runtime import check_cluster, init_ray
@@ -150,15 +151,16 @@ def _check_ks(spec: SweepSpec, pool_size: int) -> None:
         raise ConfigError(f"--k {too_big} exceed the {pool_size} images of the pretraining pool; choose K below the pool size")
 
 
-def _scheduler(spec: SweepSpec, base: PretrainConfig):
-    """ASHA on the kNN monitor's validation accuracy, one rung per epoch from epoch 1 (or Tune's FIFO)."""
+def _scheduler(spec: SweepSpec, base: PretrainConfig, pool_size: int):
+    """ASHA on the kNN monitor's validation accuracy, one rung per round from round 1 (or Tune's FIFO)."""
     if not spec.asha:
         return None
+    rounds = Schedule.of(base, pool_size).rounds
     return ASHAScheduler(metric="knn_acc", mode="max", time_attr="training_iteration", grace_period=1,
-                         reduction_factor=2, max_t=base.epochs + 1)  # + 1: the trial's final report
+                         reduction_factor=2, max_t=rounds + 1)  # + 1: the trial's final report
 
 
-def _checked(spec: SweepSpec, resume: bool) -> tuple[SweepSpec, list[str], tuple[str, ...]]:
+def _checked(spec: SweepSpec, resume: bool) -> tuple[SweepSpec, list[str], Sources]:
     """The spec with an absolute ``out`` and its stages' Tune experiments, after every check that needs no Ray."""
     spec = dataclasses.replace(spec, out=str(Path(spec.out).resolve()))
     if spec.storage:
@@ -172,10 +174,13 @@ def _checked(spec: SweepSpec, resume: bool) -> tuple[SweepSpec, list[str], tuple
     base = PretrainConfig.from_dict(spec.base)
     sources = data_sources(base)  # writes the built-in data once, before trials race to do it; fails fast
     _check_ks(spec, sources.manifest.num_rows)
+    for params in spec.grid():  # each trial's schedule fits its budget on this pool
+        cfg = trial_config(spec, {**params, "seed": base.seed})
+        Schedule.of(cfg, sources.manifest.num_rows).check(cfg)
     if spec.asha and (not base.knn_monitor or base.eval_every):
         raise ConfigError("--asha stops trials on the per-epoch kNN monitor, which is off here (--knn-monitor none, "
                           "or a study's evaluation curve in its place); drop --asha")
-    return spec, experiments, sources.lines
+    return spec, experiments, sources
 
 
 def _header(spec: SweepSpec, concurrent: int, sources: tuple[str, ...]) -> None:
@@ -206,14 +211,15 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> l
             os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         out.mkdir(parents=True, exist_ok=True)
         (out / "sweep.json").write_text(json.dumps(asdict(spec), indent=2))
-        _header(spec, concurrent, sources)
+        _header(spec, concurrent, sources.lines)
         write = results_writer(spec)
         writer = ResultsWriter(out / "results.csv", spec.storage, write=write)
         progress = SweepProgress(len(spec.grid()) * spec.seeds, len(writer.rows), _tune_trial_name, result_row)
         results = []
         for stage, experiment in zip(spec.stages(), experiments):
             prepare_clusters(stage)
-            tuner = _tuner(stage, concurrent, [writer, progress], experiment if storage.exists(experiment) else None)
+            tuner = _tuner(stage, concurrent, [writer, progress], experiment if storage.exists(experiment) else None,
+                           sources.manifest.num_rows)
             results += list(tuner.fit())
         rows = [result_row(r.config, r.metrics) for r in results if r.metrics]
         errors = [str(r.error).splitlines()[0] for r in results if r.error]
@@ -224,7 +230,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> l
     return rows
 
 
-def _tuner(spec: SweepSpec, concurrent: int, callbacks: list, restore: str | None) -> tune.Tuner:
+def _tuner(spec: SweepSpec, concurrent: int, callbacks: list, restore: str | None, pool_size: int) -> tune.Tuner:
     """The Tune run of one stage: every variant x seed, or the interrupted one at ``restore``."""
     trainable = tune.with_resources(run_trial, _trial_resources(spec, concurrent))
     if restore:
@@ -240,7 +246,7 @@ def _tuner(spec: SweepSpec, concurrent: int, callbacks: list, restore: str | Non
             "seed": tune.grid_search(list(range(base.seed, base.seed + spec.seeds))),
         },
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_tune_trial_name,
-                                    trial_dirname_creator=_tune_trial_name, scheduler=_scheduler(spec, base)),
+                                    trial_dirname_creator=_tune_trial_name, scheduler=_scheduler(spec, base, pool_size)),
         run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_root, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )

@@ -24,11 +24,13 @@ from ray.train.torch import TorchTrainer
 
 from raysys import storage
 from raysys.config import PretrainConfig
+from raysys.config.schedule import Schedule
 from raysys.data.decode import load_images
 from raysys.data.schema import image_key
 from raysys.data.sources import resolve_data, unseen_pool
 from raysys.distributed.pipeline import FileReport, decoded_pool, pretrain_dataset, write_file_report
-from raysys.distributed.progress import epoch_progress
+from raysys.distributed.console import say
+from raysys.distributed.progress import round_progress
 from raysys.distributed.runtime import (
     check_cluster,
     init_ray,
@@ -123,7 +125,7 @@ def export_model(checkpoint: ray.train.Checkpoint, path: Path, manifest: pa.Tabl
         storage.write_text_atomic(str(curve_path), json.dumps(curve, indent=1))
     save_model(path, state["model"], state["model_spec"], state["config"], data_position=state["data_position"])
     storage.write_text_atomic(str(path.parent / "workers.json"), json.dumps(state.get("workers", []), indent=2))
-    if (state.get("self_clusters") or {}).get("epoch", -1) >= 0:
+    if (state.get("self_clusters") or {}).get("round", -1) >= 0:
         export_self_clusters(state["self_clusters"], manifest, path.parent / SELF_CLUSTERS_FILE)
 
 
@@ -136,7 +138,22 @@ def export_self_clusters(table: dict, manifest: pa.Table, path: Path) -> None:
     out = pa.table({"image_id": pa.array([f[0] for f in found], pa.string()),
                     "cluster_id": pa.array([f[1] for f in found], pa.int64())})
     with storage.atomic_local_path(path) as tmp:
-        pq.write_table(out.replace_schema_metadata({"raysys.encoder": "self", "raysys.epoch": str(table["epoch"])}), tmp)
+        pq.write_table(out.replace_schema_metadata({"raysys.encoder": "self", "raysys.round": str(table["round"])}), tmp)
+
+
+def _run_data(cfg: PretrainConfig, manifest: pa.Table, benchmarks: dict, schedule: Schedule, report) -> dict:
+    """What the workers read, for :func:`_trainer`: the two-view stream or the paired pool, the kNN monitor's and
+    the evaluation curve's images."""
+    data = {"monitor": _knn_monitor_data(cfg, benchmarks), "curve": _curve_data(cfg, manifest)}
+    if cfg.paired_batches:
+        data["paired_pool"] = ray.put(decoded_pool(manifest, cfg.image_size, report))
+    else:
+        # The decode cache pays from the second pass; before the first step it costs a whole pass of the pool.
+        cache = cfg.cache_decoded and schedule.total_steps > schedule.steps_per_epoch
+        data["dataset"] = pretrain_dataset(manifest, cfg.augment_config, cfg.image_size, report, cache=cache,
+                                           seed=cfg.seed, views=cfg.views_on == "data" and cfg.objective.inputs == "views",
+                                           decode_size=cfg.decode_size)
+    return data
 
 
 def _trainer(cfg: PretrainConfig, manifest: pa.Table, out: Path, data: dict, callbacks, resources: dict,
@@ -191,6 +208,10 @@ def pretrain(
                           "(from `raysys cluster --k K --out FILE`) or let the model make them (--self-cluster-k K)")
     check_colour(cfg, manifest)
     cfg = with_step_budget(complete_spatial_defaults(cfg, manifest), manifest.num_rows).validate()
+    schedule = Schedule.of(cfg, manifest.num_rows)
+    schedule.check(cfg)
+    if progress and schedule.unit != "epoch":
+        say(f"[raysys] {schedule.describe()}")
     init_ray()
     check_cluster(cfg, concurrent)  # before anything is written: a rejected run leaves the folder as it was
     out = Path(cfg.out).resolve()
@@ -199,16 +220,10 @@ def pretrain(
     with storage.atomic_local_path(out / IMAGES_FILE) as tmp:  # which images this encoder saw, for the record
         pq.write_table(manifest.select(["image_id", "path", "split", "domain"]), tmp)
     report = FileReport.remote()
-    data = {"monitor": _knn_monitor_data(cfg, benchmarks or {}), "curve": _curve_data(cfg, manifest)}
-    if cfg.paired_batches:
-        data["paired_pool"] = ray.put(decoded_pool(manifest, cfg.image_size, report))
-    else:
-        data["dataset"] = pretrain_dataset(manifest, cfg.augment_config, cfg.image_size, report, cache=cfg.cache_decoded,
-                                           seed=cfg.seed, views=cfg.views_on == "data" and cfg.objective.inputs == "views",
-                                           decode_size=cfg.decode_size)
+    data = _run_data(cfg, manifest, benchmarks or {}, schedule, report)
     start = time.perf_counter()
     resources = worker_resources(cfg, ray.cluster_resources().get("CPU", 1.0), reserved_cpus, concurrent)
-    with epoch_progress(progress) as shown:
+    with round_progress(progress) as shown:
         trainer = _trainer(cfg, manifest, out, data, [*(callbacks or []), *shown], resources, concurrent)
         try:
             result = trainer.fit()

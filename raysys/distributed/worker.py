@@ -1,8 +1,8 @@
 """One Ray Train worker: the contrastive training loop, in named steps.
 
 :func:`train_loop` = :func:`set_up` (model, optimizer, schedule, objective; resume from the latest
-checkpoint) -> per epoch :func:`run_epoch` (each batch through :func:`train_step`) -> :func:`epoch_metrics`
--> :func:`checkpoint_state` + :func:`report`. A new method plugs in as an objective class in
+checkpoint) -> per round (:mod:`raysys.config.schedule`: an epoch, or a share of a step budget) :func:`run_round`
+(each batch through :func:`train_step`) -> :func:`round_metrics` -> :func:`checkpoint_state` + :func:`report`. A new method plugs in as an objective class in
 :data:`raysys.methods.objectives.OBJECTIVES`; gradient accumulation would go in :func:`train_step`.
 """
 
@@ -28,6 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from raysys import storage
 from raysys.config import PretrainConfig
+from raysys.config.schedule import Schedule
 from raysys.data.augment import to_float, two_views
 from raysys.data.paired import PairedBatches, view_seed
 from raysys.data.schema import BATCH_META, VIEW1, VIEW2
@@ -45,11 +46,10 @@ STATE_FILE = "state.pt"
 LOSS_LOG_EVERY = 10  # steps between TensorBoard's per-step loss points: each one waits for the device
 
 
-def lr_lambda(cfg: PretrainConfig, steps_per_epoch: int):
-    """Multiplier of the base lr at a given step: linear warm-up, then constant or cosine to zero (at the
-    step budget, when there is one)."""
-    warmup = cfg.warmup_epochs * steps_per_epoch
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+def lr_lambda(cfg: PretrainConfig, schedule: Schedule):
+    """Multiplier of the base lr at a given step: linear warm-up over ``warmup_epochs`` rounds, then constant or
+    cosine to zero at the run's last step."""
+    warmup, total = schedule.steps(cfg.warmup_epochs), schedule.total_steps
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -88,8 +88,9 @@ class Worker:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
+    schedule: Schedule | None = None
     objective: object = None
-    start_epoch: int = 0
+    start_round: int = 0
     step: int = 0
     placements: list = field(default_factory=list)
     step_seconds: float = 0.0  # time spent inside train_step in this run (resumes start again from 0)
@@ -109,18 +110,20 @@ class Worker:
 
 
 def _load_state(w: Worker) -> dict:
-    """Model, optimizer, schedule and scaler from the latest checkpoint; its data position (or epoch 0)."""
+    """Model, optimizer, schedule and scaler from the latest checkpoint; its data position (or round 0). A
+    checkpoint of an older raysys counted epochs, which were its rounds."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return {"epoch": 0, "step": 0}
+        return {"round": 0, "step": 0}
     with checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     w.raw_model.load_state_dict(state["model"])
     w.optimizer.load_state_dict(state["optimizer"])
     w.scheduler.load_state_dict(state["scheduler"])
     w.scaler.load_state_dict(state["scaler"])
-    return {**state["data_position"], "objective": state.get("objective"), "self_clusters": state.get("self_clusters"),
-            "curve": state.get("curve")}
+    position = state["data_position"]
+    return {"round": position.get("round", position.get("epoch", 0)), "step": position["step"],
+            "objective": state.get("objective"), "self_clusters": state.get("self_clusters"), "curve": state.get("curve")}
 
 
 def _worker_placements(rank: int, world: int) -> list[dict]:
@@ -155,17 +158,18 @@ def set_up(config: dict) -> Worker:
     model = ray.train.torch.prepare_model(raw_model)
     raw_model = model.module if hasattr(model, "module") else model
     optimizer = make_optimizer(cfg, model, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max(1, config["num_images"] // cfg.batch_size)))
+    schedule = Schedule.of(cfg, config["num_images"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, schedule))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16" and device.type == "cuda")
-    w = Worker(cfg, rank, world, device, model, raw_model, optimizer, scheduler, scaler)
+    w = Worker(cfg, rank, world, device, model, raw_model, optimizer, scheduler, scaler, schedule)
     # fresh entropy per rank and start, as the pipeline's tasks draw it
     w.generator, w.view_generator = (torch.Generator(device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
                                      for _ in range(2))
     initial_digest = weights_digest(w.raw_model) if cfg.eval_every else None  # before a resume loads others
     position = _load_state(w)
-    w.start_epoch, w.step = position["epoch"], position["step"]
-    if w.start_epoch:
-        print(f"[raysys] rank {rank}: resuming from checkpoint at epoch {w.start_epoch} (step {w.step})")
+    w.start_round, w.step = position["round"], position["step"]
+    if w.start_round:
+        print(f"[raysys] rank {rank}: resuming from checkpoint at {schedule.unit} {w.start_round} (step {w.step})")
     w.placements = _worker_placements(rank, world)
     w.objective = make_objective(cfg, model, ObjectiveContext(config["num_images"], world, config["labels"], device,
                                                               lambda: _autocast(cfg, device), w.generator))
@@ -277,18 +281,22 @@ def _add(sums: dict, counts: dict, key: str, value) -> None:
     counts[key] = counts.get(key, 0) + 1
 
 
-def epoch_batches(w: Worker, shard, epoch: int):
-    """This rank's batches of ``epoch``: paired (a function of the seed) or from the Ray Data shard."""
+def round_batches(w: Worker, shard):
+    """This rank's batches of the round starting at step ``w.step``: paired, the pool's batches at those steps (a
+    function of the seed, so a resumed run sees the same); from the Ray Data shard, a pass over the pool that
+    :func:`run_round` leaves after the round's steps -- where a round is shorter than an epoch, every round reads
+    from a new shuffle of the pool (its blocks come in a new order), and a resumed run reads on from a new one."""
     if isinstance(shard, PairedBatches):
-        batches = shard.epoch(epoch, w.local_batch)
+        batches = shard.steps(w.step, w.schedule.round_steps, w.local_batch)
     else:
         batches = train_batches(shard, w.local_batch, w.cfg.shuffle_buffer, pin_memory=w.device.type == "cuda")
     return device_batches(w, batches)
 
 
-def run_epoch(w: Worker, batches, writer: SummaryWriter | None, curve_data=None) -> dict:
-    """One pass over this rank's batches (ending early at the step budget): loss and step totals, data-wait
-    time, per-batch diagnostic means; with ``curve_data``, a curve point every ``eval_every`` steps."""
+def run_round(w: Worker, batches, writer: SummaryWriter | None, curve_data=None) -> dict:
+    """One round: this rank's ``batches`` until the round's steps are done, the pass ends or the budget is spent;
+    loss and step totals, data-wait time, per-batch diagnostic means; with ``curve_data``, a curve point every
+    ``eval_every`` steps."""
     w.model.train()
     totals = {"loss": torch.zeros((), device=w.device), "steps": 0, "images": 0, "wait": 0.0}
     sums, counts = {}, {}
@@ -302,7 +310,7 @@ def run_epoch(w: Worker, batches, writer: SummaryWriter | None, curve_data=None)
         totals["loss"] += loss
         totals["steps"] += 1
         totals["images"] += w.local_batch
-        for key, value in stats.items():  # floats, or tensors left on the device until the epoch ends
+        for key, value in stats.items():  # floats, or tensors left on the device until the round ends
             if key in DIAGNOSTICS and not (isinstance(value, float) and math.isnan(value)):
                 _add(sums, counts, key, value)
                 if curve_data is not None:
@@ -313,9 +321,10 @@ def run_epoch(w: Worker, batches, writer: SummaryWriter | None, curve_data=None)
                 curve_point(w, curve_data, writer)
         if writer is not None and w.step % LOSS_LOG_EVERY == 0:
             writer.add_scalar("train/loss_step", loss.item(), w.step)
-        if w.budget_spent:
+        if w.budget_spent or totals["steps"] == w.schedule.round_steps:
             break
         t_ready = time.perf_counter()
+    batches.close()  # a pass left early: its prefetch stops here, not when the generator is collected
     totals["loss"] = totals["loss"].item()
     totals["elapsed"] = time.perf_counter() - start
     w.step_seconds += totals["elapsed"] - totals["wait"]
@@ -329,7 +338,7 @@ def curve_point(w: Worker, data, writer: SummaryWriter | None) -> None:
     The other ranks go on and meet rank 0 at the next step's collective."""
     sums, counts = w.window.get("sums", {}), w.window.get("counts", {})
     point = {"step": w.step, **{DIAGNOSTICS.get(k, k): float(sums[k]) / counts[k] for k in sums}}
-    sums.clear()  # in place: run_epoch holds these dicts
+    sums.clear()  # in place: run_round holds these dicts
     counts.clear()
     if w.rank != 0:
         return
@@ -356,9 +365,9 @@ def _embed_shard(w: Worker, shard) -> tuple[np.ndarray, ...]:
     return tuple(torch.cat(parts).numpy() for parts in (keys, features, labels))
 
 
-def recluster(w: Worker, shard, epoch: int, writer: SummaryWriter | None) -> None:
-    """Self-clustering before ``epoch``: every rank embeds its shard, rank 0 clusters the whole pool, and every
-    rank takes the new table, so the next batches carry the new ids without restarting anything."""
+def recluster(w: Worker, shard, round_: int, writer: SummaryWriter | None) -> None:
+    """Self-clustering before round ``round_``: every rank embeds its shard, rank 0 clusters the whole pool, and
+    every rank takes the new table, so the next batches carry the new ids without restarting anything."""
     start = time.perf_counter()
     parts = [_embed_shard(w, shard)]
     if w.world > 1:
@@ -368,7 +377,7 @@ def recluster(w: Worker, shard, epoch: int, writer: SummaryWriter | None) -> Non
     keys, features, labels = (np.concatenate(column) for column in zip(*parts))
     table = [None]
     if w.rank == 0:
-        ids = w.self_clusters.update(keys, features, epoch, progress=epoch / w.cfg.epochs)
+        ids = w.self_clusters.update(keys, features, round_, progress=round_ / w.schedule.rounds)
         table = [w.self_clusters.state_dict()]
         clustered = ids >= 0  # a confident source leaves some images without a cluster
         quality = cluster_quality(ids[clustered], labels[clustered])  # hidden labels: a diagnostic only
@@ -376,7 +385,8 @@ def recluster(w: Worker, shard, epoch: int, writer: SummaryWriter | None) -> Non
             if key in quality and writer is not None:
                 writer.add_scalar(f"self_clusters/{key}", quality[key], w.step)
         shown = f", NMI {quality['nmi']:.3f}, pair precision {quality['pair_precision']:.2f}" if quality else ""
-        print(f"[raysys] self-clustering before epoch {epoch + 1}: {int(clustered.sum())} of {len(keys)} images into "
+        print(f"[raysys] self-clustering before {w.schedule.unit} {round_ + 1} (step {w.step}): {int(clustered.sum())} "
+              f"of {len(keys)} images into "
               f"{w.self_clusters.k} clusters{shown} ({time.perf_counter() - start:.1f} s)", flush=True)
     if w.world > 1:
         torch.distributed.broadcast_object_list(table, src=0)
@@ -384,14 +394,16 @@ def recluster(w: Worker, shard, epoch: int, writer: SummaryWriter | None) -> Non
     w.objective.relabel_clusters(w.self_clusters.lookup)
 
 
-def epoch_metrics(w: Worker, epoch: int, totals: dict, monitor) -> dict:
-    """What every rank reports after ``epoch``: loss, lr, throughput, diagnostics, the kNN monitor."""
+def round_metrics(w: Worker, round_: int, totals: dict, monitor) -> dict:
+    """What every rank reports after round ``round_``: loss, lr, throughput, diagnostics, the kNN monitor."""
     elapsed = max(totals["elapsed"], 1e-9)
     metrics = {
-        "epoch": epoch + 1,
-        "epochs": w.cfg.epochs,  # for the console's progress and ETA
-        "start_epoch": w.start_epoch,
+        "round": round_ + 1,
+        "rounds": w.schedule.rounds,  # for the console's progress and ETA
+        "unit": w.schedule.unit,
+        "start_round": w.start_round,
         "step": w.step,
+        "epoch": w.step / w.schedule.steps_per_epoch,  # passes over the pool so far
         "loss": totals["loss"] / max(1, totals["steps"]),
         "lr": w.scheduler.get_last_lr()[0],
         "images_per_s": totals["images"] * w.world / elapsed,
@@ -404,15 +416,15 @@ def epoch_metrics(w: Worker, epoch: int, totals: dict, monitor) -> dict:
     return metrics
 
 
-def checkpoint_state(w: Worker, epoch: int) -> dict:
-    """Everything a resume needs after ``epoch`` (rank 0 only writes it)."""
+def checkpoint_state(w: Worker, round_: int) -> dict:
+    """Everything a resume needs after round ``round_`` (rank 0 only writes it)."""
     return {
         "model": w.raw_model.state_dict(),
         "model_spec": w.raw_model.spec,
         "optimizer": w.optimizer.state_dict(),
         "scheduler": w.scheduler.state_dict(),
         "scaler": w.scaler.state_dict(),
-        "data_position": {"epoch": epoch + 1, "step": w.step},
+        "data_position": {"round": round_ + 1, "step": w.step},
         "objective": w.objective.state_dict(),  # MoCo: key encoder and queue, so a resume continues them
         "self_clusters": w.self_clusters.state_dict() if w.self_clusters is not None else None,
         # the curve and, for the next point after a resume, the sums since the last one
@@ -434,19 +446,19 @@ def report(metrics: dict, state: dict | None) -> None:
 
 
 def sync_tensorboard(tb_dir: str, uri: str | None) -> None:
-    """Copy rank 0's TensorBoard files to shared storage after every epoch: rank 0 may run on any node, and
-    the user watches from another. A failed sync is only a warning -- the next epoch's catches up, and the
+    """Copy rank 0's TensorBoard files to shared storage after every round: rank 0 may run on any node, and
+    the user watches from another. A failed sync is only a warning -- the next round's catches up, and the
     checkpoint (which does fail the run) is what must not be lost."""
     if uri is None or not os.path.isdir(tb_dir):
         return
     try:
         storage.upload_dir(tb_dir, uri)
     except StorageError as exc:
-        print(f"[raysys] warning: TensorBoard files not synced this epoch: {exc}", flush=True)
+        print(f"[raysys] warning: TensorBoard files not synced this round: {exc}", flush=True)
 
 
 def train_loop(config: dict) -> dict:
-    """One Ray Train worker: the contrastive training loop with per-epoch checkpoints."""
+    """One Ray Train worker: the contrastive training loop, a report and a checkpoint every round."""
     w = set_up(config)
     monitor = ray.get(config["knn_monitor"]) if config.get("knn_monitor") is not None else None
     curve_data = ray.get(config["curve_data"]) if config.get("curve_data") is not None else None
@@ -457,25 +469,25 @@ def train_loop(config: dict) -> dict:
         shard = ray.train.get_dataset_shard("train")
     if curve_data is not None and w.step == 0:
         curve_point(w, curve_data, writer)  # step 0: the common start of every arm of a seed
-    metrics: dict = {"epoch": w.start_epoch, "start_epoch": w.start_epoch}
-    # A step budget runs epochs until it is spent: decoding may have dropped images, leaving fewer batches.
-    epochs = itertools.count(w.start_epoch) if w.cfg.max_steps else range(w.start_epoch, w.cfg.epochs)
-    for epoch in epochs:
+    metrics: dict = {"round": w.start_round, "start_round": w.start_round}
+    # A step budget runs rounds until it is spent: decoding may have dropped images, leaving fewer batches.
+    rounds = itertools.count(w.start_round) if w.cfg.max_steps else range(w.start_round, w.schedule.rounds)
+    for round_ in rounds:
         if w.budget_spent:
             break
-        if w.self_clusters is not None and w.self_clusters.due(epoch):
-            recluster(w, shard, epoch, writer)
-        totals = run_epoch(w, epoch_batches(w, shard, epoch), writer, curve_data)
+        if w.self_clusters is not None and w.self_clusters.due(round_):
+            recluster(w, shard, round_, writer)
+        totals = run_round(w, round_batches(w, shard), writer, curve_data)
         if not totals["steps"] and w.cfg.max_steps:
-            raise RuntimeError(f"epoch {epoch + 1} gave rank {w.rank} no batch: the step budget cannot be spent")
-        metrics = epoch_metrics(w, epoch, totals, monitor)
+            raise RuntimeError(f"round {round_ + 1} gave rank {w.rank} no batch: the step budget cannot be spent")
+        metrics = round_metrics(w, round_, totals, monitor)
         if writer is not None:
             for key, value in metrics.items():
-                if key not in ("epoch", "epochs", "start_epoch", "step"):
+                if key not in ("round", "rounds", "unit", "start_round", "step"):
                     writer.add_scalar(f"train/{key}", value, w.step)
             writer.flush()
             sync_tensorboard(config["tb_dir"], config.get("tb_storage"))
-        report(metrics, checkpoint_state(w, epoch) if w.rank == 0 else None)
+        report(metrics, checkpoint_state(w, round_) if w.rank == 0 else None)
     if writer is not None:
         writer.close()
     return metrics

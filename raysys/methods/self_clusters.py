@@ -1,5 +1,5 @@
 """Self-clustering: cluster ids from the model being trained, as in incremental false-negative detection
-(IFND, Chen et al. 2022): plain SimCLR for ``warmup`` epochs, then before every ``every``-th epoch the pool's
+(IFND, Chen et al. 2022): plain SimCLR for ``warmup`` rounds, then before every ``every``-th round the pool's
 backbone features are PCA-whitened and k-means-clustered (the recipe of :func:`cluster_features`) into
 ``k`` clusters, and the cluster-aware rule reads the new ids from the next batch on.
 
@@ -7,7 +7,8 @@ Two cluster sources, registered in :data:`SOURCES` (``--self-cluster-source``): 
 every image its cluster; :class:`ConfidentSelfClusters` gives one only to the images that sit most
 confidently in theirs, a share that grows over training (IFND's incremental acceptance).
 
-A source holds the schedule and the current table (image key -> cluster id); the Train worker
+A source holds the schedule, in rounds (:mod:`raysys.config.schedule`: epochs, or shares of a step budget too
+short for them), and the current table (image key -> cluster id); the Train worker
 embeds the pool and feeds it in. Before the first clustering every id is -1 (unknown), which the cluster rule
 treats as "not the same cluster": the warm-up is plain SimCLR. The table is part of the checkpoint, so a
 resumed trial continues with the ids it had. Plain PyTorch + scikit-learn; no Ray import.
@@ -37,23 +38,23 @@ class SelfClusters:
         self.k, self.warmup, self.every, self.seed = k, warmup, every, seed
         self.keys = torch.zeros(0, dtype=torch.int64)  # sorted image keys
         self.ids = torch.zeros(0, dtype=torch.int64)
-        self.epoch = -1  # the epoch before which the table was made (-1: none yet)
+        self.round = -1  # the round before which the table was made (-1: none yet)
 
-    def due(self, epoch: int) -> bool:
-        """Whether the pool is re-clustered before (0-based) ``epoch``."""
-        return epoch >= self.warmup and (epoch - self.warmup) % self.every == 0
+    def due(self, round_: int) -> bool:
+        """Whether the pool is re-clustered before (0-based) round ``round_``."""
+        return round_ >= self.warmup and (round_ - self.warmup) % self.every == 0
 
-    def update(self, keys: np.ndarray, features: np.ndarray, epoch: int, progress: float = 1.0) -> np.ndarray:
+    def update(self, keys: np.ndarray, features: np.ndarray, round_: int, progress: float = 1.0) -> np.ndarray:
         """Cluster ``features [N, D]`` of the images ``keys [N]`` (int64, distinct) into the new table; returns
-        the ids in ``keys``' order (-1: no cluster). k-means is seeded by the run's seed and the epoch;
+        the ids in ``keys``' order (-1: no cluster). k-means is seeded by the run's seed and the round;
         ``progress`` is the share of training done, in [0, 1]."""
         keys = np.asarray(keys, dtype=np.int64)
         if len(np.unique(keys)) != len(keys):
             raise ValueError("self-clustering: an image was embedded twice; its key must be unique")
-        ids = self._ids(features, min(self.k, len(keys)), self.seed * 1000 + epoch, progress)
+        ids = self._ids(features, min(self.k, len(keys)), self.seed * 1000 + round_, progress)
         order = np.argsort(keys)
         self.keys, self.ids = torch.from_numpy(keys[order]), torch.from_numpy(ids[order].astype(np.int64))
-        self.epoch = epoch
+        self.round = round_
         return ids
 
     def _ids(self, features: np.ndarray, k: int, seed: int, progress: float) -> np.ndarray:
@@ -69,10 +70,12 @@ class SelfClusters:
         return torch.where(self.keys[at] == keys, self.ids[at], torch.full_like(keys, -1))
 
     def state_dict(self) -> dict:
-        return {"keys": self.keys.cpu(), "ids": self.ids.cpu(), "epoch": self.epoch}
+        return {"keys": self.keys.cpu(), "ids": self.ids.cpu(), "round": self.round}
 
     def load_state_dict(self, state: dict) -> None:
-        self.keys, self.ids, self.epoch = state["keys"].long(), state["ids"].long(), int(state["epoch"])
+        """A saved table; an older raysys's counted epochs, which were its rounds."""
+        self.keys, self.ids = state["keys"].long(), state["ids"].long()
+        self.round = int(state.get("round", state.get("epoch", -1)))
 
 
 class ConfidentSelfClusters(SelfClusters):

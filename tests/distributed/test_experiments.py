@@ -255,7 +255,7 @@ def test_sweep_k_self_clustering_reclusters_inside_the_trial(ray_session, tmp_pa
     table = pq.read_table(trial / "clusters.parquet")
     cfg = PretrainConfig.from_dict(json.loads((trial / "config.json").read_text()))
     pool = resolve_data(cfg)[0]
-    assert cfg.self_cluster_k == 4 and table.schema.metadata[b"raysys.epoch"] == b"1"
+    assert cfg.self_cluster_k == 4 and table.schema.metadata[b"raysys.round"] == b"1"
     assert set(table.column("image_id").to_pylist()) <= set(pool.column("image_id").to_pylist())
     assert table.num_rows >= 0.9 * pool.num_rows and set(table.column("cluster_id").to_pylist()) <= set(range(4))
     assert not (out / "cache").exists(), "self-clustering must not cluster before the trial"

@@ -56,15 +56,20 @@ def test_sweep_eta_counts_only_this_sessions_work(monkeypatch):
     # 1 trial's work in 61 s, 2 left
     assert shown[-1] == "[raysys] trial 3/5 done: a, MSL 62.5%, 60 s (fixed cost 25%); ETA 2 min for the 2 left"
     at(61.0, bar.on_trial_start, _Trial("b"))
-    at(91.0, bar.on_trial_result, _Trial("b"), {"epoch": 1, "epochs": 4, "loss": 1.0, "images_per_s": 400.0})
+    at(91.0, bar.on_trial_result, _Trial("b"), {"round": 1, "rounds": 4, "unit": "epoch", "loss": 1.0,
+                                                "images_per_s": 400.0})
     assert bar.eta() == pytest.approx(91.0 / 1.25 * 1.75)  # work done 1 + 1/4; left 2 - 1/4
     assert bar.status_line() == "[raysys] trials: 3 done, 1 running, 1 left · b epoch 1/4, 400 img/s · ETA 2 min"
 
 
-def test_eta_formula_and_epoch_line():
-    assert progress.epoch_line({"epoch": 1, "epochs": 4, "loss": 2.5, "knn_acc": 0.4, "images_per_s": 99.6}, 150.0) == \
+def test_eta_formula_and_round_line():
+    assert progress.round_line({"round": 1, "rounds": 4, "unit": "epoch", "epoch": 1.0, "loss": 2.5, "knn_acc": 0.4,
+                                "images_per_s": 99.6}, 150.0) == \
         "epoch 1/4 [#####---------------] · loss 2.500 · kNN 40.0% · 100 img/s · ETA 2 min"
-    assert progress.epoch_line({"epoch": 4, "epochs": 4, "loss": 2.5, "images_per_s": 10.0}, 0.0).endswith("10 img/s")
+    assert progress.round_line({"round": 4, "rounds": 4, "loss": 2.5, "images_per_s": 10.0}, 0.0).endswith("10 img/s")
+    # a round shorter than an epoch says how far through the pool the run is
+    assert progress.round_line({"round": 3, "rounds": 15, "unit": "round", "epoch": 0.2, "loss": 2.5,
+                                "images_per_s": 10.0}, None).startswith("round 3/15 [####----------------] (epoch 0.20) ·")
     assert [console.duration(s) for s in (45, 89.6, 600, 7500)] == ["45 s", "90 s", "10 min", "2 h 05 min"]
 
 

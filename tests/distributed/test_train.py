@@ -83,14 +83,14 @@ def test_smoke_pretrain_and_linear_eval(ray_session, s3_bucket, tmp_path):
     assert any(k.startswith("tb/events.out.tfevents") for k in stored), sorted(stored)
     assert any(k.startswith("pretrain/checkpoint_") and k.endswith("/state.pt") for k in stored), sorted(stored)
 
-    assert summary["metrics"]["epoch"] == cfg.epochs
+    assert summary["metrics"]["round"] == cfg.epochs
     assert json.loads((out / "config.json").read_text())["epochs"] == cfg.epochs
     scalars = _scalars(out / "tb")
     for tag in ("train/loss", "train/lr", "train/images_per_s", "train/data_wait_fraction",
                 "train/false_negative_fraction"):
         assert tag in scalars
     saved = torch.load(out / "model.pt", weights_only=True)
-    assert saved["data_position"]["epoch"] == cfg.epochs
+    assert saved["data_position"]["round"] == cfg.epochs
     for bench in ("msl", "hirise"):
         result = json.loads((out / f"eval-{bench}.json").read_text())
         assert 0.0 <= result["metrics"]["accuracy"] <= 1.0 and result["backbone_unchanged"]
@@ -118,33 +118,47 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def test_killed_worker_resumes_from_checkpoint(ray_session, builtin_root, tmp_path):
+def test_one_epoch_run_reclusters_as_planned_and_resumes_mid_epoch(ray_session, tmp_path_factory, tmp_path):
+    """Cluster-aware self-clustering on a pool its step budget cannot cover once (the archive case): the run starts,
+    is cut into rounds, re-clusters at the planned steps and checkpoints inside its one epoch; a Train worker killed
+    once the first checkpoint is registered resumes from it, mid-epoch, and no step is counted twice."""
+    from raysys.config.schedule import Schedule
+    from raysys.data.simulate import simulate
     from raysys.data.sources import resolve_data
     from raysys.distributed.trainer import pretrain
 
-    cfg = make_config("smoke", out=str(tmp_path / "run"), builtin_root=builtin_root, epochs=20).validate()
+    data = Path(simulate(tmp_path_factory.mktemp("large-pool"), preset="smoke", count=5000, progress=False)["rover"]).parent
+    cfg = make_config("smoke", data=str(data), out=str(tmp_path / "run"), max_images=10_000, max_steps=60,
+                      pair_rule="cluster", self_cluster_k=4, knn_monitor="").validate()
+    plan = Schedule.of(cfg, resolve_data(cfg)[0].num_rows)
+    assert plan.total_steps < plan.steps_per_epoch and plan.round_steps == 10, plan  # 1/15 of 60, floored at 10
+    killed = threading.Event()
+    watcher = _on_first_checkpoint(str(tmp_path / "run" / "ray"), lambda: killed.set() or _kill_a_train_worker())
     result = {}
     thread = threading.Thread(target=lambda: result.update(pretrain(cfg)))
     thread.start()
-    storage = tmp_path / "run" / "ray"
-    deadline = time.time() + 300
-    while len(_checkpoints(storage)) < 2 and time.time() < deadline:
-        time.sleep(0.2)
-    assert len(_checkpoints(storage)) >= 2, "no checkpoints were written"
-    # The controller registers reported checkpoints on its 2 s health-check poll; a checkpoint still
-    # unregistered when the worker dies is lost (the epoch is redone), so let one poll pass.
-    time.sleep(3)
+    thread.join(timeout=600)
+    watcher.join(timeout=5)
+    assert not thread.is_alive() and killed.is_set(), "the run must finish after its worker was killed"
+
+    metrics = result["metrics"]
+    assert metrics["step"] == cfg.max_steps, "the budget is spent once: no step counted twice"
+    assert metrics["start_round"] >= 1 and metrics["round"] == plan.rounds, "the restarted group resumes from a round"
+    states = [torch.load(c / "state.pt", weights_only=True) for c in _checkpoints(tmp_path / "run" / "ray")]
+    assert all(0 < s["data_position"]["step"] < plan.steps_per_epoch for s in states), "checkpoints inside the epoch"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(tmp_path / "run" / "tb"))
+    tb.Reload()
+    reclustered = sorted({event.step for event in tb.Scalars("self_clusters/nmi")})
+    every, first = cfg.self_cluster_every, cfg.self_cluster_warmup
+    assert reclustered == [plan.steps(r) for r in range(first, plan.rounds, every)] == [10, 20, 30, 40, 50]
+
+
+def _kill_a_train_worker() -> None:
     pids = _train_worker_pids()
     assert pids, "no Train worker found to kill"
     os.kill(pids[0], signal.SIGKILL)
-    thread.join(timeout=600)
-    assert not thread.is_alive()
-
-    metrics = result["metrics"]
-    assert metrics["epoch"] == cfg.epochs, "the run must finish its configured epochs"
-    pool = resolve_data(cfg)[0].num_rows
-    assert metrics["step"] == cfg.epochs * (pool // cfg.batch_size), "no epoch may be counted twice"
-    assert metrics["start_epoch"] >= 1, "the restarted worker group must resume from a checkpoint"
 
 
 def _stored_states(uri: str) -> dict[int, dict]:
@@ -163,12 +177,13 @@ def _stored_states(uri: str) -> dict[int, dict]:
         if info.base_name.startswith("checkpoint_") and fs.get_file_info(file).type == pafs.FileType.File:
             with fs.open_input_stream(file) as stream:
                 state = torch.load(io.BytesIO(stream.read()), weights_only=True)
-            states[state["data_position"]["epoch"]] = state
+            states[state["data_position"]["round"]] = state
     return states
 
 
-def _stop_after_first_checkpoint(object_store, uri: str) -> threading.Thread:
-    """Stop the object store once Train has registered a checkpoint (its snapshot in storage names one)."""
+def _on_first_checkpoint(uri: str, action) -> threading.Thread:
+    """Run ``action`` once Train has registered a checkpoint (its snapshot in storage names one): the point a
+    resumed run is sure to start from."""
     from raysys import storage
 
     snapshot = storage.join(uri, "pretrain", "checkpoint_manager_snapshot.json")
@@ -177,11 +192,11 @@ def _stop_after_first_checkpoint(object_store, uri: str) -> threading.Thread:
         while True:
             try:
                 if "checkpoint_" in storage.read_text(snapshot):
-                    object_store.stop()
+                    action()
                     return
             except (OSError, ValueError):  # not written yet
                 pass
-            time.sleep(0.5)
+            time.sleep(0.2)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -202,7 +217,7 @@ def test_store_lost_mid_run_then_a_fresh_node_continues_moco_with_its_queue(ray_
     shared, epochs = f"{s3_bucket}/run", 10  # 10: still training when the store stops, seconds after a checkpoint
     options = dict(builtin_root=builtin_root, framework="moco", pair_rule="ess-mb", queue_size=1000,
                    augment_on="data", storage=shared, max_failures=0, epochs=epochs)
-    watcher = _stop_after_first_checkpoint(object_store, shared)
+    watcher = _on_first_checkpoint(shared, object_store.stop)
     try:
         with pytest.raises(StorageError, match=r"training stopped: --storage s3://.*: storage cannot be reached"):
             pretrain(make_config("smoke", out=str(tmp_path / "node-a"), **options).validate())
@@ -213,9 +228,9 @@ def test_store_lost_mid_run_then_a_fresh_node_continues_moco_with_its_queue(ray_
     assert kept, "the checkpoint written before the store went down is intact"
 
     again = pretrain(make_config("smoke", out=str(tmp_path / "node-b"), **options).validate())
-    resumed = again["metrics"]["start_epoch"]
+    resumed = again["metrics"]["start_round"]
     assert resumed in kept and resumed < epochs, "a rerun with the same storage must continue, not restart"
-    assert again["metrics"]["epoch"] == epochs
+    assert again["metrics"]["round"] == epochs
     assert again["metrics"]["positives_per_anchor"] > 1, "ESS-MB must add spatial positives to the instance one"
     keys = {k.removeprefix("run/") for k in bucket_keys(s3_bucket)}
     assert any(k.startswith("tb/events.out.tfevents") for k in keys), sorted(keys)

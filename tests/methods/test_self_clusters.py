@@ -19,7 +19,7 @@ def _blobs(k: int = 3, n_per: int = 40, seed: int = 0):
     return (centres[ids] + rng.normal(0, 0.5, (len(ids), k))).astype(np.float32), ids
 
 
-def test_schedule_is_warmup_then_every_e_epochs():
+def test_schedule_is_warmup_then_every_e_rounds():
     sc = SelfClusters(k=4, warmup=2, every=3)
     assert [e for e in range(10) if sc.due(e)] == [2, 5, 8]
     assert [e for e in range(4) if SelfClusters(4, 0, 1).due(e)] == [0, 1, 2, 3]
@@ -35,7 +35,7 @@ def test_lookup_matches_a_dict_and_unknown_keys_get_minus_one():
     rng = np.random.default_rng(1)
     keys = rng.choice(2**62, len(features), replace=False).astype(np.int64)  # 64-bit image keys, unsorted
     sc = SelfClusters(k=3, warmup=0, every=1, seed=7)
-    ids = sc.update(keys, features, epoch=0)
+    ids = sc.update(keys, features, round_=0)
     assert cluster_quality(ids, truth)["nmi"] == pytest.approx(1.0)
     reference = dict(zip(keys.tolist(), ids.tolist()))
     query = np.concatenate([rng.permutation(keys)[:50], [keys.max() + 1, keys.min() - 1]])
@@ -43,14 +43,14 @@ def test_lookup_matches_a_dict_and_unknown_keys_get_minus_one():
     assert found == [reference.get(q, -1) for q in query.tolist()]
 
 
-def test_state_round_trip_keeps_the_table_and_its_epoch():
+def test_state_round_trip_keeps_the_table_and_its_round():
     features, _ = _blobs()
     keys = np.arange(len(features), dtype=np.int64) * 7919
     sc = SelfClusters(k=3, warmup=1, every=2)
-    sc.update(keys, features, epoch=3)
+    sc.update(keys, features, round_=3)
     restored = SelfClusters(k=3, warmup=1, every=2)
     restored.load_state_dict(sc.state_dict())
-    assert restored.epoch == 3
+    assert restored.round == 3
     assert torch.equal(restored.lookup(torch.from_numpy(keys)), sc.lookup(torch.from_numpy(keys)))
 
 
@@ -70,7 +70,7 @@ def test_a_moco_queue_takes_the_new_ids_of_a_reclustering():
     queue.enqueue(torch.randn(10, queue.dim), {"image_id": image_ids, "cluster_id": torch.full((10,), -1)})
     features, _ = _blobs(k=3, n_per=4)
     sc = SelfClusters(k=3, warmup=0, every=1)
-    ids = sc.update(np.arange(100, 112), features, epoch=0)  # images 100..111; the queue holds 100..109
+    ids = sc.update(np.arange(100, 112), features, round_=0)  # images 100..111; the queue holds 100..109
     objective.relabel_clusters(sc.lookup)
     assert queue.entries()[1]["cluster_id"].tolist() == ids[:10].tolist()
 
@@ -91,7 +91,7 @@ def test_confident_clusters_accept_the_most_confident_growing_share():
     sc = ConfidentSelfClusters(k=3, warmup=0, every=1, seed=0, accept=0.8)
     assert SOURCES["self-confident"] is ConfidentSelfClusters and SOURCES["self"] is SelfClusters
     for progress, expected in ((0.0, 0), (0.5, 52), (1.0, 104), (2.0, 104)):
-        ids = sc.update(keys, features, epoch=5, progress=progress)  # seed 0 * 1000 + epoch 5: plain's seed
+        ids = sc.update(keys, features, round_=5, progress=progress)  # seed 0 * 1000 + round 5: plain's seed
         accepted = ids >= 0
         assert accepted.sum() == expected
         assert not accepted[120:].any()
