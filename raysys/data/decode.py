@@ -1,6 +1,7 @@
 """Decode image bytes to fixed-size RGB arrays, turning every odd input into RGB or a clear error.
 
-Plain PIL + numpy (no Ray): the Ray Data pipeline and the evaluation's feature extraction both call it.
+Plain PIL + numpy (no Ray): the Ray Data pipeline, the evaluation's feature extraction and an exported encoder's
+preprocessing (:mod:`raysys.models.export`) all call it.
 """
 
 from __future__ import annotations
@@ -56,9 +57,23 @@ def decode(data: bytes, size: int) -> tuple[np.ndarray, str]:
         raise DecodeError("not an image file") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated streams, broken headers
         raise DecodeError(f"corrupt image ({exc})") from None
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
-    return np.asarray(rgb, dtype=np.uint8), mode
+    return np.asarray(_resized(rgb, size), dtype=np.uint8), mode
+
+
+def rgb_array(img: Image.Image, size: int) -> np.ndarray:
+    """A PIL image as :func:`decode_image` turns a file into: ``uint8 [size, size, 3]`` RGB, by the same mode
+    conversion and resize. A JPEG not yet loaded (as ``Image.open`` returns it) is decoded from its file, so it
+    gets the reduced-scale decode too; the caller's image is left as it was."""
+    if img.format == "JPEG" and img.tile and getattr(img, "filename", ""):
+        with open(img.filename, "rb") as f:
+            return decode_image(f.read(), size)
+    return np.asarray(_resized(_to_rgb(img), size), dtype=np.uint8)
+
+
+def _resized(rgb: Image.Image, size: int) -> Image.Image:
+    if rgb.size == (size, size):
+        return rgb
+    return rgb.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
 
 
 def load_images(paths: list[str], size: int) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
