@@ -33,6 +33,16 @@ def test_epochs_repeat_for_a_seed_and_differ_between_epochs_and_seeds():
     assert len({i for b in batches for i in b}) == 48, "no image twice in an epoch"
 
 
+def test_rounds_read_the_epochs_batches_across_an_epoch_boundary():
+    """Steps 4..9 at 6 batches an epoch: the last two of epoch 0, then the first four of epoch 1; a resumed run
+    reading on from step 4 sees what one reading epochs does, rounds of any length."""
+    pool = canonical_order(_pool())
+    one = PairedBatches(pool, seed=3)
+    epochs = _ids(one.epoch(0, 8)) + _ids(one.epoch(1, 8))
+    assert _ids(one.steps(4, 6, 8)) == epochs[4:10]
+    assert _ids(one.steps(0, 4, 8)) + _ids(one.steps(4, 3, 8)) + _ids(one.steps(7, 5, 8)) == epochs
+
+
 def test_ranks_split_each_global_batch_in_rank_order():
     """Two ranks of batch 4 see, concatenated in rank order, the one-rank stream of batch 8."""
     pool = canonical_order(_pool())
