@@ -198,7 +198,7 @@ def pretrain(
     epoch on the console.
     """
     cfg = cfg.validate()
-    begin = time.perf_counter()
+    begin, began_at = time.perf_counter(), time.time()
     if cfg.storage:
         storage.check_reachable(cfg.storage)
     if manifest is None:
@@ -237,7 +237,8 @@ def pretrain(
     publish_run(out, cfg.storage)
     return {"metrics": result.metrics, "out": out, "benchmarks": benchmarks or {}, "config": cfg,
             "skipped_files": len(skipped), "seconds": seconds,
-            "timing": run_timing(start - begin, seconds, time.perf_counter() - start - seconds, result.metrics or {})}
+            "timing": run_timing(start - begin, seconds, time.perf_counter() - start - seconds, result.metrics or {},
+                                 began_at)}
 
 
 def _storage_failure(uri: str | None) -> StorageError | None:
@@ -253,9 +254,13 @@ def _storage_failure(uri: str | None) -> StorageError | None:
     return None
 
 
-def run_timing(before_fit: float, fit: float, after_fit: float, metrics: dict) -> dict:
+def run_timing(before_fit: float, fit: float, after_fit: float, metrics: dict, began_at: float | None = None) -> dict:
     """Where a run's wall time went: train steps, and the fixed cost around them -- before the fit (data,
     Ray start), inside it but outside the steps (Ray Train start, dataset planning, the decode cache's first
-    pass, kNN monitor, checkpoints) and after it (export, publishing)."""
+    pass, kNN monitor, checkpoints) and after it (export, publishing); with ``began_at`` (the run's start, wall
+    clock), the time to the first optimizer step of the worker that finished the run."""
     steps = min(fit, metrics.get("step_seconds", 0.0))
-    return {"steps": steps, "before_fit": before_fit, "fit_outside_steps": fit - steps, "after_fit": after_fit}
+    timing = {"steps": steps, "before_fit": before_fit, "fit_outside_steps": fit - steps, "after_fit": after_fit}
+    if began_at is not None and metrics.get("first_step_at"):
+        timing["to_first_step"] = metrics["first_step_at"] - began_at
+    return timing

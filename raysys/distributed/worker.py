@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import math
 import os
+import resource
 import socket
 import tempfile
 import time
@@ -94,6 +95,7 @@ class Worker:
     step: int = 0
     placements: list = field(default_factory=list)
     step_seconds: float = 0.0  # time spent inside train_step in this run (resumes start again from 0)
+    first_step_at: float | None = None  # wall clock (time.time) when this process's first step began
     generator: torch.Generator | None = None  # the rank's random stream on its device: the objective's draws
     view_generator: torch.Generator | None = None  # the views', drawn one batch ahead (device_batches)
     self_clusters: SelfClusters | None = None  # --self-cluster-k: the cluster ids the model makes itself
@@ -304,6 +306,7 @@ def run_round(w: Worker, batches, writer: SummaryWriter | None, curve_data=None)
     start = t_ready = time.perf_counter()
     for batch in batches:
         totals["wait"] += time.perf_counter() - t_ready
+        w.first_step_at = w.first_step_at or time.time()
         if w.step == 0 and curve_data is not None:  # pairing's promise, checked by the study (this rank's share)
             w.curve["first_batch_image_ids"] = batch["image_id"].tolist()
         loss, stats = train_step(w, batch)
@@ -409,6 +412,8 @@ def round_metrics(w: Worker, round_: int, totals: dict, monitor) -> dict:
         "images_per_s": totals["images"] * w.world / elapsed,
         "data_wait_fraction": totals["wait"] / elapsed,
         "step_seconds": w.step_seconds,
+        "first_step_at": w.first_step_at,  # the driver's time to the first step (run_timing)
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this worker process's peak memory
         **totals["diagnostics"],
     }
     if monitor is not None:  # every rank, so all report the same keys; the images are few
@@ -483,7 +488,7 @@ def train_loop(config: dict) -> dict:
         metrics = round_metrics(w, round_, totals, monitor)
         if writer is not None:
             for key, value in metrics.items():
-                if key not in ("round", "rounds", "unit", "start_round", "step"):
+                if key not in ("round", "rounds", "unit", "start_round", "step", "first_step_at"):
                     writer.add_scalar(f"train/{key}", value, w.step)
             writer.flush()
             sync_tensorboard(config["tb_dir"], config.get("tb_storage"))
