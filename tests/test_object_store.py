@@ -109,4 +109,4 @@ def test_tensorboard_synced_each_epoch_is_read_from_the_store(object_store, s3_b
         sync_tensorboard(str(tb), uri)  # a warning, not a failed run: the checkpoint is what must not be lost
     finally:
         object_store.start()
-    assert "warning: TensorBoard files not synced this epoch" in capsys.readouterr().out
+    assert "warning: TensorBoard files not synced this round" in capsys.readouterr().out

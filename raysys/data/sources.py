@@ -215,7 +215,9 @@ def benchmark_line(key: str, root: Path, manifest: pa.Table, monitor: bool) -> s
     counts = {s: pc.sum(pc.equal(manifest.column("split"), s)).as_py() or 0 for s in ("train", "val", "test")}
     sizes = " · ".join(f"{s} {n:,}" for s, n in counts.items() if n)
     uses = "the probe fits on train, is scored on test" + ("; the kNN monitor uses train and val" if monitor else "")
-    return f"evaluation: {BENCHMARKS[key]} at {root}: {sizes} images ({uses})"
+    repeats = int((manifest.schema.metadata or {}).get(b"raysys.duplicates", b"0"))
+    kept = f"; {repeats:,} repeated label rows kept as listed" if repeats else ""
+    return f"evaluation: {BENCHMARKS[key]} at {root}: {sizes} images ({uses}{kept})"
 
 
 def unseen_pool(cfg, manifest: pa.Table) -> pa.Table:

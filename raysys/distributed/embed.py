@@ -12,8 +12,12 @@ pieces and the driver only ever sees row counts:
    (readers and a rerun never see half a file).
 
 Rows: ``image_id``, ``path``, ``embedding`` (``fixed_size_list<float32>[D]``) and, where the layout has them,
-``label``, ``split``, ``traverse`` and the positions (``x``, ``y``, ``heading``, ``frame``). A rerun skips the
-images already there; the encoder's digest, kept in every part's metadata, must be the same. With
+``label``, ``split``, ``traverse`` and the positions (``x``, ``y``, ``heading``, ``frame``). Every part's
+metadata holds the encoder's digest, the layout's class names and the sum of the part's embeddings, from
+which ``raysys search`` takes the archive's mean (:func:`raysys.eval.search.stored_mean`). A rerun skips the
+images already there and adds parts with their own sums, so that mean stays the mean of every row; the
+encoder's digest must be the same. The console shows raysys's lines and one progress line; Ray's output goes
+to ``ray-output.log`` beside ``--out`` (:func:`raysys.distributed.console.quiet_console`). With
 ``--storage`` (a cluster) the parts go to that shared location, written by whichever node embeds them, and
 are copied to ``--out`` at the end.
 """
@@ -21,9 +25,14 @@ are copied to ``--out`` at the end.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
+import json
 import tempfile
+import threading
+import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +49,7 @@ from raysys.data import formats
 from raysys.data.augment import to_float
 from raysys.data.schema import MANIFEST_SCHEMA
 from raysys.data.sources import has_hidden_labels
+from raysys.distributed.console import LOG_FILE, Status, duration, quiet_console, say
 from raysys.distributed.pipeline import FileReport, decode_files, progress_bars, write_file_report
 from raysys.distributed.runtime import init_ray
 from raysys.errors import ConfigError
@@ -54,6 +64,9 @@ REPORT_DIR = "_report"  # inside the dataset folder; a leading "_" keeps Parquet
 META_ENCODER = b"raysys.encoder"
 META_IMAGE_SIZE = b"raysys.image_size"
 META_MODEL = b"raysys.model"
+META_SUM = b"raysys.embedding_sum"  # this part's embeddings summed (float64, JSON), read by raysys.eval.search
+BAR_WIDTH = 20
+PROGRESS_POLL_S = 1.0
 POSITION_COLUMNS = ("x", "y", "heading", "frame")
 
 
@@ -135,10 +148,25 @@ def decode_rows(batch: dict[str, np.ndarray], image_size: int, report) -> dict[s
     return out
 
 
+@ray.remote(num_cpus=0)
+class Counter:
+    """Images encoded so far, added by the encoder actors after each batch: what the progress line shows
+    (finer than the part files the driver sees)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def value(self) -> int:
+        return self.count
+
+
 class Encoder:
     """Ray Data actor holding one encoder: ``image`` batches -> ``embedding`` float32 ``[n, D]``."""
 
-    def __init__(self, files_ref, image_size: int):
+    def __init__(self, files_ref, image_size: int, counter):
         files = ray.get(files_ref[0])  # wrapped in a list: Ray Data does not resolve refs in kwargs
         with tempfile.TemporaryDirectory() as tmp:  # every format is read from a file; the encoder stays in memory
             for name, data in files.items():
@@ -148,15 +176,26 @@ class Encoder:
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.encoder = self.encoder.to(self.device)
-        self.image_size = image_size
+        # --image-size wins over the encoder's own size: preprocess would otherwise resize back to it
+        self.preprocess = dataclasses.replace(self.preprocess, image_size=image_size)
+        self.counter = counter
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch.pop("image")  # a read-only view of the block: copied, as torch cannot keep it read-only
         images = torch.from_numpy(images if images.flags.writeable else images.copy()).to(self.device)  # still uint8
         with torch.inference_mode():
-            features = self.encoder(self.preprocess(to_float(images, self.image_size)))
+            features = self.encoder(self.preprocess(to_float(images, self.preprocess.image_size)))
         batch["embedding"] = features.flatten(1).float().cpu().numpy()
+        self.counter.add.remote(len(features))
         return batch
+
+
+def part_metadata(manifest: pa.Table, digest: str, image_size: int, model) -> dict[bytes, bytes]:
+    """What every part's footer records beside its own sum: the encoder (digest, image size, path) and the
+    layout's class names, which ``raysys search`` prints in place of label ids."""
+    return {META_ENCODER: digest.encode(), META_IMAGE_SIZE: str(image_size).encode(),
+            META_MODEL: str(Path(model).expanduser().resolve()).encode(),
+            formats.META_CLASSES: json.dumps(formats.class_names(manifest)).encode()}
 
 
 def embedding_table(batch: dict[str, np.ndarray], meta: dict) -> pa.Table:
@@ -165,7 +204,9 @@ def embedding_table(batch: dict[str, np.ndarray], meta: dict) -> pa.Table:
     columns = {c: pa.array(batch[c].tolist() if c in ("image_id", "path", "split") else batch[c],
                            type=MANIFEST_SCHEMA.field(c).type) for c in batch if c != "embedding"}
     columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
-    return pa.table(columns).replace_schema_metadata(meta)
+    # The part's own sum: summed over all parts it gives the archive's mean, however many runs wrote them.
+    total = json.dumps(emb.sum(axis=0, dtype=np.float64).tolist()).encode()
+    return pa.table(columns).replace_schema_metadata({**meta, META_SUM: total})
 
 
 def write_part(batch: dict[str, np.ndarray], location: str, meta: dict) -> dict[str, np.ndarray]:
@@ -190,16 +231,56 @@ def _encoder_resources() -> dict:
 
 
 def embedding_stream(manifest: pa.Table, files: dict[str, bytes], image_size: int, batch_size: int,
-                     location: str, meta: dict, report) -> ray.data.Dataset:
+                     location: str, meta: dict, report, counter) -> ray.data.Dataset:
     """decode tasks -> encoder actors -> part writers, lazily; iterating it yields each part's row count."""
     rows = max(1, min(batch_size, DECODE_BYTES // (3 * image_size**2)))  # a decoded block is one encoder batch
     ds = ray.data.from_arrow(manifest).repartition(max(1, -(-manifest.num_rows // rows)))
     ds = ds.map_batches(decode_rows, fn_kwargs=dict(image_size=image_size, report=report), batch_size=rows,
                         batch_format="numpy", num_cpus=DECODE_CPUS)
-    ds = ds.map_batches(Encoder, fn_constructor_kwargs=dict(files_ref=[ray.put(files)], image_size=image_size),
-                        batch_size=None, batch_format="numpy", **_encoder_resources())
+    encoder_args = dict(files_ref=[ray.put(files)], image_size=image_size, counter=counter)
+    ds = ds.map_batches(Encoder, fn_constructor_kwargs=encoder_args, batch_size=None, batch_format="numpy",
+                        **_encoder_resources())
     return ds.map_batches(write_part, fn_kwargs=dict(location=location, meta=meta), batch_size=ROWS_PER_FILE,
                           batch_format="numpy", num_cpus=WRITER_CPUS)
+
+
+def progress_line(done: int, total: int, rate: float | None) -> str:
+    """``[raysys] embedding [#####---------------] 1280/5000 images · 120 img/s · ETA 31 s``."""
+    done = min(done, total)  # a restarted actor may encode a batch twice
+    filled = round(BAR_WIDTH * done / max(1, total))
+    parts = [f"[raysys] embedding [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done}/{total} images"]
+    if rate:
+        parts += [f"{rate:.0f} img/s", f"ETA {duration((total - done) / rate)}"]
+    return " · ".join(parts)
+
+
+def _show_progress(counter, total: int, stop: threading.Event) -> None:
+    """Poll the encoded count and show the live line; the pace from the first count on, so the start-up of
+    Ray and the actors is not counted as embedding time."""
+    status, first = Status(), None
+    while not stop.wait(PROGRESS_POLL_S):
+        done, now = ray.get(counter.value.remote()), time.monotonic()
+        if not done:
+            continue
+        first = first or (now, done)
+        rate = (done - first[1]) / (now - first[0]) if done > first[1] else None
+        status.show(progress_line(done, total, rate))
+
+
+@contextmanager
+def embedding_progress(total: int, enabled: bool):
+    """A :class:`Counter` for the encoder actors and, if ``enabled``, a thread showing the live line from it."""
+    counter, stop = Counter.remote(), threading.Event()
+    thread = threading.Thread(target=_show_progress, args=(counter, total, stop), daemon=True) if enabled else None
+    if thread:
+        thread.start()
+    try:
+        yield counter
+    finally:
+        stop.set()
+        if thread:
+            thread.join()
+        ray.kill(counter)
 
 
 def _check_single_node(storage_uri: str | None) -> None:
@@ -222,35 +303,42 @@ def _location(out: Path, storage_uri: str | None) -> str:
 
 
 def embed_images(model, data, out, storage_uri: str | None = None, layout: str | None = None,
-                 image_size: int | None = None, batch_size: int = 256, progress: bool = True) -> dict:
+                 image_size: int | None = None, batch_size: int = 256, progress: bool = True,
+                 verbose: bool = False) -> dict:
     """Embed every image of ``data`` that the dataset at ``out`` (or ``storage_uri``) lacks. Every input is
-    checked before Ray starts. Returns ``{"embedded", "already", "skipped": [(path, reason)], "out"}``."""
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    checked before Ray starts. ``progress``: a line saying what is embedded, then the live progress line.
+    Ray's output goes to ``ray-output.log`` beside ``out`` unless ``verbose``.
+    Returns ``{"embedded", "already", "skipped": [(path, reason)], "out"}``."""
     out = Path(out).expanduser().resolve()
-    location = _location(out, storage_uri)
-    _, preprocessing = load_encoder(model)
-    files = encoder_files(model)
-    size = image_size or preprocessing.image_size
-    manifest = read_images(data, layout)
-    digest = encoder_digest(files, size)
-    done = done_ids(location, digest)
-    todo = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"), pa.array(sorted(done), pa.string()))))
-    summary = {"embedded": 0, "already": manifest.num_rows - todo.num_rows, "skipped": [], "out": out}
-    if todo.num_rows:
-        init_ray()
-        _check_single_node(storage_uri)
-        meta = {META_ENCODER: digest.encode(), META_IMAGE_SIZE: str(size).encode(),
-                META_MODEL: str(Path(model).expanduser().resolve()).encode()}
-        report = FileReport.remote()
-        stream = embedding_stream(todo.select(kept_columns(manifest)), files, size, batch_size, location, meta, report)
-        with progress_bars(progress):
-            summary["embedded"] = sum(int(b["rows"].sum()) for b in stream.iter_batches(batch_size=None))
-        (out / REPORT_DIR).mkdir(parents=True, exist_ok=True)
-        summary["skipped"] = write_file_report(report, out / REPORT_DIR)["skipped"]
-        ray.kill(report)
-    if storage_uri is not None and location != str(out):
-        storage.download_dir(location, out)
+    with quiet_console(out.parent, verbose):  # a rejected input leaves no log behind
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+        location = _location(out, storage_uri)
+        _, preprocessing = load_encoder(model)
+        files = encoder_files(model)
+        size = image_size or preprocessing.image_size
+        manifest = read_images(data, layout)
+        digest = encoder_digest(files, size)
+        done = done_ids(location, digest)
+        todo = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"), pa.array(sorted(done), pa.string()))))
+        summary = {"embedded": 0, "already": manifest.num_rows - todo.num_rows, "skipped": [], "out": out}
+        if todo.num_rows:
+            if progress:
+                say(f"[raysys] embedding {todo.num_rows} images of {Path(data).resolve()} ({summary['already']} "
+                    f"already there) into {out}; Ray's own output in {out.parent / LOG_FILE} (--verbose shows it here)")
+            init_ray()
+            _check_single_node(storage_uri)
+            meta = part_metadata(manifest, digest, size, model)
+            report = FileReport.remote()
+            with progress_bars(progress), embedding_progress(todo.num_rows, progress) as counter:
+                stream = embedding_stream(todo.select(kept_columns(manifest)), files, size, batch_size, location,
+                                          meta, report, counter)
+                summary["embedded"] = sum(int(b["rows"].sum()) for b in stream.iter_batches(batch_size=None))
+            (out / REPORT_DIR).mkdir(parents=True, exist_ok=True)
+            summary["skipped"] = write_file_report(report, out / REPORT_DIR)["skipped"]
+            ray.kill(report)
+        if storage_uri is not None and location != str(out):
+            storage.download_dir(location, out)
     return summary
 
 
@@ -270,13 +358,14 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="input size in px (default: the encoder's)")
     p.add_argument("--batch-size", type=int, default=256,
                    help=f"images per encoder call (fewer where they would decode to over {DECODE_BYTES >> 20} MiB)")
+    p.add_argument("--verbose", action="store_true", help=f"show Ray's own output (Data progress, actor logs) on the "
+                                                         f"console; default: in {LOG_FILE} beside --out")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    """``raysys embed``: print what was embedded and where the unreadable files are listed."""
-    s = embed_images(args.model, args.data, args.out, args.storage, args.layout, args.image_size, args.batch_size)
+    """``raysys embed``: print what was embedded (the unreadable files are listed by a warning)."""
+    s = embed_images(args.model, args.data, args.out, args.storage, args.layout, args.image_size, args.batch_size,
+                     verbose=args.verbose)
     print(f"embedded {s['embedded']} images into {s['out']} ({s['already']} already there)")
-    if s["skipped"]:
-        print(f"skipped {len(s['skipped'])} unreadable files, listed in {s['out'] / REPORT_DIR / 'skipped-files.tsv'}")
     return 0

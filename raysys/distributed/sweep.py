@@ -98,11 +98,11 @@ def results_writer(spec: SweepSpec):
 
 def result_row(config: dict, result: dict) -> dict:
     """A trial's results.csv row: its final report, or -- when the scheduler stopped it early -- its
-    parameters, the epoch it reached and its last monitor accuracy."""
+    parameters, the round it reached and its last monitor accuracy."""
     if "trial" in result:
         return result
     params = trial_params(config)
-    return {"trial": trial_name(params), **params, "stopped_at_epoch": result.get("epoch"),
+    return {"trial": trial_name(params), **params, "stopped_at_round": result.get("round"),
             "knn_acc": result.get("knn_acc")}
 
 

@@ -40,18 +40,21 @@ def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[
     table = report.grouped_table(groups, spec.plot, spec.param, spec.swept, spec.place_recognition, rows)
     plots, readings, real = [], [], real_benchmarks(spec)
     for bench in BENCHMARKS:
-        if any(g.get(f"{bench}_acc") is not None for g in groups):
-            path = out / f"{spec.name}-{bench}.png"
+        if not any(g.get(f"{bench}_acc") is not None for g in groups):
+            continue
+        for balanced in draw.accuracy_figures(groups, bench):  # an imbalanced benchmark: balanced accuracy first
+            path = out / f"{spec.name}-{bench}{'-balanced' if balanced else ''}.png"
+            what = f"{draw.bench_name(bench)}{' balanced' if balanced else ''}"
             if spec.plot == "bars":
-                readings.append(draw.plot_methods(groups, bench, path, f"{draw.bench_name(bench)}: methods compared "
-                                                    f"({spec.name})", published=bench in real))
+                readings.append(draw.plot_methods(groups, bench, path, f"{what} accuracy: methods compared ({spec.name})",
+                                                  published=bench in real, balanced=balanced))
             elif spec.plot == "precision":
-                readings.append(draw.plot_vs_precision(groups, bench, path,
-                                                         f"{draw.bench_name(bench)}: accuracy vs removed-pair precision"))
+                readings.append(draw.plot_vs_precision(groups, bench, path, f"{what} accuracy vs removed-pair precision",
+                                                       balanced=balanced))
             else:
                 readings.append(draw.plot_vs_param(groups, bench, spec.param, path,
-                                                     f"{draw.bench_name(bench)}: accuracy vs {spec.param} ({spec.name})",
-                                                     spec.swept, published=bench in real))
+                                                   f"{what} accuracy vs {spec.param} ({spec.name})", spec.swept,
+                                                   published=bench in real, balanced=balanced))
             plots.append(path.name)
     if spec.plot == "precision" and any(g.get("pool_knn_acc") is not None for g in groups):
         path, name = out / f"{spec.name}-pool-knn.png", "kNN on unseen pool images"
@@ -65,11 +68,15 @@ def write_summary(spec: SweepSpec, rows: list[dict], errors: list[str]) -> list[
                                             ylabel="recall@1 within the radius (%)"))
         plots.append(path.name)
     best = best_trial(rows)
-    lines = [f"# {spec.name}", "", f"Reproduce: `{spec.command}`", "", table, ""] + [f"{r}\n" for r in readings]
+    floors = draw.floor_note(groups)
+    lines = ([f"# {spec.name}", "", f"Reproduce: `{spec.command}`", "", table, ""] + ([floors, ""] if floors else [])
+             + [f"{r}\n" for r in readings])
     if real:
         lines += [draw.published_note(sorted(real)), ""]
     if best:
-        lines += [f"Best trial on MSL: **{best['trial']}** ({100 * best['msl_acc']:.1f} %).", ""]
+        metric = draw.lead_metric(rows, "msl")
+        lines += [f"Best trial on {draw.accuracy_label('msl', metric != 'msl_acc').removesuffix(' (%)')}: "
+                  f"**{best['trial']}** ({report.pct(best[metric])} %).", ""]
     return _write_summary_file(out, lines, plots, errors, [table, *readings])
 
 

@@ -50,6 +50,13 @@ def _accuracies(name: str, metrics: dict) -> dict:
     return {f"{name}_acc": metrics["accuracy"], f"{name}_balanced_acc": metrics["balanced_accuracy"]}
 
 
+def _floor(name: str, evaluation: dict) -> dict:
+    """What a benchmark gives without learning, for the figures' reference lines: always predicting the majority
+    train class, and chance (one over the classes)."""
+    return {**_accuracies(f"{name}_majority", evaluation["majority"]),
+            f"{name}_chance_acc": 1 / len(evaluation["class_names"])}
+
+
 def _evaluate(model_dir: Path, benchmarks: dict, cfg: PretrainConfig) -> dict:
     """Linear evaluation and kNN (k = 20, T = 0.07, train split as the bank, test split as the queries) of
     the trial's encoder on every benchmark; both read the same cached features."""
@@ -59,6 +66,7 @@ def _evaluate(model_dir: Path, benchmarks: dict, cfg: PretrainConfig) -> dict:
         result = evaluate(model, root, model_dir, name, cfg.image_size, hidden=cfg.eval_hidden, activation=cfg.eval_activation,
                           epochs=cfg.eval_epochs, seed=cfg.seed, cache_dir=cache, progress=False)
         metrics.update(_accuracies(name, result["metrics"]))
+        metrics.update(_floor(name, result))
         knn = evaluate_knn(model, root, cfg.image_size, cache_dir=cache, progress=False)
         metrics.update(_accuracies(f"{name}_knn", knn["metrics"]))
     return metrics
@@ -91,7 +99,7 @@ def _supervised(cfg: PretrainConfig, benchmarks: dict, out: Path, steps: int, we
         result = train_supervised(root, out / name, backbone=cfg.backbone, width=cfg.width,
                                   small_stem=cfg.small_stem, image_size=cfg.image_size, steps=steps,
                                   seed=cfg.seed, progress=False, init_weights=weights)
-        metrics.update(_accuracies(name, result["metrics"]))
+        metrics.update({**_accuracies(name, result["metrics"]), **_floor(name, result)})
     return metrics
 
 
@@ -156,7 +164,7 @@ def run_trial(config: dict) -> None:
         removed_recall=metrics.get("removed_pair_recall"),
         pretrain_seconds=run["seconds"],
         final_loss=metrics.get("loss"),
-        resumed_from_epoch=metrics.get("start_epoch"),
+        resumed_from_round=metrics.get("start_round"),
         positives_per_anchor=metrics.get("positives_per_anchor"),
         knn_acc=metrics.get("knn_acc"),
         pretext_accuracy=metrics.get("pretext_accuracy"),

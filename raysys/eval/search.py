@@ -1,6 +1,13 @@
 """``raysys search``: the nearest neighbours of an image among the rows of an embeddings file (written by
 ``raysys embed``) by cosine similarity -- scikit-learn's exact (brute-force) ``NearestNeighbors`` -- printed
-as a table and drawn as a small self-contained HTML strip of thumbnails.
+as a table (labels by class name where the layout has names) and drawn as a small self-contained HTML strip
+of thumbnails.
+
+The similarity is taken between features centred on the archive's mean embedding: pooled ReLU features all
+lie in one orthant, so raw cosines crowd towards 1 (two random demo images: 0.54 for a trained encoder, 0.99
+untrained); centred, unrelated images score about 0 and the neighbours' scores spread out, while the order
+barely changes (``bench/search_traverse.py``). ``raysys embed`` stores each part's sum, hence the mean of
+every row (:func:`stored_mean`); for older files it is computed from the rows read.
 
 The query is a row of the file (``--id``, or ``--image`` naming a file it holds) or any other image, embedded
 with the encoder that wrote the file (its path is in the file's metadata) or ``--model``.
@@ -10,18 +17,22 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import html
 import io
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from sklearn.neighbors import NearestNeighbors
 
+from raysys.data import formats
 from raysys.data.augment import to_float
 from raysys.data.decode import decode_image
 from raysys.errors import ConfigError, DecodeError
@@ -29,6 +40,7 @@ from raysys.models.export import load_encoder
 
 META_IMAGE_SIZE = b"raysys.image_size"  # written by raysys.distributed.embed
 META_MODEL = b"raysys.model"
+META_SUM = b"raysys.embedding_sum"  # each part's embeddings summed
 SHOWN_COLUMNS = ("traverse", "label", "split")  # printed beside each neighbour where the file has them
 THUMB = 96
 
@@ -49,6 +61,29 @@ def read_embeddings(path) -> tuple[pa.Table, np.ndarray]:
     return table.drop_columns(["embedding"]), emb
 
 
+def stored_mean(path) -> np.ndarray | None:
+    """The mean embedding of every row, from the sums ``raysys embed`` keeps in each part's footer (only the
+    footers are read); None where a part has no sum (written by an older ``raysys embed``)."""
+    total, rows = 0.0, 0
+    for part in pads.dataset(path, format="parquet").files:
+        footer = pq.read_metadata(part)
+        meta = footer.metadata or {}
+        if META_SUM not in meta:
+            return None
+        total, rows = total + np.asarray(json.loads(meta[META_SUM]), dtype=np.float64), rows + footer.num_rows
+    return (total / rows).astype(np.float32) if rows else None
+
+
+def archive_mean(path, emb: np.ndarray) -> np.ndarray:
+    """The stored mean of the embeddings at ``path``; else the mean of ``emb`` (its rows), saying so."""
+    mean = stored_mean(path)
+    if mean is None:
+        mean = emb.mean(axis=0)
+        print(f"[raysys] {path} stores no mean embedding (written by an older raysys embed): centring on the mean "
+              f"of its {len(emb)} rows, computed now")
+    return mean
+
+
 def row_of_id(table: pa.Table, image_id: str) -> int:
     ids = table.column("image_id").to_pylist()
     if image_id not in ids:
@@ -61,6 +96,7 @@ def embed_file(path, model, image_size: int | None) -> np.ndarray:
     """The embedding of one image file by ``model`` (run folder or exported encoder): ``float32 [D]``."""
     encoder, pre = load_encoder(model)
     size = image_size or pre.image_size
+    pre = dataclasses.replace(pre, image_size=size)  # --image-size wins: preprocess would resize back
     try:
         image = decode_image(Path(path).read_bytes(), size)
     except (DecodeError, OSError) as exc:
@@ -98,9 +134,14 @@ def nearest(emb: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
 
 
 def neighbour_rows(table: pa.Table, rows: np.ndarray, sims: np.ndarray) -> list[dict]:
-    """One dict per neighbour: rank, similarity, image_id, the shown columns the file has, path."""
+    """One dict per neighbour: rank, similarity, image_id, the shown columns the file has (the label as its
+    class name where the file records names), path."""
     shown = [c for c in SHOWN_COLUMNS if c in table.column_names]
+    names = formats.class_names(table)
     picked = table.take(rows).to_pylist()
+    for row in picked:
+        if names and "label" in row and 0 <= row["label"] < len(names):
+            row["label"] = names[row["label"]]
     return [{"rank": r + 1, "similarity": float(s), "image_id": row["image_id"], **{c: row[c] for c in shown},
              "path": row["path"]} for r, (row, s) in enumerate(zip(picked, sims))]
 
@@ -178,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
     """``raysys search``: print the neighbours and write the strip."""
     table, emb = read_embeddings(args.embeddings)
     q, name = query(table, emb, args.id, args.image, args.model)
-    rows = neighbour_rows(table, *nearest(emb, q, args.k))
+    mean = archive_mean(args.embeddings, emb)
+    rows = neighbour_rows(table, *nearest(emb - mean, q - mean, args.k))
     print(format_table(rows))
     query_path = args.image or table.column("path")[row_of_id(table, args.id)].as_py()
     out = write_strip(args.html or f"search-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.html", name, query_path, rows)

@@ -212,24 +212,29 @@ def study_reading(rows: list[dict], arms: list[str]) -> list[str]:
 def plot_study(rows: list[dict], arms: list[str], path: str | Path, metric: str = "knn_acc",
                label: str = "kNN accuracy") -> None:
     """Two panels: ``metric`` against steps per arm (mean ± sd band), and each arm's paired gap to the baseline
-    (mean, 95 % interval band, the zero line)."""
+    (mean, 95 % interval band, the zero line). Bands, and the titles' claims of them, only where every point has
+    two seeds or more."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     colours = {arm: plt.cm.tab10(i % 10) for i, arm in enumerate(arms)}
-    for arm, points in sorted(curves(rows, metric).items(), key=lambda kv: arms.index(kv[0]) if kv[0] in arms else 99):
+    arm_curves = curves(rows, metric)
+    spread = all(n >= 2 for points in arm_curves.values() for *_, n in points)
+    for arm, points in sorted(arm_curves.items(), key=lambda kv: arms.index(kv[0]) if kv[0] in arms else 99):
         steps, mean, sd = zip(*[(s, 100 * m, 100 * d) for s, m, d, _ in points])
         left.plot(steps, mean, marker="o", ms=3, label=arm, color=colours.get(arm),
                   lw=2.5 if arm == BASELINE_ARM else 1.5, ls="--" if arm == BASELINE_ARM else "-")
-        left.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
-                          alpha=0.12, color=colours.get(arm))
-    left.set(xlabel="optimizer step", ylabel=f"{label} (%)", title=f"{label}: mean ± sd over seeds")
+        if spread:
+            left.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
+                              alpha=0.12, color=colours.get(arm))
+    left.set(xlabel="optimizer step", ylabel=f"{label} (%)",
+             title=f"{label}: {'mean ± sd over seeds' if spread else 'no spread (under 2 seeds at a step)'}")
     right.axhline(0, color="black", lw=1)
     for arm, points in paired_gaps(rows, metric).items():
         steps, mean, low, high = zip(*[(s, 100 * m, 100 * lo, 100 * hi) for s, m, lo, hi, _ in points])
         right.plot(steps, mean, marker="o", ms=3, label=arm, color=colours.get(arm))
         right.fill_between(steps, low, high, alpha=0.15, color=colours.get(arm))
-    right.set(xlabel="optimizer step", ylabel="points",
-              title=f"paired gap to {BASELINE_ARM} (mean, 95 % interval)")
+    right.set(xlabel="optimizer step", ylabel="gap (percentage points)",
+              title=f"paired gap to {BASELINE_ARM} (mean{', 95 % interval' if spread else ''})")
     for ax in (left, right):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)

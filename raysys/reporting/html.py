@@ -10,7 +10,7 @@ top-down, figures first, each table once:
   then the training curves (loss and kNN accuracy of every run, from its ``tb/`` scalars) and the confusion
   matrices (of the run, or of a sweep's best trial), drawn here by :mod:`raysys.reporting.run_figures`; each
   captioned with its one-line reading where the PNG holds one (:func:`raysys.reporting.plots.save_figure`);
-* the best trial of ``results.csv`` (highest ``msl_acc`` of a pretrained encoder);
+* the best trial of ``results.csv`` (highest MSL accuracy of a pretrained encoder, balanced where MSL is imbalanced);
 * the results: mean ± std over seeds (:func:`raysys.reporting.results.group` / :func:`raysys.reporting.results.results_table`)
   and one row per trial;
 * the linear evaluations of the folder (``eval-*.json``) and the record tables of its other JSON files;
@@ -47,13 +47,26 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
 h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
 h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
-.wide { overflow-x: auto; max-width: 100%; }
-.wide td { white-space: nowrap; }
+/* A table wider or longer than the page scrolls inside its own box, its scroll bars on screen, with its header
+   row and first column held in view; long texts and header names wrap. The box is at most about a laptop screen
+   high, in em not vh: a page as tall as its content (a full-page screenshot) lays it out as a laptop window does. */
+.wide { overflow: auto; width: fit-content; max-width: 100%; max-height: 48em; margin: .8em 0; border: 1px solid #bbb; }
+.wide table { margin: 0; }
+/* Scroll bars always drawn (WebKit, Blink), also where the system hides them until scrolled: a cut table shows it. */
+.wide::-webkit-scrollbar { width: 10px; height: 10px; }
+.wide::-webkit-scrollbar-thumb { background: #999; border-radius: 5px; }
+.wide::-webkit-scrollbar-track { background: #eee; }
 table { border-collapse: collapse; margin: .8em 0; font-size: 90%; }
-td:first-child { white-space: nowrap; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; vertical-align: top; }
-th { background: #f0f0f0; }
-tr.best td { background: #fff3c4; font-weight: bold; }
+td { white-space: nowrap; background: inherit; }
+td.text { white-space: normal; min-width: 14em; max-width: 36em; overflow-wrap: anywhere; }
+th { background: #f0f0f0; min-width: 3em; vertical-align: bottom; }
+tr { background: #fff; }
+.wide thead th { position: sticky; top: 0; z-index: 2; }
+.wide td:first-child, .wide th:first-child { position: sticky; left: 0; z-index: 1; box-shadow: inset -2px 0 #bbb; }
+.wide thead th:first-child { z-index: 3; }
+tr.best { background: #fff3c4; }
+tr.best td { font-weight: bold; }
 pre { background: #f6f6f6; padding: .8em; overflow-x: auto; white-space: pre-wrap; word-break: break-all; }
 code { background: #f0f0f0; padding: 0 .2em; }
 figure { margin: 1.5em 0; }
@@ -97,6 +110,15 @@ def find_figures(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: (len(p.relative_to(root).parts) > 1, str(p.relative_to(root))))
 
 
+def _summary_order(figures: list[Path], root: Path) -> list[Path]:
+    """``figures`` in the order the folder's ``summary.md`` shows them (a sweep's summary leads an imbalanced
+    benchmark with its balanced-accuracy figure), those it does not show after, in their own order."""
+    summary = root / "summary.md"
+    listed = re.findall(r"!\[[^\]]*\]\(([^)]*)\)", summary.read_text(errors="replace")) if summary.is_file() else []
+    rank = {name: i for i, name in enumerate(listed)}
+    return sorted(figures, key=lambda p: rank.get(p.relative_to(root).as_posix(), len(rank)))
+
+
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -122,13 +144,26 @@ def _cell(value) -> str:
     return "–" if value is None or value == "" else str(value)
 
 
+LONG_CELL = 40  # characters: a longer cell wraps (td.text) instead of widening its column
+
+
+def _td(value) -> str:
+    text = _cell(value)
+    return f'<td class="text">{_e(text)}</td>' if len(text) > LONG_CELL else f"<td>{_e(text)}</td>"
+
+
+def _th(name) -> str:
+    """A header cell that may wrap after each underscore of a column name (``hirise_knn_balanced_acc``)."""
+    return f"<th>{_e(name).replace('_', '_<wbr>')}</th>"
+
+
 def html_table(header: list, rows: list[list], row_classes: list[str] | None = None) -> str:
-    """An HTML table of already-formatted cell values (escaped here)."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    """An HTML table of already-formatted cell values (escaped here), in a box of its own (see STYLE)."""
+    head = "".join(_th(h) for h in header)
     body = []
     for i, row in enumerate(rows):
         cls = f' class="{_e(row_classes[i])}"' if row_classes and row_classes[i] else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{_e(_cell(v))}</td>" for v in row) + "</tr>")
+        body.append(f"<tr{cls}>" + "".join(_td(v) for v in row) + "</tr>")
     return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
@@ -217,7 +252,8 @@ def _drawn_figures(root: Path, best: dict | None, evals: dict[str, dict]) -> lis
     runs = {"run": root / "tb"} if (root / "tb").is_dir() else {
         p.parent.name: p for p in sorted((root / "trials").glob("*/tb")) if p.is_dir()}
     drawn = []
-    curves = run_figures.training_curves_png({name: run_figures.read_scalars(tb) for name, tb in runs.items()})
+    curves = run_figures.training_curves_png({name: run_figures.read_scalars(tb) for name, tb in runs.items()},
+                                             *_monitor([tb.parent for tb in runs.values()]))
     if curves:
         drawn.append(("training curves (loss and kNN accuracy per run)", curves))
     if best is not None:
@@ -229,6 +265,20 @@ def _drawn_figures(root: Path, best: dict | None, evals: dict[str, dict]) -> lis
         if png:
             drawn.append((title, png))
     return drawn
+
+
+def _monitor(run_dirs: list[Path]) -> tuple[str, tuple[float, float] | None]:
+    """The kNN monitor's benchmark of the runs (``knn_monitor`` in each run's ``config.json``) as the papers write
+    it (several are listed; none known is said so), and, for a single one, its majority-class and chance shares
+    (:func:`raysys.reporting.run_figures.monitor_floor`) from the first run's ``eval-<benchmark>.json``."""
+    configs = [_read_json(run / "config.json") for run in run_dirs]
+    monitors = sorted({c["knn_monitor"] for c in configs if isinstance(c, dict) and c.get("knn_monitor")})
+    name = " / ".join(map(plots.bench_name, monitors)) or "the kNN monitor's benchmark"
+    if len(monitors) != 1:
+        return name, None
+    files = [run / f"eval-{monitors[0]}.json" for run in run_dirs if (run / f"eval-{monitors[0]}.json").is_file()]
+    evaluation = _read_json(files[0]) if files else None
+    return name, run_figures.monitor_floor(evaluation) if isinstance(evaluation, dict) else None
 
 
 def _delimited_table(path: Path) -> str:
@@ -260,15 +310,30 @@ def _reproduce_section(commands: list[tuple[str, str]]) -> str:
 
 
 def best_trial(rows: list[dict]) -> dict | None:
-    """The pretrained encoder's row with the highest ``msl_acc`` (None when no row has one): the references
-    (the untrained encoder, the supervised runs) are what it is compared with, never the best trial."""
-    scored = [r for r in rows if isinstance(r.get("msl_acc"), (int, float)) and r.get("method") not in REFERENCES]
-    return max(scored, key=lambda r: r["msl_acc"], default=None)
+    """The pretrained encoder's row with the highest MSL accuracy that MSL is judged by (:func:`plots.lead_metric`:
+    balanced accuracy where MSL is imbalanced; None when no row has it): the references (the untrained encoder,
+    the supervised runs) are what it is compared with, never the best trial."""
+    metric = plots.lead_metric(rows, "msl")
+    scored = [r for r in rows if isinstance(r.get(metric), (int, float)) and r.get("method") not in REFERENCES]
+    return max(scored, key=lambda r: r[metric], default=None)
+
+
+def _in_percent(column: str) -> str:
+    """A results.csv column's name as the report's tables head it: the shares in % say so."""
+    return f"{column} (%)" if column in report.PERCENT_COLUMNS else column
+
+
+def _percent_cells(columns: list[str], row: dict) -> list:
+    """The row's values of ``columns``, the shares (:data:`~raysys.reporting.results.PERCENT_COLUMNS`) in %, as
+    every figure and the grouped tables show them."""
+    return [report.pct(row[c]) if c in report.PERCENT_COLUMNS and isinstance(row.get(c), (int, float)) else row.get(c)
+            for c in columns]
 
 
 def _best_section(best: dict, root: Path, commands: list[tuple[str, str]]) -> str:
     keys = [k for k in report.RESULT_COLUMNS if best.get(k) not in (None, "")]
-    parts = [html_table(["", "value"], [[k, best[k]] for k in keys])]
+    parts = [html_table(["results.csv column", "value"],
+                        [[_in_percent(k), value] for k, value in zip(keys, _percent_cells(keys, best))])]
     trial_dir = root / "trials" / str(best["trial"])
     if trial_dir.is_dir():
         parts.append(f"<p>Its run folder: <code>{_e(trial_dir)}</code> (settings in <code>config.json</code>).</p>")
@@ -293,21 +358,28 @@ def _results_section(rows: list[dict], best: dict | None, sweep: dict, root: Pat
     known = list(report.RESULT_COLUMNS) + sorted({k for r in rows for k in r} - set(report.RESULT_COLUMNS))
     columns = [c for c in known if any(r.get(c) not in (None, "") for r in rows)]  # no all-empty columns
     classes = ["best" if best is not None and r is best else "" for r in rows]
-    per_trial = html_table(columns, [[r.get(c) for c in columns] for r in rows], classes)
+    per_trial = html_table([_in_percent(c) for c in columns], [_percent_cells(columns, r) for r in rows], classes)
     readings = "".join(f"<p>{_e(plots.precision_reading(groups, bench))}</p>" for bench in ("msl", "hirise")
                        if sweep.get("plot") == "precision")
-    return (f"<h3>Mean ± std over seeds (accuracies in %)</h3>{markdown_to_html(table)}{readings}"
-            f"<h3>Every trial (<code>results.csv</code>)</h3>{per_trial}")
+    floors = plots.floor_note(groups)
+    spread = "Mean ± std over seeds" if any(g["n"] > 1 for g in groups) else "One seed per configuration, no spread"
+    return (f"<h3>{spread} (accuracies in %)</h3>{markdown_to_html(table)}"
+            + (f"<p>{_e(floors)}</p>" if floors else "") + readings
+            + f"<h3>Every trial (<code>results.csv</code>, shares in %)</h3>{per_trial}")
 
 
 def _eval_section(evals: dict[str, dict]) -> str:
-    header = ["file", "benchmark", "accuracy", "balanced accuracy", "macro-F1", "majority accuracy", "test images",
+    """One row per ``eval-*.json``: the probe's scores beside what a model that learned nothing gets (always the
+    majority train class; chance, one over the classes), all in %."""
+    header = ["file", "benchmark", "accuracy (%)", "balanced accuracy (%)", "macro-F1 (%)",
+              "majority class: accuracy (%)", "majority class: balanced accuracy (%)", "chance (%)", "test images",
               "feature dim"]
     rows = []
     for name, r in sorted(evals.items()):
-        metrics, majority = r.get("metrics") or {}, r.get("majority") or {}
-        rows.append([name, r.get("benchmark"), metrics.get("accuracy"), metrics.get("balanced_accuracy"),
-                     metrics.get("macro_f1"), majority.get("accuracy"), metrics.get("n_test"), r.get("feature_dim")])
+        metrics, majority, classes = r.get("metrics") or {}, r.get("majority") or {}, r.get("class_names")
+        shares = [metrics.get("accuracy"), metrics.get("balanced_accuracy"), metrics.get("macro_f1"),
+                  majority.get("accuracy"), majority.get("balanced_accuracy"), 1 / len(classes) if classes else None]
+        rows.append([name, r.get("benchmark"), *map(report.pct, shares), metrics.get("n_test"), r.get("feature_dim")])
     return html_table(header, rows)
 
 
@@ -366,7 +438,7 @@ def render_report(root: str | Path) -> str:
     repeated = {"results.csv", "summary.md"} if rows else {"results.csv"}  # the Results section shows them
     tables = [p for p in sorted(root.iterdir()) if p.is_file() and p.suffix.lower() in (".csv", ".tsv", ".md")
               and p.name not in repeated]
-    figures = find_figures(root)
+    figures = _summary_order(find_figures(root), root)
     drawn = _drawn_figures(root, best, evals)
 
     figure_body = ("\n".join([_figure(p, root) for p in figures] + [_embedded(name, png) for name, png in drawn])

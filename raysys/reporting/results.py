@@ -16,16 +16,23 @@ RESULT_COLUMNS = [
     "trial", "method", "framework", "pair_rule", "k", "noise", "cluster_mode", "decoupled", "temperature", "lr", "mix_ratio", "seed",
     "msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
     "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc",
+    "msl_majority_acc", "msl_majority_balanced_acc", "msl_chance_acc",
+    "hirise_majority_acc", "hirise_majority_balanced_acc", "hirise_chance_acc",
     "fn_fraction", "removed_precision", "removed_recall", "cluster_nmi", "cluster_purity", "cluster_traverse_nmi",
     "cluster_pair_precision", "cluster_pair_recall", "cluster_clustered_share", "ess_radius", "ess_sigma", "ess_radius_m", "ess_sigma_m",
     "positives_per_anchor", "place_recall1", "place_recall5", "place_median_error", "place_chance_recall1",
-    "knn_acc", "pool_knn_acc", "pool_knn_balanced_acc", "pretext_accuracy", "stopped_at_epoch", "pretrain_seconds",
+    "knn_acc", "pool_knn_acc", "pool_knn_balanced_acc", "pretext_accuracy", "stopped_at_round", "pretrain_seconds",
 ]
+# The shares the tables and figures show in % (accuracies, false-negative and recall shares); the rest stay as written.
+PERCENT_COLUMNS = frozenset([c for c in RESULT_COLUMNS if c.endswith("_acc")] + [
+    "fn_fraction", "place_recall1", "place_recall5", "place_chance_recall1", "pretext_accuracy"])
 # What tells configurations apart (not the seed).
 GROUP_KEYS = ("method", "framework", "pair_rule", "k", "noise", "cluster_mode", "decoupled", "temperature", "lr", "mix_ratio",
               "ess_radius", "ess_sigma")
 METRICS = ["msl_acc", "msl_balanced_acc", "hirise_acc", "hirise_balanced_acc", "msl_ft_acc", "hirise_ft_acc",
-           "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc", "fn_fraction",
+           "msl_knn_acc", "msl_knn_balanced_acc", "hirise_knn_acc", "hirise_knn_balanced_acc",
+           "msl_majority_acc", "msl_majority_balanced_acc", "msl_chance_acc", "hirise_majority_acc",
+           "hirise_majority_balanced_acc", "hirise_chance_acc", "fn_fraction",
            "place_recall1", "place_recall5", "place_median_error", "place_chance_recall1", "ess_radius_m",
            "ess_sigma_m", "positives_per_anchor", "pretext_accuracy", "removed_precision", "removed_recall",
            "cluster_nmi", "cluster_traverse_nmi", "cluster_pair_precision", "pool_knn_acc", "pool_knn_balanced_acc"]

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_formats import MSL_TEST, MSL_VAL, _image, _one_line, make_imagefolder, make_msl
+from test_formats import MSL_TEST, MSL_VAL, _image, _one_line, make_hirise, make_imagefolder, make_msl
 
 from raysys.config import make_config
 from raysys.data import formats
@@ -33,14 +33,16 @@ def _eval_names() -> set[str]:
 
 def test_an_arbitrarily_named_folder_is_the_pool_and_each_source_has_its_line(tmp_path):
     make_msl(tmp_path)
+    make_hirise(tmp_path / formats.HIRISE_DIR)
     pool = _pool(tmp_path / "real-unlabeled", 5)
     (tmp_path / "notes").mkdir()  # a folder without images is no candidate
     sources = data_sources(_cfg(tmp_path))
     assert sorted(Path(p).parent for p in sources.manifest.column("path").to_pylist()) == [pool.resolve()] * 5
-    pool_line, msl_line = sources.lines
+    pool_line, msl_line, hirise_line = sources.lines
     assert f"folder {pool.resolve()}" in pool_line and "5 images" in pool_line
     assert "MSL v2.1" in msl_line and "train 8 · val 2 · test 3 images" in msl_line
-    assert set(sources.benchmarks) == {"msl"}
+    assert "repeated" not in msl_line and "2 repeated label rows kept as listed" in hirise_line  # the fixture's 2
+    assert set(sources.benchmarks) == {"msl", "hirise"}
 
 
 def test_two_candidate_pools_are_refused_until_pool_picks_one(tmp_path):

@@ -1,6 +1,6 @@
 """``raysys embed`` through Ray Data: one row per readable image with embeddings recomputed here from the files,
-the sidecar's columns, corrupt files listed, a rerun that embeds only what is new, and an object-store budget
-smaller than the decoded dataset."""
+the sidecar's columns, corrupt files listed, a quiet console, a rerun that embeds only what is new with the
+stored mean still the mean of every row, and an object-store budget smaller than the decoded dataset."""
 
 import csv
 import io
@@ -13,10 +13,14 @@ import torch
 from helpers import bucket_keys
 from PIL import Image
 
+from raysys.cli import main as raysys_main
+from raysys.data import formats
 from raysys.data.augment import to_float
 from raysys.data.decode import decode_image
 from raysys.distributed import embed
+from raysys.distributed.console import LOG_FILE
 from raysys.errors import ConfigError
+from raysys.eval.search import stored_mean
 from raysys.models import ContrastiveModel
 from raysys.models.io import save_model
 
@@ -55,9 +59,10 @@ def _reference(model, paths) -> np.ndarray:
         return model.features(to_float(torch.from_numpy(images), SIZE)).numpy()
 
 
-def test_one_row_per_readable_image_then_only_new_ones(ray_session, model_run, tmp_path, s3_bucket):
+def test_one_row_per_readable_image_then_only_new_ones(ray_session, model_run, tmp_path, s3_bucket, capfd):
     """Through --storage (the live S3-compatible test store): the workers write the parts there, a rerun reads
-    what is done from there, and --out gets a copy."""
+    what is done from there, and --out gets a copy. The first run is the real command: a few console lines,
+    Ray's output in the log beside --out."""
     run, model = model_run
     root = tmp_path / "rover"
     good = _folder(root, 40)
@@ -69,9 +74,16 @@ def test_one_row_per_readable_image_then_only_new_ones(ray_session, model_run, t
     out = tmp_path / "emb.parquet"
 
     shared = f"{s3_bucket}/embeddings"
-    first = embed.embed_images(run, root, out, storage_uri=shared, progress=False)
-    assert (first["embedded"], first["already"]) == (40, 0)
-    assert sorted(p.rsplit("/", 1)[1] for p, _ in first["skipped"]) == ["empty.jpg", "truncated.jpg"]
+    capfd.readouterr()
+    assert raysys_main(["embed", "--model", str(run), "--data", str(root), "--out", str(out), "--storage", shared]) == 0
+    console = capfd.readouterr()
+    shown = (console.out + console.err).splitlines()
+    assert len(shown) <= 10, shown
+    started = next(line for line in shown if line.startswith("[raysys] embedding 42 images of"))
+    assert f"Ray's own output in {tmp_path / LOG_FILE}" in started
+    assert any("skipped 2 image(s)" in line for line in shown)  # raysys's warning stays on the console
+    assert shown[-1] == f"embedded 40 images into {out} (0 already there)"
+    assert "streaming_executor" in (tmp_path / LOG_FILE).read_text()  # Ray Data's lines went to the log
     listed = (out / embed.REPORT_DIR / "skipped-files.tsv").read_text().splitlines()
     assert sorted(line.split("\t")[0].rsplit("/", 1)[1] for line in listed) == ["empty.jpg", "truncated.jpg"]
 
@@ -88,8 +100,10 @@ def test_one_row_per_readable_image_then_only_new_ones(ray_session, model_run, t
     _folder(root, 3, seed=5, start=40)
     more = embed.embed_images(run, root, out, storage_uri=shared, progress=False)
     assert (more["embedded"], more["already"], len(more["skipped"])) == (3, 40, 2)
-    ids = pq.read_table(out, columns=["image_id"]).column("image_id").to_pylist()
-    assert sorted(ids) == good + ["img0040", "img0041", "img0042"]  # each once
+    everything = pq.read_table(out)
+    assert sorted(everything.column("image_id").to_pylist()) == good + ["img0040", "img0041", "img0042"]  # each once
+    stored = np.stack(everything.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float64)
+    np.testing.assert_allclose(stored_mean(out), stored.mean(axis=0), rtol=1e-6, atol=1e-7)  # both runs' rows
     assert sorted(p.name for p in out.glob("part-*.parquet")) == sorted(
         k.rsplit("/", 1)[1] for k in bucket_keys(s3_bucket) if k.startswith("embeddings/part-"))
 
@@ -118,7 +132,8 @@ def test_object_store_budget_smaller_than_the_decoded_data(ray_session, model_ru
 
 
 def test_layout_columns_and_bad_input(model_run, tmp_path):
-    """An MSL-layout dataset keeps label and split; bad input stops before Ray starts."""
+    """An MSL-layout dataset keeps label and split, and its parts record the class names; bad input stops
+    before Ray starts and leaves no log behind."""
     ds = tmp_path / "msl-labeled-data-set-v2.1"
     ids = _folder(ds, 3)
     (ds / "class_map.csv").write_text("0,soil\n1,sky\n")
@@ -126,7 +141,11 @@ def test_layout_columns_and_bad_input(model_run, tmp_path):
         (ds / f"{split}-set-v2.1.txt").write_text(f"{ids[i]}.jpg {i % 2}\n")
     manifest = embed.read_images(tmp_path)
     assert embed.kept_columns(manifest) == ["image_id", "path", "label", "split"]
+    part = embed.embedding_table({"image_id": np.array(ids[:1]), "embedding": np.ones((1, 2), np.float32)},
+                                 embed.part_metadata(manifest, "d", SIZE, model_run[0]))
+    assert formats.class_names(part) == ["soil", "sky"]
     with pytest.raises(ConfigError, match="is a file"):
         embed.embed_images(model_run[0], ds, ds / "class_map.csv")
     with pytest.raises(ConfigError, match="--batch-size must be at least 1"):
-        embed.embed_images(model_run[0], ds, tmp_path / "e", batch_size=0)
+        embed.embed_images(model_run[0], ds, tmp_path / "new" / "e", batch_size=0)
+    assert not (ds / LOG_FILE).exists() and not (tmp_path / "new").exists()

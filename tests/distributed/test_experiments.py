@@ -197,7 +197,7 @@ def test_asha_stops_a_trial_early_on_the_validation_monitor(ray_session, tmp_pat
     assert good["msl_acc"] is not None and good["knn_acc"] is not None
     good_knn, bad_knn = (_knn_by_epoch(out / "trials" / name / "tb") for name in (good["trial"], bad["trial"]))
     expected_stop = next((r for r in (1, 2, 4) if bad_knn[r - 1] < good_knn[r - 1]), None)
-    assert bad["stopped_at_epoch"] == expected_stop, (good_knn, bad_knn)
+    assert bad["stopped_at_round"] == expected_stop, (good_knn, bad_knn)
     assert (bad["msl_acc"] is None) == (expected_stop is not None)
     monitored = json.loads((out / "trials" / "baseline-t0.5-s0" / "config.json").read_text())["knn_monitor"]
     assert monitored == "msl"

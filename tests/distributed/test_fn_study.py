@@ -9,6 +9,7 @@ import pytest
 from helpers import REPO
 
 from raysys.config import PretrainConfig, make_config
+from raysys.config.schedule import Schedule
 from raysys.distributed.sweep import main
 from raysys.distributed.trainer import with_step_budget
 from raysys.distributed.worker import lr_lambda
@@ -68,7 +69,7 @@ def test_step_budget_sets_the_epochs_and_the_schedule_length():
     """600 steps of a 2,048-image pool at batch 128 (16 steps an epoch) need 38 epochs; cosine ends at step 600."""
     cfg = with_step_budget(make_config("demo", max_steps=600, batch_size=128, schedule="cosine", warmup_epochs=0), 2048)
     assert cfg.epochs == 38
-    factor = lr_lambda(cfg, 16)
+    factor = lr_lambda(cfg, Schedule.of(cfg, 2048))
     assert factor(0) == 1.0 and factor(300) == pytest.approx(0.5) and factor(600) == pytest.approx(0.0, abs=1e-12)
     assert with_step_budget(make_config("demo"), 2048).epochs == 15  # no budget: the epochs decide
 

@@ -232,7 +232,7 @@ def test_job_on_two_nodes_survives_losing_a_node(object_store, s3_bucket, tmp_pa
     assert len(_trial_nodes(out, first)) == 2, "the first trial's workers must span both nodes"
     assert len(_trial_nodes(out, second)) == 1, "after the node loss the workers run on the head alone"
     final = json.loads(storage.read_text(storage.join(shared, "trials", second, "final.json")))
-    assert final["resumed_from_epoch"] >= 1 and final["msl_acc"] is not None, "resumed from a checkpoint, then evaluated"
+    assert final["resumed_from_round"] >= 1 and final["msl_acc"] is not None, "resumed from a checkpoint, then evaluated"
     assert storage.read_bytes(storage.join(shared, "results.csv")) == (out / "results.csv").read_bytes()
     spanned = _stored(storage.join(shared, "trials", first))
     assert any(f.startswith("tb/events.out.tfevents") for f in spanned), spanned

@@ -101,7 +101,8 @@ def test_results_best_trial_and_command(sweep_dir):
     page = hr.write_report(root).read_text()
     for row in ROWS:
         assert f"<td>{html.escape(row['trial'])}</td>" in page
-        assert f"<td>{row['msl_acc']:.4g}</td>" in page
+        assert f"<td>{100 * row['msl_acc']:.1f}</td>" in page  # in %, as in every figure
+    assert "<th>msl_<wbr>acc (%)</th>" in page
     assert "<td>65.0 ± 7.1</td>" in page  # baseline MSL mean ± std over its two seeds, in %
     assert "<td>77.5 ± 3.5</td>" in page  # cluster K=10
     assert "Best trial: cluster-k10-t0.5-s1" in page
@@ -132,7 +133,9 @@ def test_partial_run_folder(tmp_path):
     put(tmp_path / "summary.json", json.dumps({"command": "python experiments/pretrain.py --preset demo",
                                                "linear_eval": [{"benchmark": "msl", "encoder": "pretrained", "accuracy": 0.7532}]}))
     page = hr.write_report(tmp_path).read_text()
-    assert "<td>eval-msl.json</td><td>/data/msl</td><td>0.7532</td><td>0.3418</td><td>–</td><td>0.3101</td><td>158</td><td>128</td>" in page
+    # in %; no majority balanced accuracy, no class names (chance) recorded
+    assert ("<td>eval-msl.json</td><td>/data/msl</td><td>75.3</td><td>34.2</td><td>–</td><td>31.0</td><td>–</td>"
+            "<td>–</td><td>158</td><td>128</td>") in page
     assert "<pre>python experiments/pretrain.py --preset demo</pre>" in page
     assert "<td>augment.size</td><td>32</td>" in page
     assert "Figures (0)" in page and "Best trial" not in page and "data:image/png" not in page
