@@ -118,20 +118,19 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def test_one_epoch_run_reclusters_as_planned_and_resumes_mid_epoch(ray_session, tmp_path_factory, tmp_path):
-    """Cluster-aware self-clustering on a pool its step budget cannot cover once (the archive case): the run starts,
-    is cut into rounds, re-clusters at the planned steps and checkpoints inside its one epoch; a Train worker killed
-    once the first checkpoint is registered resumes from it, mid-epoch, and no step is counted twice."""
+def test_one_epoch_run_reclusters_as_planned_and_resumes_mid_epoch(ray_session, builtin_root, tmp_path):
+    """Cluster-aware self-clustering on a pool its step budget cannot cover once (the archive case, at batch 16 on
+    the smoke pool: 25 steps of its 29 an epoch): the run is cut into rounds, re-clusters at the
+    planned steps and checkpoints inside its one epoch; a Train worker killed once the first checkpoint is
+    registered resumes from it, mid-epoch, and no step is counted twice."""
     from raysys.config.schedule import Schedule
-    from raysys.data.simulate import simulate
     from raysys.data.sources import resolve_data
     from raysys.distributed.trainer import pretrain
 
-    data = Path(simulate(tmp_path_factory.mktemp("large-pool"), preset="smoke", count=5000, progress=False)["rover"]).parent
-    cfg = make_config("smoke", data=str(data), out=str(tmp_path / "run"), max_images=10_000, max_steps=60,
+    cfg = make_config("smoke", builtin_root=builtin_root, out=str(tmp_path / "run"), batch_size=16, max_steps=25,
                       pair_rule="cluster", self_cluster_k=4, knn_monitor="").validate()
     plan = Schedule.of(cfg, resolve_data(cfg)[0].num_rows)
-    assert plan.total_steps < plan.steps_per_epoch and plan.round_steps == 10, plan  # 1/15 of 60, floored at 10
+    assert plan.total_steps < plan.steps_per_epoch and plan.round_steps == 10, plan  # 1/15 of 25, floored at 10
     killed = threading.Event()
     watcher = _on_first_checkpoint(str(tmp_path / "run" / "ray"), lambda: killed.set() or _kill_a_train_worker())
     result = {}
@@ -152,7 +151,7 @@ def test_one_epoch_run_reclusters_as_planned_and_resumes_mid_epoch(ray_session, 
     tb.Reload()
     reclustered = sorted({event.step for event in tb.Scalars("self_clusters/nmi")})
     every, first = cfg.self_cluster_every, cfg.self_cluster_warmup
-    assert reclustered == [plan.steps(r) for r in range(first, plan.rounds, every)] == [10, 20, 30, 40, 50]
+    assert reclustered == [plan.steps(r) for r in range(first, plan.rounds, every)] == [10, 20]
 
 
 def _kill_a_train_worker() -> None:
