@@ -5,6 +5,19 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's controller polls its workers every 2 s: a smoke fit then waits up to that long at each hand-over
+# (started, finished, failed). Polled every 0.25 s a smoke fit takes about 5 s less (bench/train_poll.py);
+# inherited by every Ray the tests start, fault tests included.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+# Tests that start Ray Train, Tune or a Ray cluster: `pytest -m "not e2e"` is the developer's fast loop.
+E2E_FIXTURES = {"ray_session"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")

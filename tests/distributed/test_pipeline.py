@@ -146,6 +146,7 @@ print("rows", rows, "at once", peak_tasks(ds, "two_views_batch"))
 """
 
 
+@pytest.mark.e2e
 def test_augment_stage_runs_a_task_per_logical_cpu(tmp_path):
     """With ``ray.init(num_cpus=8)`` on this machine, the augment stage runs at least 6 tasks at once: the blocks
     and the compact views leave nothing but CPUs to limit it (4,096 rows came as 4 blocks, 4 tasks at most)."""

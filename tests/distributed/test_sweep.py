@@ -107,6 +107,7 @@ def _sweep_cmd(out, *extra):
             "--no-supervised", "--k", "4", *extra]
 
 
+@pytest.mark.e2e
 def test_killed_driver_resumes_from_object_storage_alone(object_store, s3_bucket, tmp_path):
     """SIGKILL the sweep driver (no chance to save anything) after its first trial. With the object store down,
     --resume stops at once with one line; once it is back, --resume on a fresh --out (another machine) finishes
@@ -176,6 +177,7 @@ def _stored(uri: str) -> list[str]:
     return sorted(i.path[len(path) + 1:] for i in infos if i.type == pafs.FileType.File)
 
 
+@pytest.mark.e2e
 def test_job_on_two_nodes_survives_losing_a_node(object_store, s3_bucket, tmp_path):
     """`ray job submit` to a 2-node `ray start` cluster with storage on the object store: the first trial's
     Train workers run on both nodes, and its checkpoints and TensorBoard events land in storage; the worker
