@@ -83,7 +83,9 @@ def test_one_row_per_readable_image_then_only_new_ones(ray_session, model_run, t
     assert f"Ray's own output in {tmp_path / LOG_FILE}" in started
     assert any("skipped 2 image(s)" in line for line in shown)  # raysys's warning stays on the console
     assert shown[-1] == f"embedded 40 images into {out} (0 already there)"
-    assert "streaming_executor" in (tmp_path / LOG_FILE).read_text()  # Ray Data's lines went to the log
+    # Whether Ray Data logs at all depends on what ran before in this process; none of it reaches the console
+    # (the redirection itself: test_quiet_console_sends_every_write_of_the_process_to_the_log).
+    assert (tmp_path / LOG_FILE).is_file() and not any("streaming_executor" in line for line in shown)
     listed = (out / embed.REPORT_DIR / "skipped-files.tsv").read_text().splitlines()
     assert sorted(line.split("\t")[0].rsplit("/", 1)[1] for line in listed) == ["empty.jpg", "truncated.jpg"]
 
