@@ -128,8 +128,6 @@ def test_mixed_domain_lowers_false_negatives_as_its_pool_predicts(comparison):
 def test_every_method_the_script_can_compare_is_declared_with_its_recipe(tmp_path):
     """MoCo v2 at temperature 0.2 and every pretext task without a pair rule, as compare_methods declares them
     (trained end to end in test_ess_*, test_store_lost_* and the comparison above)."""
-    from raysys.distributed.sweep import PRETEXT_METHODS
-
     configs = _configs(_spec("compare_methods", tmp_path, "--methods", "moco", *PRETEXT_METHODS, "--no-supervised"))
     assert sorted(configs) == sorted(["moco-t0.2-s0", *(f"{m}-s0" for m in PRETEXT_METHODS)])
     assert (configs["moco-t0.2-s0"].framework, configs["moco-t0.2-s0"].temperature) == ("moco", 0.2)
