@@ -46,23 +46,6 @@ def _smoke_rows(seeds: int = 1) -> list[dict]:
     return rows
 
 
-@pytest.fixture
-def drawn(monkeypatch):
-    """The figures the plot functions draw, kept open for inspection (each still written to its file)."""
-    figures, save = [], plots.save_figure
-
-    def keep(fig, path, reading=None):
-        figures.append(fig)
-        save(fig, path, reading)
-
-    monkeypatch.setattr(plots, "save_figure", keep)
-    monkeypatch.setattr(run_figures, "save_figure", keep)
-    monkeypatch.setattr(fn_study, "save_figure", keep)
-    yield figures
-    for fig in figures:
-        plots.pyplot().close(fig)
-
-
 def _horizontal(ax) -> dict[str, float]:
     """Every labelled horizontal line across the axes (axhline: x from 0 to 1 in axes coordinates), label -> y."""
     return {line.get_label(): line.get_ydata()[0] for line in ax.lines

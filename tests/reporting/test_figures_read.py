@@ -25,22 +25,6 @@ def _rows(method: str, accs: list[float], **fields) -> list[dict]:
              "pair_rule": {"baseline": "instance", "cluster": "cluster"}.get(method), **fields} for s, acc in enumerate(accs)]
 
 
-@pytest.fixture
-def drawn(monkeypatch):
-    """The figures the plot functions draw, kept open for inspection (each still written to its file)."""
-    figures, save = [], plots.save_figure
-
-    def keep(fig, path, reading=None):
-        figures.append(fig)
-        save(fig, path, reading)
-
-    monkeypatch.setattr(plots, "save_figure", keep)
-    monkeypatch.setattr(run_figures, "save_figure", keep)
-    yield figures
-    for fig in figures:
-        plots.pyplot().close(fig)
-
-
 def _band(ax) -> tuple[float, float]:
     """The y range of the axes' one horizontal band (axhspan: the axes' whole width, 0 to 1; bars are narrower)."""
     (band,) = [p for p in ax.patches if (p.get_x(), p.get_width()) == (0, 1)]
