@@ -30,8 +30,8 @@ from ray.tune.schedulers import ASHAScheduler
 
 from raysys import storage
 from raysys.config import PretrainConfig
-from raysys.config.schedule import Schedule
 from raysys.config.presets import SWEEP_PRESETS
+from raysys.config.schedule import Schedule
 from raysys.data.sources import Sources, data_sources
 from raysys.distributed.console import LOG_FILE, quiet_console, say
 from raysys.distributed.progress import SweepProgress

@@ -28,8 +28,8 @@ from raysys.config.schedule import Schedule
 from raysys.data.decode import load_images
 from raysys.data.schema import image_key
 from raysys.data.sources import resolve_data, unseen_pool
-from raysys.distributed.pipeline import FileReport, decoded_pool, pretrain_dataset, write_file_report
 from raysys.distributed.console import say
+from raysys.distributed.pipeline import FileReport, decoded_pool, pretrain_dataset, write_file_report
 from raysys.distributed.progress import round_progress
 from raysys.distributed.runtime import (
     check_cluster,
